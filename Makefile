@@ -1,0 +1,43 @@
+# The README's commands. `make test` builds .venv with the train and dev extras,
+# installs the Mosquitto broker binary when missing (root only), then lints,
+# type-checks and runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: test lint typecheck pytest test-gpu bench mosquitto clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Stamp files record which extras are installed; they are redone when pyproject changes.
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[train,dev]'
+	touch $@
+
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing the mosquitto broker binary (tests start their own broker)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	else \
+		echo "mosquitto is missing: run 'sudo apt-get install mosquitto'"; exit 1; \
+	fi
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+
+typecheck: $(VENV)/.dev-installed
+	$(BIN)/mypy
+
+pytest: $(VENV)/.dev-installed mosquitto
+	$(BIN)/pytest -m "not gpu"
+
+test: lint typecheck pytest
+
+bench: $(VENV)/.dev-installed
+	$(BIN)/python bench/classify_throughput.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

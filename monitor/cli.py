@@ -1,0 +1,54 @@
+"""The `crystal-monitor` command line: one subcommand per job, each in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from monitor import __version__
+
+Runner = Callable[[argparse.Namespace], int]
+
+
+def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from monitor.simulator.command import add_simulate_arguments, run_simulate  # noqa: PLC0415
+
+    parser = sub.add_parser(
+        "simulate", help="write synthetic probe crops or frames with ground truth"
+    )
+    add_simulate_arguments(parser)
+    parser.set_defaults(runner=run_simulate)
+
+
+def _add_classify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from monitor.classify import add_classify_arguments, run_classify  # noqa: PLC0415
+
+    parser = sub.add_parser("classify", help="classify image files with an exported model")
+    add_classify_arguments(parser)
+    parser.set_defaults(runner=run_classify)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crystal-monitor",
+        description="In-line crystallization monitor for in-situ microscope probes.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_simulate, _add_classify):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runner: Runner = args.runner
+    try:
+        return runner(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `crystal-monitor classify ... | head` closes the pipe early; that is not an error.
+        sys.stderr.close()
+        return 0

@@ -1,0 +1,67 @@
+"""Turn greyscale images into the network's input tensor, exactly as the manifest says.
+
+The one implementation shared by training (`model_zoo`), `classify` and the daemon,
+so a model never sees different pixels in the plant than it saw in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from monitor.manifest import InputSpec
+
+
+def resize_to_input(grey: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Resize a 2-D uint8 image to spec.size x spec.size by the manifest's policy."""
+    size = spec.size
+    height, width = grey.shape
+    if spec.resize == "stretch":
+        interpolation = cv2.INTER_AREA if max(height, width) > size else cv2.INTER_LINEAR
+        return cv2.resize(grey, (size, size), interpolation=interpolation)
+    scale = size / max(height, width)
+    new_w = max(1, round(width * scale))
+    new_h = max(1, round(height * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(grey, (new_w, new_h), interpolation=interpolation)
+    if new_w == size and new_h == size:
+        return resized
+    # Pad with the median grey so the border looks like probe background, not a frame.
+    fill = int(np.median(resized))
+    top = (size - new_h) // 2
+    left = (size - new_w) // 2
+    return cv2.copyMakeBorder(
+        resized,
+        top,
+        size - new_h - top,
+        left,
+        size - new_w - left,
+        cv2.BORDER_CONSTANT,
+        value=fill,
+    )
+
+
+def normalise(square: np.ndarray, spec: InputSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (S, S) -> float32 (3, S, S), scaled and normalised per channel."""
+    if out is None:
+        out = np.empty((3, spec.size, spec.size), dtype=np.float32)
+    unit = square.astype(np.float32) * (1.0 / 255.0)
+    for channel in range(3):
+        np.subtract(unit, spec.mean[channel], out=out[channel])
+        out[channel] *= 1.0 / spec.std[channel]
+    return out
+
+
+def prepare_image(grey: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """One decoded greyscale image -> (3, S, S) float32."""
+    return normalise(resize_to_input(grey, spec), spec)
+
+
+def prepare_batch(images: Sequence[np.ndarray], spec: InputSpec) -> np.ndarray:
+    """Greyscale images -> (N, 3, S, S) float32, written into one contiguous array."""
+    batch = np.empty((len(images), 3, spec.size, spec.size), dtype=np.float32)
+    for index, grey in enumerate(images):
+        normalise(resize_to_input(grey, spec), spec, out=batch[index])
+    return batch
