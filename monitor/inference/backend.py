@@ -33,6 +33,4 @@ def resolve_backend(kind: str, model: LoadedModel, *, threads: int = 0) -> Backe
 
     if kind == "onnxruntime":
         return OnnxRuntimeBackend(model, threads=threads)
-    raise BackendUnavailableError(
-        f"unknown backend.type {kind!r} (use 'onnxruntime')"
-    )
+    raise BackendUnavailableError(f"unknown backend.type {kind!r} (use 'onnxruntime')")
