@@ -19,7 +19,13 @@ from typing import Any, Literal, TextIO
 
 import numpy as np
 
-from monitor.decode import IMAGE_SUFFIXES, DecodeError, DecodeLimits, read_image_file
+from monitor.decode import (
+    DEFAULT_LIMITS,
+    IMAGE_SUFFIXES,
+    DecodeError,
+    DecodeLimits,
+    read_image_file,
+)
 from monitor.inference import Backend, resolve_backend
 from monitor.inference.decision import decide
 from monitor.manifest import LoadedModel, ManifestError, load_manifest
@@ -83,7 +89,7 @@ def classify_files(
     backend: Backend,
     *,
     batch_size: int = 64,
-    limits: DecodeLimits = DecodeLimits(),
+    limits: DecodeLimits = DEFAULT_LIMITS,
     decode_threads: int = 2,
 ) -> Iterator[FileResult]:
     """Yield one FileResult per file, in input order."""

@@ -42,7 +42,10 @@ class DecodeLimits:
     min_side: int = 8
 
 
-def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Return the image as a 2-D uint8 array; raise DecodeError with a reason."""
     if not data:
         raise DecodeError("empty_file", "zero bytes")
@@ -86,7 +89,7 @@ def _is_truncated(data: bytes) -> bool:
     return False
 
 
-def read_image_file(path: Path, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+def read_image_file(path: Path, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Read and decode one file; unreadable files raise DecodeError too."""
     try:
         if path.stat().st_size > limits.max_pixels * 8:
