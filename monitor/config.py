@@ -1,0 +1,389 @@
+"""Daemon configuration: a TOML file plus `CRYSTAL_MONITOR__SECTION__KEY` environment overrides.
+
+Validation here is pure: types, ranges, unknown keys, duplicate probe ids. Checks
+that touch the file system (does the model exist, can the state folder be
+written) live in `check_environment`, run once at start-up. Every error names its
+key path so `crystal-monitor validate-config` can print one line per mistake.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+EX_CONFIG = 78  # sysexits.h: configuration error
+ENV_PREFIX = "CRYSTAL_MONITOR__"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """'250ms', '30s', '5m', '2h', '30d' or a number of seconds -> seconds (float)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '30s' or '5m', got a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            if value.strip().startswith("-"):
+                raise ValueError(f"duration must not be negative, got {value!r}")
+            raise ValueError(f"expected a duration like '250ms', '30s', '5m', '2h', got {value!r}")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration like '30s' or '5m', got {type(value).__name__}")
+    if seconds < 0:
+        raise ValueError(f"duration must not be negative, got {value!r}")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FolderSourceConfig(_Section):
+    """A folder the probe's vendor software writes image files into."""
+
+    type: Literal["folder"]
+    path: Path = Field(description="Folder to watch.")
+    patterns: tuple[str, ...] = Field(
+        default=("*.png", "*.tif", "*.tiff", "*.bmp", "*.jpg", "*.jpeg"),
+        min_length=1,
+        description="Glob patterns of frame files (case-insensitive).",
+    )
+    recursive: bool = Field(default=False, description="Also watch sub-folders.")
+    backlog: str = Field(
+        default="all",
+        description="Files already present at start: 'all', 'none' or 'newest:N'.",
+    )
+    settle_time: Duration = Field(
+        default=1.0,
+        gt=0,
+        description="A file written in place without a close event counts as complete "
+        "once its size and mtime have not changed for this long.",
+    )
+    rescan_interval: Duration = Field(
+        default=30.0,
+        gt=0,
+        description="Full rescan of the folder as a safety net for missed events and "
+        "for a folder that vanished and came back.",
+    )
+    after: Literal["keep", "move", "delete"] = Field(
+        default="keep", description="What to do with a file once its result is stored."
+    )
+    done_dir: Path | None = Field(default=None, description="Destination when after = 'move'.")
+
+    @field_validator("backlog")
+    @classmethod
+    def _backlog_form(cls, value: str) -> str:
+        if value in {"all", "none"}:
+            return value
+        match = re.fullmatch(r"newest:(\d+)", value)
+        if match is None or int(match.group(1)) < 1:
+            raise ValueError("must be 'all', 'none' or 'newest:N' with N >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _done_dir_needed(self) -> FolderSourceConfig:
+        if self.after == "move" and self.done_dir is None:
+            raise ValueError("after = 'move' needs done_dir")
+        return self
+
+
+class StreamSourceConfig(_Section):
+    """A camera stream read with OpenCV (RTSP, HTTP, a video file or a device index)."""
+
+    type: Literal["stream"]
+    url: str = Field(min_length=1, description="Stream URL, video file, or device index.")
+    max_fps: float = Field(default=5.0, gt=0, le=120, description="Frame-rate cap.")
+    reconnect_min: Duration = Field(default=1.0, gt=0, description="First reconnect delay.")
+    reconnect_max: Duration = Field(default=60.0, gt=0, description="Longest reconnect delay.")
+
+
+class SimulatedSourceConfig(_Section):
+    """The probe simulator as a live probe (demo and tests)."""
+
+    type: Literal["simulated"]
+    mode: Literal["crop", "frame"] = Field(default="frame", description="Crops or full frames.")
+    fps: float = Field(default=4.0, gt=0, le=100, description="Frames per second.")
+    profile: str = Field(
+        default="ramp:0:0.3@60-1860",
+        description="PG share over time: constant:F, step:A:B@T or ramp:A:B@T0-T1 (seconds).",
+    )
+    seed: int = Field(default=1, description="Random seed.")
+    width: int = Field(default=1360, ge=64, description="Frame width, px.")
+    height: int = Field(default=1024, ge=64, description="Frame height, px.")
+    particles: int = Field(default=30, ge=0, description="Particles per frame.")
+    time_scale: float = Field(
+        default=1.0, gt=0, description="Simulated seconds per real second (tests compress time)."
+    )
+
+
+SourceConfig = Annotated[
+    FolderSourceConfig | StreamSourceConfig | SimulatedSourceConfig, Field(discriminator="type")
+]
+
+
+class QualityConfig(_Section):
+    """Per-frame quality gate; a rejected frame is counted by reason and not classified."""
+
+    focus_measure: Literal["laplacian", "tenengrad"] = Field(
+        default="laplacian", description="Focus measure (variance of Laplacian or Tenengrad)."
+    )
+    min_focus: float = Field(default=0.0, ge=0, description="Reject frames below this focus.")
+    min_contrast: float = Field(
+        default=2.0, ge=0, description="Frames whose grey-level std is below this are empty."
+    )
+    max_saturated_share: float = Field(
+        default=0.25, gt=0, le=1, description="Reject frames with more pixels at 255 than this."
+    )
+
+
+class ParticlesConfig(_Section):
+    """Segmentation of particles in a full frame (sampling = 'particles')."""
+
+    min_area: int = Field(default=200, ge=1, description="Smallest particle, px².")
+    max_area: int = Field(default=250_000, ge=1, description="Largest particle, px².")
+    min_focus: float = Field(
+        default=0.0,
+        ge=0,
+        description="Per-object focus (variance of Laplacian) below which "
+        "an object is out of focus and not counted.",
+    )
+    margin: float = Field(default=0.15, ge=0, le=1, description="Crop margin around the box.")
+    max_per_frame: int = Field(default=300, ge=1, description="Most particles taken per frame.")
+
+
+class TilesConfig(_Section):
+    """Fixed tiles cut from a frame (sampling = 'tiles')."""
+
+    size: int = Field(default=192, ge=16, description="Tile side, px.")
+    stride: int = Field(default=192, ge=1, description="Step between tiles, px.")
+
+
+class ProbeConfig(_Section):
+    """One probe: where its frames come from and how they are cut into crops."""
+
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Probe id used in topics, tags and rows."
+    )
+    source: SourceConfig
+    sampling: Literal["whole", "particles", "tiles"] = Field(
+        default="whole",
+        description="whole: each file is one particle crop; particles: segment a frame; "
+        "tiles: classify fixed tiles.",
+    )
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    particles: ParticlesConfig = Field(default_factory=ParticlesConfig)
+    tiles: TilesConfig = Field(default_factory=TilesConfig)
+    max_pixels: int = Field(
+        default=50_000_000, ge=64, description="Images over this are refused before decoding."
+    )
+
+
+class ModelConfig(_Section):
+    path: Path | None = Field(
+        default=None, description="Exported model directory; empty = the shipped default model."
+    )
+
+
+class BackendConfig(_Section):
+    type: Literal["onnxruntime"] = Field(default="onnxruntime", description="Inference backend.")
+    threads: int = Field(default=0, ge=0, description="Inference threads; 0 = all cores.")
+
+
+class BatcherConfig(_Section):
+    """The one micro-batcher shared by all probes."""
+
+    max_batch: int = Field(default=32, ge=1, le=1024, description="Most crops per batch.")
+    max_wait: Duration = Field(default=0.02, le=5, description="Longest wait for a batch to fill.")
+    queue_size: int = Field(default=4096, ge=1, description="Crops waiting for inference.")
+    frame_queue_size: int = Field(default=64, ge=1, description="Frames waiting for decoding.")
+    workers: int = Field(default=0, ge=0, description="Decode workers; 0 = one per core.")
+
+
+class AggregationConfig(_Section):
+    windows: tuple[Duration, ...] = Field(
+        default=(60.0, 300.0, 900.0), min_length=1, description="Sliding window lengths."
+    )
+    publish_interval: Duration = Field(
+        default=5.0, gt=0, description="How often windows are recomputed and stored."
+    )
+    ewma_halflife: Duration = Field(default=60.0, gt=0, description="EWMA half-life.")
+
+    @field_validator("windows")
+    @classmethod
+    def _windows_positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(window <= 0 for window in value):
+            raise ValueError("every window must be longer than 0 s")
+        if len(set(value)) != len(value):
+            raise ValueError("windows must be distinct")
+        return tuple(sorted(value))
+
+
+class StoreConfig(_Section):
+    retention: Duration = Field(
+        default=90 * 86400.0, gt=0, description="How long frame rows and window snapshots stay."
+    )
+
+
+class DaemonConfig(_Section):
+    state_dir: Path = Field(default=Path(".state"), description="SQLite store and caches.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: pretty on a terminal, JSON lines otherwise."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
+    shutdown_grace: Duration = Field(
+        default=10.0, gt=0, description="Time to finish in-flight frames on SIGTERM."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole daemon configuration."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        protected_namespaces=(),
+    )
+
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    batcher: BatcherConfig = Field(default_factory=BatcherConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    probes: tuple[ProbeConfig, ...] = Field(
+        min_length=1, description="The probes this daemon reads."
+    )
+
+    @field_validator("probes")
+    @classmethod
+    def _unique_probe_ids(cls, probes: tuple[ProbeConfig, ...]) -> tuple[ProbeConfig, ...]:
+        seen: set[str] = set()
+        for probe in probes:
+            if probe.id in seen:
+                raise ValueError(f"duplicate probe id {probe.id!r}: every probe needs its own id")
+            seen.add(probe.id)
+        return probes
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init arguments; the environment overrides it.
+        return (env_settings, init_settings)
+
+
+class ConfigError(Exception):
+    """Invalid configuration: one line per problem, each naming its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _format_location(location: tuple[int | str, ...]) -> str:
+    """('probes', 0, 'source', 'folder', 'path') -> 'probes[0].source.path'."""
+    parts: list[str] = []
+    for item in location:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in {"folder", "stream", "simulated"} and parts and parts[-1] == ".source":
+            continue  # the discriminator tag is noise in a key path
+        else:
+            parts.append(f".{item}")
+    return "".join(parts).lstrip(".") or "(top level)"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; raise ConfigError naming the file and the syntax error."""
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path}"])
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read config file {path}: {exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+
+
+def load_settings(path: Path | None = None, data: dict[str, Any] | None = None) -> Settings:
+    """Validate a TOML file (or a dict) plus environment overrides.
+
+    Raises ConfigError listing every problem with its key path.
+    """
+    values = dict(data or {})
+    if path is not None:
+        values = read_toml(path)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # pydantic adds "too short" for a list whose items failed; the item errors suffice.
+        failed_items = {tuple(e["loc"][:1]) for e in errors if len(e["loc"]) > 1}
+        relevant = [
+            e for e in errors if not (e["type"] == "too_short" and tuple(e["loc"]) in failed_items)
+        ]
+        raise ConfigError([_describe(error) for error in relevant]) from exc
+
+
+def _describe(error: Any) -> str:
+    key = _format_location(tuple(error["loc"]))
+    if error["type"] == "extra_forbidden":
+        return (
+            f"{key}: unknown key (check the spelling; `crystal-monitor print-default-config` "
+            "lists every key)"
+        )
+    return f"{key}: {str(error['msg']).removeprefix('Value error, ')}"
+
+
+def check_environment(settings: Settings) -> list[str]:
+    """Start-up checks that touch the file system; each problem names its key."""
+    from monitor.manifest import ManifestError, load_manifest  # noqa: PLC0415
+
+    problems = []
+    try:
+        load_manifest(settings.model.path)
+    except ManifestError as exc:
+        problems.append(f"model.path: {exc}")
+    state_dir = settings.daemon.state_dir
+    existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK):
+        problems.append(f"daemon.state_dir: {state_dir} cannot be created or written")
+    for index, probe in enumerate(settings.probes):
+        source = probe.source
+        if isinstance(source, FolderSourceConfig) and source.after == "move":
+            assert source.done_dir is not None
+            if source.done_dir.resolve() == source.path.resolve():
+                problems.append(f"probes[{index}].source.done_dir: must differ from source.path")
+    return problems
