@@ -164,7 +164,13 @@ class QualityConfig(_Section):
 class ParticlesConfig(_Section):
     """Segmentation of particles in a full frame (sampling = 'particles')."""
 
-    min_area: int = Field(default=200, ge=1, description="Smallest particle, px².")
+    threshold: int = Field(
+        default=40,
+        ge=1,
+        le=254,
+        description="Grey levels above the local background that count as particle.",
+    )
+    min_area: int = Field(default=800, ge=1, description="Smallest particle, px².")
     max_area: int = Field(default=250_000, ge=1, description="Largest particle, px².")
     min_focus: float = Field(
         default=0.0,

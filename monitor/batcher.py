@@ -1,0 +1,166 @@
+"""The one micro-batcher shared by all probes.
+
+Workers submit the prepared crops of a frame with a callback and move on to the next
+frame; one thread packs requests into batches of up to `max_batch` crops, waiting at
+most `max_wait` for a batch to fill, runs the backend and hands each request its rows.
+The queue is bounded in crops: a full queue blocks the submitting worker, which in turn
+slows the frame queue, so memory never grows without bound.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from monitor.inference.backend import Backend
+
+log = structlog.get_logger(__name__)
+
+ResultCallback = Callable[[np.ndarray | None, str | None], None]
+
+
+@dataclass
+class _Request:
+    crops: np.ndarray  # (k, 3, S, S) with k <= max_batch
+    on_done: ResultCallback
+
+
+class _FrameJob:
+    """Reassembles the probabilities of a frame whose crops were split across requests."""
+
+    def __init__(self, parts: int, total: int, on_done: ResultCallback) -> None:
+        self._lock = threading.Lock()
+        self._remaining = parts
+        self._rows: list[np.ndarray | None] = [None] * parts
+        self._error: str | None = None
+        self._total = total
+        self._on_done = on_done
+
+    def part_done(self, index: int, rows: np.ndarray | None, error: str | None) -> None:
+        with self._lock:
+            self._rows[index] = rows
+            self._error = self._error or error
+            self._remaining -= 1
+            finished = self._remaining == 0
+        if finished:
+            if self._error is not None:
+                self._on_done(None, self._error)
+            else:
+                self._on_done(np.concatenate([r for r in self._rows if r is not None]), None)
+
+
+@dataclass
+class BatcherStats:
+    batches: int = 0
+    crops: int = 0
+    infer_seconds: float = 0.0
+    failures: int = 0
+
+
+class MicroBatcher:
+    def __init__(
+        self, backend: Backend, *, max_batch: int, max_wait_s: float, queue_crops: int
+    ) -> None:
+        self._backend = backend
+        self._max_batch = max_batch
+        self._max_wait = max_wait_s
+        self._capacity = max(queue_crops, max_batch)
+        self._queue: deque[_Request] = deque()
+        self._queued_crops = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self.stats = BatcherStats()
+        self.batch_sizes: deque[int] = deque(maxlen=1000)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish what is queued (within `timeout`), then stop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=timeout)
+
+    @property
+    def queued_crops(self) -> int:
+        return self._queued_crops
+
+    def submit(self, crops: np.ndarray, on_done: ResultCallback) -> bool:
+        """Queue a frame's crops; blocks while the queue is full; False once stopping."""
+        if len(crops) == 0:
+            on_done(np.empty((0, 0), np.float32), None)
+            return True
+        pieces = [crops[i : i + self._max_batch] for i in range(0, len(crops), self._max_batch)]
+        job = _FrameJob(len(pieces), len(crops), on_done)
+        for index, piece in enumerate(pieces):
+            request = _Request(piece, functools.partial(job.part_done, index))
+            with self._cond:
+                while self._queued_crops + len(piece) > self._capacity and not self._stopping:
+                    self._cond.wait(0.1)
+                if self._stopping:
+                    return False
+                self._queue.append(request)
+                self._queued_crops += len(piece)
+                self._cond.notify_all()
+        return True
+
+    def _take_batch(self) -> list[_Request]:
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return []
+                self._cond.wait(0.1)
+            deadline = time.monotonic() + self._max_wait
+            while self._queued_crops < self._max_batch and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            taken: list[_Request] = []
+            size = 0
+            while self._queue and size + len(self._queue[0].crops) <= self._max_batch:
+                request = self._queue.popleft()
+                taken.append(request)
+                size += len(request.crops)
+            self._queued_crops -= size
+            self._cond.notify_all()
+            return taken
+
+    def _run(self) -> None:
+        while True:
+            requests = self._take_batch()
+            if not requests:
+                return
+            batch = (
+                requests[0].crops
+                if len(requests) == 1
+                else np.concatenate([r.crops for r in requests])
+            )
+            started = time.perf_counter()
+            try:
+                probabilities = self._backend.infer(batch)
+                error = None
+            except Exception as exc:  # a failed batch must not kill the batcher
+                probabilities = None
+                error = f"inference_failed: {exc}"
+                self.stats.failures += 1
+                log.error("inference_failed", error=str(exc), crops=len(batch))
+            self.stats.infer_seconds += time.perf_counter() - started
+            self.stats.batches += 1
+            self.stats.crops += len(batch)
+            self.batch_sizes.append(len(batch))
+            offset = 0
+            for request in requests:
+                count = len(request.crops)
+                rows = None if probabilities is None else probabilities[offset : offset + count]
+                offset += count
+                request.on_done(rows, error)

@@ -1,0 +1,48 @@
+"""The seam between sources and the pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FrameItem:
+    """One frame (or one crop file) ready to be read.
+
+    `read` returns the 2-D uint8 image or raises DecodeError; it runs on a pipeline
+    worker, not on the source's thread. `journal` says whether the key names a file
+    whose processing must be remembered across restarts. `after_store` runs once the
+    frame's row is committed (moving or deleting the file).
+    """
+
+    probe: str
+    key: str
+    ts: float
+    seen_at: float  # time.monotonic() when the source knew the frame was complete
+    read: Callable[[], np.ndarray]
+    journal: bool = True
+    after_store: Callable[[], None] | None = field(default=None, compare=False)
+
+
+class FrameSink(Protocol):
+    """Where a source hands frames: `block=False` returns False when the queue is full."""
+
+    def put(self, item: FrameItem, *, block: bool) -> bool: ...
+
+
+class Source(Protocol):
+    probe_id: str
+
+    def start(self, sink: FrameSink) -> None:
+        """Begin delivering frames from a thread of the source's own."""
+        ...
+
+    def stop(self) -> None: ...
+
+    def health(self) -> tuple[bool, str]:
+        """(alive, reason) for readiness checks and logs."""
+        ...
