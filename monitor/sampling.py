@@ -71,9 +71,9 @@ class ParticleSampler:
             (small.shape[1], small.shape[0]),
             interpolation=cv2.INTER_LINEAR,
         )
-        mask = (cv2.subtract(small, background) > config.threshold).astype(np.uint8)
+        raw_mask = (cv2.subtract(small, background) > config.threshold).astype(np.uint8)
         # Closing joins the needles of a bundle and the grains of an agglomerate.
-        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, self._close)
+        mask = cv2.morphologyEx(raw_mask, cv2.MORPH_CLOSE, self._close)
         count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
         scale2 = _WORK_SCALE * _WORK_SCALE
         boxes = []
