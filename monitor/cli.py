@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from monitor import __version__
+from monitor.commands import add_commands
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_simulate, _add_classify):
         add(sub)
+    add_commands(sub)
     return parser
 
 

@@ -72,6 +72,7 @@ class FrameRow:
     n_uncertain: int
     stored_at: float
     latency_s: float | None = None
+    journal: bool = True  # files are journaled; stream frames have no file to remember
 
 
 class Store:
@@ -112,21 +113,24 @@ class Store:
                 [(probe, key, reason, now) for key in keys],
             )
 
-    def record_frames(self, rows: Sequence[FrameRow]) -> int:
-        """Store frames and journal their files in one transaction; return rows added.
+    def record_frames(self, rows: Sequence[FrameRow]) -> dict[tuple[str, str], bool]:
+        """Store frames and journal their files in one transaction.
 
-        A frame whose file is already journaled is ignored: that is the exactly-once
-        guarantee when a file is seen twice (event plus rescan, or after a restart).
+        Returns, per (probe, key), whether the row was added. A frame whose file is
+        already journaled is ignored: that is the exactly-once guarantee when a file
+        is seen twice (event plus rescan, or after a restart).
         """
-        added = 0
+        added: dict[tuple[str, str], bool] = {}
         with self._lock, self._transaction():
             for row in rows:
-                cursor = self._db.execute(
-                    "INSERT OR IGNORE INTO files VALUES (?, ?, ?, ?, ?)",
-                    (row.probe, row.key, row.status, row.reason, row.stored_at),
-                )
-                if cursor.rowcount == 0:
-                    continue
+                if row.journal:
+                    cursor = self._db.execute(
+                        "INSERT OR IGNORE INTO files VALUES (?, ?, ?, ?, ?)",
+                        (row.probe, row.key, row.status, row.reason, row.stored_at),
+                    )
+                    if cursor.rowcount == 0:
+                        added[(row.probe, row.key)] = False
+                        continue
                 self._db.execute(
                     "INSERT INTO frames (probe, key, ts, batch, status, reason, counts,"
                     " n_uncertain, stored_at, latency_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -143,7 +147,7 @@ class Store:
                         row.latency_s,
                     ),
                 )
-                added += 1
+                added[(row.probe, row.key)] = True
         return added
 
     # -- windows and batches ----------------------------------------------------------

@@ -1,0 +1,312 @@
+"""Daemon-side commands: run, demo, validate-config, print-default-config, export."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from monitor.config import EX_CONFIG, ConfigError, Settings, check_environment, load_settings
+from monitor.logs import configure_logging
+from monitor.store import Store
+
+DEFAULT_CONFIG = """\
+# crystal-monitor configuration. Durations: "250ms", "30s", "5m", "2h", "30d".
+# Any key can be overridden from the environment: CRYSTAL_MONITOR__SECTION__KEY,
+# e.g. CRYSTAL_MONITOR__DAEMON__LOG_LEVEL=debug.
+
+[daemon]
+state_dir = "/var/lib/crystal-monitor"   # SQLite store (journal, frames, windows)
+log_format = "auto"                      # auto | json | console
+log_level = "info"                       # debug | info | warning | error
+shutdown_grace = "10s"                   # time to finish in-flight frames on SIGTERM
+
+[model]
+# path = "/opt/crystal-monitor/models/site-2026"   # omit for the shipped default model
+
+[backend]
+type = "onnxruntime"
+threads = 0                              # 0 = all cores
+
+[batcher]
+max_batch = 32                           # crops per inference batch
+max_wait = "20ms"                        # longest wait for a batch to fill
+queue_size = 4096                        # crops waiting for inference (bounded)
+frame_queue_size = 64                    # frames waiting for decoding (bounded)
+workers = 0                              # decode workers; 0 = one per core
+
+[aggregation]
+windows = ["1m", "5m", "15m"]
+publish_interval = "5s"
+ewma_halflife = "60s"
+
+[store]
+retention = "90d"                        # frame rows and window snapshots
+
+[[probes]]
+id = "R1"
+sampling = "particles"                   # whole | particles | tiles
+max_pixels = 50000000                    # refuse larger images before decoding
+
+[probes.source]
+type = "folder"
+path = "/srv/probe/R1"
+patterns = ["*.png", "*.tif", "*.tiff", "*.bmp", "*.jpg", "*.jpeg"]
+recursive = false
+backlog = "all"                          # all | none | newest:N
+settle_time = "1s"                       # in-place writes without close events
+rescan_interval = "30s"
+after = "keep"                           # keep | move | delete
+# done_dir = "/srv/probe/R1-done"        # needed for after = "move"
+
+[probes.quality]
+focus_measure = "laplacian"              # laplacian | tenengrad
+min_focus = 0.0
+min_contrast = 2.0
+max_saturated_share = 0.25
+
+[probes.particles]
+threshold = 40
+min_area = 800
+max_area = 250000
+min_focus = 0.0
+margin = 0.15
+max_per_frame = 300
+"""
+
+
+def _load_or_report(path: Path | None, data: dict[str, Any] | None = None) -> Settings | None:
+    try:
+        settings = load_settings(path, data)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return None
+    problems = check_environment(settings)
+    for problem in problems:
+        print(f"config error: {problem}", file=sys.stderr)
+    return None if problems else settings
+
+
+def run_validate_config(args: argparse.Namespace) -> int:
+    settings = _load_or_report(args.config)
+    if settings is None:
+        return EX_CONFIG
+    print(f"{args.config}: valid ({len(settings.probes)} probe(s))")
+    return 0
+
+
+def run_print_default_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(DEFAULT_CONFIG)
+    return 0
+
+
+def run_run(args: argparse.Namespace) -> int:
+    settings = _load_or_report(args.config)
+    if settings is None:
+        return EX_CONFIG
+    from monitor.daemon import run_daemon  # noqa: PLC0415
+
+    configure_logging(settings.daemon.log_level, settings.daemon.log_format)
+    return run_daemon(settings)
+
+
+def demo_settings(state_dir: Path) -> dict[str, Any]:
+    """The built-in demo: a simulated probe writing frames into a folder the daemon watches."""
+    return {
+        "daemon": {"state_dir": str(state_dir), "shutdown_grace": "5s"},
+        "aggregation": {"publish_interval": "5s"},
+        "probes": [
+            {
+                "id": "demo",
+                "sampling": "particles",
+                "source": {
+                    "type": "folder",
+                    "path": str(state_dir / "probe-demo"),
+                    "backlog": "none",
+                },
+            }
+        ],
+    }
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from monitor.daemon import run_daemon  # noqa: PLC0415
+
+    state_dir: Path = args.state_dir
+    settings = _load_or_report(None, demo_settings(state_dir))
+    if settings is None:
+        return EX_CONFIG
+    configure_logging(settings.daemon.log_level, settings.daemon.log_format)
+    incoming = state_dir / "probe-demo"
+    incoming.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    writer = threading.Thread(
+        target=_write_demo_frames,
+        args=(incoming, args.fps, args.profile, stop),
+        name="demo-probe",
+        daemon=True,
+    )
+    writer.start()
+    print(
+        f"demo: a simulated probe writes {args.fps:g} frames/s into {incoming} "
+        f"(PG share {args.profile});\n"
+        f"      state in {state_dir}; watch the windows with\n"
+        f"      crystal-monitor export --state-dir {state_dir} --what windows\n"
+        f"      Ctrl-C stops.",
+        file=sys.stderr,
+    )
+    try:
+        return run_daemon(settings)
+    finally:
+        stop.set()
+
+
+def _write_demo_frames(outdir: Path, fps: float, profile: str, stop: threading.Event) -> None:
+    """The demo probe: frames written the way vendor software does (temporary name, rename)."""
+    import time  # noqa: PLC0415
+
+    from monitor.simulator import FrameConfig, FrameSimulator, parse_profile  # noqa: PLC0415
+    from monitor.simulator.writer import image_file_name, write_png_atomically  # noqa: PLC0415
+
+    simulator = FrameSimulator(FrameConfig(profile=parse_profile(profile)), seed=1)
+    started = time.monotonic()
+    sequence = 0
+    while not stop.is_set():
+        elapsed = time.monotonic() - started
+        image, _ = simulator.render(elapsed)
+        name = image_file_name(datetime.now(UTC), sequence)
+        write_png_atomically(outdir / name, image)
+        sequence += 1
+        stop.wait(max(0.0, started + sequence / fps - time.monotonic()))
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _window_rows(store: Store, since: float) -> list[dict[str, Any]]:
+    rows = []
+    for probe, ts, batch, snapshot in store.iter_snapshots(since):
+        trend = snapshot.get("trend", {})
+        for window, stats in snapshot["windows"].items():
+            for name, cls in stats["classes"].items():
+                ci = cls.get("ci95") or [None, None]
+                rows.append(
+                    {
+                        "ts": _iso(ts),
+                        "probe": probe,
+                        "batch": batch,
+                        "window_s": int(window),
+                        "class": name,
+                        "n": cls["n"],
+                        "fraction": cls["fraction"],
+                        "ci95_low": ci[0],
+                        "ci95_high": ci[1],
+                        "adjusted": cls["adjusted"],
+                        "ewma": trend.get(name, {}).get("ewma"),
+                        "slope_per_min": trend.get(name, {}).get("slope_per_min"),
+                        "n_total": stats["n"],
+                        "n_uncertain": stats["n_uncertain"],
+                        "frames": stats["frames"],
+                        "rejected_frames": stats["rejected_frames"],
+                        "particles_per_min": stats["particles_per_min"],
+                        "frames_per_min": stats["frames_per_min"],
+                    }
+                )
+    return rows
+
+
+def _frame_rows(store: Store, since: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "ts": _iso(row.ts),
+            "probe": row.probe,
+            "key": row.key,
+            "batch": row.batch,
+            "status": row.status,
+            "reason": row.reason,
+            **{f"n_{name}": count for name, count in row.counts.items()},
+            "n_uncertain": row.n_uncertain,
+        }
+        for row in store.iter_frames(since)
+    ]
+
+
+def _parse_since(text: str | None) -> float:
+    if not text:
+        return 0.0
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if args.state_dir is not None:
+        state_dir = args.state_dir
+    else:
+        settings = _load_or_report(args.config)
+        if settings is None:
+            return EX_CONFIG
+        state_dir = settings.daemon.state_dir
+    try:
+        since = _parse_since(args.since)
+    except ValueError:
+        print(f"error: --since {args.since!r} is not an ISO 8601 time", file=sys.stderr)
+        return 64
+    try:
+        store = Store(state_dir, readonly=True)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 66
+    try:
+        rows = _window_rows(store, since) if args.what == "windows" else _frame_rows(store, since)
+    finally:
+        store.close()
+    if args.format == "jsonl":
+        for row in rows:
+            sys.stdout.write(json.dumps(row) + "\n")
+    elif rows:
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser("run", help="run the daemon in the foreground")
+    parser.add_argument("--config", type=Path, required=True, help="TOML configuration file")
+    parser.set_defaults(runner=run_run)
+
+    parser = sub.add_parser("demo", help="run the daemon on its built-in demo configuration")
+    parser.add_argument("--state-dir", type=Path, default=Path(".state"), help="state folder")
+    parser.add_argument("--fps", type=float, default=3.0, help="simulated probe frame rate")
+    parser.add_argument(
+        "--profile",
+        default="ramp:0:0.3@30-330",
+        help="PG share over time since start (see `simulate --help`)",
+    )
+    parser.set_defaults(runner=run_demo)
+
+    parser = sub.add_parser("validate-config", help="check a configuration file (exit 78 if bad)")
+    parser.add_argument("config", type=Path)
+    parser.set_defaults(runner=run_validate_config)
+
+    parser = sub.add_parser("print-default-config", help="print a commented example config")
+    parser.set_defaults(runner=run_print_default_config)
+
+    parser = sub.add_parser("export", help="read windows or frames back from the store")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="the daemon's configuration file")
+    source.add_argument("--state-dir", type=Path, help="or the state folder directly")
+    parser.add_argument("--what", choices=["windows", "frames"], default="windows")
+    parser.add_argument("--since", help="ISO 8601 time, e.g. 2026-11-22T08:00:00Z")
+    parser.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    parser.set_defaults(runner=run_export)

@@ -1,0 +1,281 @@
+"""The composition root: builds every stage in order, starts them, stops them in reverse.
+
+source -> frame queue -> workers (decode, gate, sampling) -> micro-batcher -> backend
+-> recorder (store, then aggregators) -> publisher loop (window snapshots).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import structlog
+
+from monitor import __version__
+from monitor.aggregate import FrameRecord, WindowAggregator
+from monitor.batcher import MicroBatcher
+from monitor.config import (
+    FolderSourceConfig,
+    ProbeConfig,
+    Settings,
+    SimulatedSourceConfig,
+    StreamSourceConfig,
+)
+from monitor.decode import DecodeLimits
+from monitor.inference import resolve_backend
+from monitor.manifest import load_manifest
+from monitor.pipeline import FrameOutcome, FrameQueue, Pipeline
+from monitor.recorder import Recorder
+from monitor.sources.base import Source
+from monitor.sources.folder import FolderSource
+from monitor.store import Store
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class ProbeState:
+    """What the daemon keeps per probe between stages."""
+
+    config: ProbeConfig
+    aggregator: WindowAggregator
+    lock: threading.Lock
+    last_frame_ts: float | None = None
+    latest_boxes: tuple[tuple[int, int, int, int, str], ...] = ()
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, clock: Clock = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._stop = threading.Event()
+        self._publisher: threading.Thread | None = None
+        self.sources: list[Source] = []
+        self.probes: dict[str, ProbeState] = {}
+
+    # -- start-up ---------------------------------------------------------------
+
+    def start(self) -> None:
+        settings = self.settings
+        self.model = load_manifest(settings.model.path)
+        manifest = self.model.manifest
+        log.info(
+            "model_loaded",
+            name=manifest.name,
+            version=manifest.version,
+            classes=list(manifest.classes),
+            sha256=manifest.onnx_sha256[:12],
+        )
+        self.store = Store(settings.daemon.state_dir)
+        self.backend = resolve_backend(
+            settings.backend.type, self.model, threads=settings.backend.threads
+        )
+        size = manifest.input.size
+        self.backend.infer(np.zeros((1, 3, size, size), np.float32))  # warm-up
+        log.info("backend_ready", backend=self.backend.name)
+
+        now = self.clock()
+        for probe in settings.probes:
+            aggregator = WindowAggregator(
+                manifest.classes,
+                windows_s=settings.aggregation.windows,
+                confusion_matrix=manifest.validation.confusion_matrix,
+                ewma_halflife_s=settings.aggregation.ewma_halflife,
+            )
+            self.probes[probe.id] = ProbeState(probe, aggregator, threading.Lock())
+            self._restore_windows(probe.id, now)
+
+        batcher_config = settings.batcher
+        self.batcher = MicroBatcher(
+            self.backend,
+            max_batch=batcher_config.max_batch,
+            max_wait_s=batcher_config.max_wait,
+            queue_crops=batcher_config.queue_size,
+        )
+        self.frames = FrameQueue(batcher_config.frame_queue_size)
+        self.recorder = Recorder(
+            self.store,
+            manifest.classes,
+            batch_of=lambda probe: self.probes[probe].aggregator.batch,
+            on_recorded=self._on_recorded,
+            clock=self.clock,
+        )
+        workers = batcher_config.workers or max(1, os.cpu_count() or 1)
+        self.pipeline = Pipeline(
+            manifest,
+            settings.probes,
+            self.batcher,
+            self.frames,
+            self.recorder.submit,
+            workers=workers,
+        )
+        self.recorder.start()
+        self.batcher.start()
+        self.pipeline.start()
+        for probe in settings.probes:
+            source = self._create_source(probe)
+            source.start(self.frames)
+            self.sources.append(source)
+        self._publisher = threading.Thread(target=self._publish_loop, name="publisher", daemon=True)
+        self._publisher.start()
+        log.info(
+            "daemon_started",
+            version=__version__,
+            probes=[p.id for p in settings.probes],
+            state_dir=str(settings.daemon.state_dir),
+            workers=workers,
+        )
+
+    def _restore_windows(self, probe: str, now: float) -> None:
+        """Refill the windows from the store so a restart does not blank the trend."""
+        state = self.probes[probe]
+        current = self.store.current_batch(probe)
+        since = now - max(self.settings.aggregation.windows)
+        if current is not None:
+            state.aggregator.start_batch(current[0], current[1])
+            since = max(since, current[1])
+        restored = 0
+        for row in self.store.frames_since(probe, since):
+            if current is not None and row.batch != current[0]:
+                continue
+            counts = tuple(row.counts.get(name, 0) for name in self.model.manifest.classes)
+            state.aggregator.add(
+                FrameRecord(
+                    ts=row.ts,
+                    class_counts=counts,
+                    n_uncertain=row.n_uncertain,
+                    rejected_reason=None if row.status == "ok" else row.reason or row.status,
+                )
+            )
+            restored += 1
+        if restored:
+            log.info("windows_restored", probe=probe, frames=restored)
+
+    def _create_source(self, probe: ProbeConfig) -> Source:
+        config = probe.source
+        limits = DecodeLimits(max_pixels=probe.max_pixels)
+        if isinstance(config, FolderSourceConfig):
+
+            def record_skipped(keys: list[str], reason: str) -> None:
+                self.store.record_skipped(probe.id, keys, reason, self.clock())
+
+            return FolderSource(
+                probe.id,
+                config,
+                journaled=self.store.journaled_keys(probe.id),
+                record_skipped=record_skipped,
+                limits=limits,
+            )
+        if isinstance(config, SimulatedSourceConfig):
+            from monitor.sources.simulated import SimulatedSource  # noqa: PLC0415
+
+            return SimulatedSource(probe.id, config, clock=self.clock)
+        if isinstance(config, StreamSourceConfig):
+            from monitor.sources.stream import StreamSource  # noqa: PLC0415
+
+            return StreamSource(probe.id, config, clock=self.clock)
+        raise AssertionError(f"unhandled source type {config!r}")
+
+    # -- running ---------------------------------------------------------------
+
+    def _on_recorded(self, probe: str, record: FrameRecord, outcome: FrameOutcome) -> None:
+        state = self.probes[probe]
+        with state.lock:
+            state.aggregator.add(record)
+            state.last_frame_ts = max(state.last_frame_ts or record.ts, record.ts)
+            if outcome.boxes:
+                state.latest_boxes = outcome.boxes
+
+    def snapshot(self, probe: str) -> dict[str, Any]:
+        state = self.probes[probe]
+        with state.lock:
+            return state.aggregator.snapshot(self.clock()).to_json()
+
+    def publish_once(self) -> None:
+        now = self.clock()
+        for probe_id, state in self.probes.items():
+            with state.lock:
+                snapshot = state.aggregator.snapshot(now)
+            self.store.record_snapshot(probe_id, now, snapshot.batch, snapshot.to_json())
+
+    def _publish_loop(self) -> None:
+        interval = self.settings.aggregation.publish_interval
+        next_purge = 0.0
+        while not self._stop.wait(interval):
+            try:
+                self.publish_once()
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + 3600
+                    self.store.purge(self.clock() - self.settings.store.retention)
+            except Exception:
+                log.exception("publish_failed")
+
+    def start_batch(self, probe: str, batch_id: str) -> None:
+        """Reset the probe's windows and tag everything that follows with `batch_id`."""
+        now = self.clock()
+        state = self.probes[probe]
+        with state.lock:
+            self.store.start_batch(probe, batch_id, now)
+            state.aggregator.start_batch(batch_id, now)
+        log.info("batch_started", probe=probe, batch=batch_id)
+
+    def stop_batch(self, probe: str) -> None:
+        now = self.clock()
+        state = self.probes[probe]
+        with state.lock:
+            self.store.stop_batch(probe, now)
+            state.aggregator.stop_batch(now)
+        log.info("batch_stopped", probe=probe)
+
+    # -- shutdown ------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def wait(self) -> None:
+        while not self._stop.wait(0.5):
+            pass
+
+    def stop(self) -> None:
+        """Stop taking frames, finish in-flight ones within the grace time, flush, close."""
+        self._stop.set()
+        grace = self.settings.daemon.shutdown_grace
+        for source in self.sources:
+            source.stop()
+        self.frames.close()
+        drained = self.pipeline.stop(timeout=grace)
+        self.batcher.stop(timeout=grace)
+        self.recorder.stop(timeout=grace)
+        if self._publisher is not None:
+            self._publisher.join(timeout=2)
+        self.publish_once()
+        self.store.close()
+        self.backend.close()
+        log.info("daemon_stopped", drained=drained, frames=self.recorder.recorded)
+
+
+def run_daemon(settings: Settings) -> int:
+    """Run in the foreground until SIGTERM or SIGINT (the way systemd runs it)."""
+    daemon = Daemon(settings)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        daemon.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.start()
+    try:
+        daemon.wait()
+    finally:
+        daemon.stop()
+    return 0

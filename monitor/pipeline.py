@@ -1,0 +1,218 @@
+"""The frame pipeline: decode -> quality gate -> sampling -> batcher, then the recorder.
+
+Workers take frames from one bounded queue shared by all probes. A worker hands a
+frame's crops to the micro-batcher with a callback and goes on to the next frame;
+the callback turns probabilities into counts and passes a FrameOutcome to the
+recorder, which stores frames in small transactions and only then feeds the
+aggregators, so what the windows show is always what the store holds.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from monitor.batcher import MicroBatcher
+from monitor.config import ProbeConfig, QualityConfig
+from monitor.decode import DecodeError
+from monitor.inference.decision import decide
+from monitor.manifest import ModelManifest
+from monitor.preprocess import prepare_batch
+from monitor.quality import assess_frame
+from monitor.sampling import Sampler, create_sampler
+from monitor.sources.base import FrameItem
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class FrameOutcome:
+    """What became of one frame: classified counts, or why it was not classified."""
+
+    item: FrameItem
+    status: str  # "ok", "rejected" (quality gate) or "error" (unreadable, inference failed)
+    reason: str | None
+    class_counts: tuple[int, ...]
+    n_uncertain: int
+    boxes: tuple[tuple[int, int, int, int, str], ...] = ()  # x, y, w, h, label
+
+
+class FrameQueue:
+    """Bounded queue between sources and workers.
+
+    A folder source blocks when it is full (its files wait safely on disk); a live
+    stream cannot wait, so its oldest frame is dropped, counted and logged.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._queue: queue.Queue[FrameItem] = queue.Queue(maxsize)
+        self._closed = threading.Event()
+        self.dropped = 0
+
+    def put(self, item: FrameItem, *, block: bool) -> bool:
+        if self._closed.is_set():
+            return False
+        if block:
+            try:
+                self._queue.put(item, timeout=0.2)
+            except queue.Full:
+                return False
+            return True
+        while True:
+            try:
+                self._queue.put_nowait(item)
+                return True
+            except queue.Full:
+                try:
+                    lost = self._queue.get_nowait()
+                except queue.Empty:
+                    continue
+                self.dropped += 1
+                log.warning("frame_dropped", probe=lost.probe, key=lost.key, why="queue full")
+
+    def get(self, timeout: float) -> FrameItem | None:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+
+@dataclass(frozen=True)
+class _ProbeStages:
+    quality: QualityConfig
+    sampler: Sampler
+    gate: bool
+
+
+class Pipeline:
+    def __init__(
+        self,
+        manifest: ModelManifest,
+        probes: Sequence[ProbeConfig],
+        batcher: MicroBatcher,
+        frames: FrameQueue,
+        on_outcome: Callable[[FrameOutcome], None],
+        *,
+        workers: int,
+    ) -> None:
+        self._manifest = manifest
+        self._stages = {
+            probe.id: _ProbeStages(probe.quality, create_sampler(probe), True) for probe in probes
+        }
+        self._batcher = batcher
+        self._frames = frames
+        self._on_outcome = on_outcome
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
+            for i in range(max(1, workers))
+        ]
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self.last_progress = time.monotonic()
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float) -> bool:
+        """Let workers finish the queued frames within `timeout`; True when all finished."""
+        deadline = time.monotonic() + timeout
+        while (self._frames.qsize() or self.in_flight) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        drained = not (self._frames.qsize() or self.in_flight)
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        return drained
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            item = self._frames.get(timeout=0.1)
+            if item is None:
+                continue
+            with self._in_flight_lock:
+                self._in_flight += 1
+            try:
+                self._process(item)
+            except Exception as exc:  # one bad frame must never stop a worker
+                log.exception("frame_failed", probe=item.probe, key=item.key)
+                self._finish(FrameOutcome(item, "error", f"internal: {exc}", self._zeros(), 0))
+
+    def _zeros(self) -> tuple[int, ...]:
+        return (0,) * len(self._manifest.classes)
+
+    def _finish(self, outcome: FrameOutcome) -> None:
+        try:
+            self._on_outcome(outcome)
+        finally:
+            self.last_progress = time.monotonic()
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def _process(self, item: FrameItem) -> None:
+        stages = self._stages[item.probe]
+        try:
+            grey = item.read()
+        except DecodeError as exc:
+            log.warning(
+                "frame_unreadable",
+                probe=item.probe,
+                key=item.key,
+                reason=exc.reason,
+                detail=exc.detail,
+            )
+            self._finish(FrameOutcome(item, "error", exc.reason, self._zeros(), 0))
+            return
+        verdict = assess_frame(grey, stages.quality)
+        if not verdict.accepted:
+            self._finish(FrameOutcome(item, "rejected", verdict.reason, self._zeros(), 0))
+            return
+        crops = stages.sampler.sample(grey)
+        if not crops:
+            self._finish(FrameOutcome(item, "ok", None, self._zeros(), 0))
+            return
+        tensors = prepare_batch([crop.image for crop in crops], self._manifest.input)
+        manifest = self._manifest
+
+        def on_probabilities(rows: np.ndarray | None, error: str | None) -> None:
+            if rows is None:
+                # Not recorded, so not journaled: the frame is tried again after a restart.
+                log.error("frame_not_classified", probe=item.probe, key=item.key, error=error)
+                self._abandon()
+                return
+            counts = [0] * len(manifest.classes)
+            uncertain = 0
+            boxes = []
+            decisions = decide(rows, manifest.classes, manifest.uncertainty_threshold)
+            for crop, decision in zip(crops, decisions, strict=True):
+                if decision.status == "ok":
+                    counts[manifest.classes.index(decision.label)] += 1
+                    boxes.append((*crop.bbox, decision.label))
+                else:
+                    uncertain += 1
+                    boxes.append((*crop.bbox, "uncertain"))
+            self._finish(FrameOutcome(item, "ok", None, tuple(counts), uncertain, tuple(boxes)))
+
+        if not self._batcher.submit(tensors, on_probabilities):
+            self._abandon()  # shutting down: left for the next start
+
+    def _abandon(self) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= 1
