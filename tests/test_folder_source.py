@@ -1,0 +1,186 @@
+"""The folder source against real files written the way probe software writes them."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from monitor.config import FolderSourceConfig
+from monitor.decode import DecodeError
+from monitor.sources.base import FrameItem
+from monitor.sources.folder import FolderSource, frame_time_from_name
+
+
+class ListSink:
+    """Collects items and reads each at once, as a pipeline worker would."""
+
+    def __init__(self) -> None:
+        self.items: list[FrameItem] = []
+        self.decoded: dict[str, np.ndarray | str] = {}
+        self.lock = threading.Lock()
+
+    def put(self, item: FrameItem, *, block: bool) -> bool:
+        try:
+            result: np.ndarray | str = item.read()
+        except DecodeError as exc:
+            result = exc.reason
+        with self.lock:
+            self.items.append(item)
+            self.decoded[item.key] = result
+        return True
+
+    def keys(self) -> list[str]:
+        with self.lock:
+            return [item.key for item in self.items]
+
+
+def _png(seed: int, size: int = 151) -> bytes:
+    image = (np.random.default_rng(seed).random((size, size)) * 255).astype(np.uint8)
+    ok, data = cv2.imencode(".png", image)
+    assert ok
+    return data.tobytes()
+
+
+def _wait_for(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _source(folder: Path, **overrides: object) -> tuple[FolderSource, ListSink, list[str]]:
+    config = FolderSourceConfig.model_validate(
+        {"type": "folder", "path": folder, "settle_time": 0.3, "rescan_interval": 1.0, **overrides}
+    )
+    skipped: list[str] = []
+    source = FolderSource(
+        "R1", config, journaled=set(), record_skipped=lambda keys, reason: skipped.extend(keys)
+    )
+    sink = ListSink()
+    source.start(sink)
+    return source, sink, skipped
+
+
+def test_write_then_rename_is_picked_up_once(tmp_path: Path) -> None:
+    source, sink, _ = _source(tmp_path)
+    try:
+        for index in range(20):
+            temporary = tmp_path / f".frame_{index}.png.part"
+            temporary.write_bytes(_png(index))
+            os.replace(temporary, tmp_path / f"frame_{index:03d}.png")
+        assert _wait_for(lambda: len(sink.keys()) == 20)
+        time.sleep(1.5)  # a rescan in between must not add anything
+    finally:
+        source.stop()
+    assert sorted(sink.keys()) == [f"frame_{i:03d}.png" for i in range(20)]
+    assert all(isinstance(v, np.ndarray) for v in sink.decoded.values())
+
+
+def test_slow_in_place_write_is_never_read_before_complete(tmp_path: Path) -> None:
+    """A file written in 1 KB chunks every 10 ms is only read once it is whole."""
+    data = _png(7, size=300)
+    assert len(data) > 20_000
+    source, sink, _ = _source(tmp_path)
+    try:
+        with (tmp_path / "slow.png").open("wb") as stream:
+            for offset in range(0, len(data), 1024):
+                stream.write(data[offset : offset + 1024])
+                stream.flush()
+                time.sleep(0.01)
+                assert sink.keys() == [], "read before the writer finished"
+        assert _wait_for(lambda: sink.keys() == ["slow.png"])
+    finally:
+        source.stop()
+    decoded = sink.decoded["slow.png"]
+    assert isinstance(decoded, np.ndarray) and decoded.shape == (300, 300)
+
+
+def test_backlog_policies(tmp_path: Path) -> None:
+    for index in range(5):
+        path = tmp_path / f"old_{index}.png"
+        path.write_bytes(_png(index))
+        stamp = time.time() - 100 + index
+        os.utime(path, (stamp, stamp))
+    source, sink, skipped = _source(tmp_path, backlog="newest:2")
+    try:
+        assert _wait_for(lambda: len(sink.keys()) == 2)
+        time.sleep(1.2)
+    finally:
+        source.stop()
+    assert sorted(sink.keys()) == ["old_3.png", "old_4.png"]
+    assert sorted(skipped) == ["old_0.png", "old_1.png", "old_2.png"]
+
+
+def test_folder_vanishing_and_coming_back(tmp_path: Path) -> None:
+    folder = tmp_path / "share"
+    folder.mkdir()
+    source, sink, _ = _source(folder)
+    try:
+        (folder / "a.png").write_bytes(_png(1))
+        assert _wait_for(lambda: sink.keys() == ["a.png"])
+        (folder / "a.png").unlink()
+        folder.rmdir()
+        assert _wait_for(lambda: not source.health()[0], timeout=5)
+        folder.mkdir()
+        (folder / "b.png").write_bytes(_png(2))
+        assert _wait_for(lambda: "b.png" in sink.keys(), timeout=10)
+        assert source.health()[0]
+    finally:
+        source.stop()
+
+
+def test_journaled_files_are_not_handed_on_again(tmp_path: Path) -> None:
+    (tmp_path / "done.png").write_bytes(_png(1))
+    (tmp_path / "new.png").write_bytes(_png(2))
+    config = FolderSourceConfig.model_validate({"type": "folder", "path": tmp_path})
+    source = FolderSource("R1", config, journaled={"done.png"}, record_skipped=lambda k, r: None)
+    sink = ListSink()
+    source.start(sink)
+    try:
+        assert _wait_for(lambda: sink.keys() == ["new.png"])
+        time.sleep(0.5)
+    finally:
+        source.stop()
+    assert sink.keys() == ["new.png"]
+
+
+def test_bad_files_are_handed_on_with_their_reason(tmp_path: Path) -> None:
+    source, sink, _ = _source(tmp_path)
+    try:
+        (tmp_path / "zero.png").write_bytes(b"")
+        (tmp_path / "text.png").write_text("not an image")
+        (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+        assert _wait_for(lambda: len(sink.keys()) == 3)
+    finally:
+        source.stop()
+    assert sink.decoded == {
+        "zero.png": "empty_file",
+        "text.png": "not_an_image",
+        "loop.png": "unreadable",
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "iso"),
+    [
+        ("frame_20261122T013300.250Z_000123.png", "2026-11-22T01:33:00.250000+00:00"),
+        ("R1_2026-11-22_01-33-00.bmp", "2026-11-22T01:33:00+00:00"),
+        ("image0001.png", None),
+    ],
+)
+def test_frame_time_from_name(name: str, iso: str | None) -> None:
+    from datetime import UTC, datetime
+
+    ts = frame_time_from_name(name)
+    if iso is None:
+        assert ts is None
+    else:
+        assert ts == pytest.approx(datetime.fromisoformat(iso).astimezone(UTC).timestamp())
