@@ -35,7 +35,7 @@ class ListSink:
             self.decoded[item.key] = result
         return True
 
-    def keys(self) -> list[str]:
+    def seen_keys(self) -> list[str]:
         with self.lock:
             return [item.key for item in self.items]
 
@@ -76,11 +76,11 @@ def test_write_then_rename_is_picked_up_once(tmp_path: Path) -> None:
             temporary = tmp_path / f".frame_{index}.png.part"
             temporary.write_bytes(_png(index))
             os.replace(temporary, tmp_path / f"frame_{index:03d}.png")
-        assert _wait_for(lambda: len(sink.keys()) == 20)
+        assert _wait_for(lambda: len(sink.seen_keys()) == 20)
         time.sleep(1.5)  # a rescan in between must not add anything
     finally:
         source.stop()
-    assert sorted(sink.keys()) == [f"frame_{i:03d}.png" for i in range(20)]
+    assert sorted(sink.seen_keys()) == [f"frame_{i:03d}.png" for i in range(20)]
     assert all(isinstance(v, np.ndarray) for v in sink.decoded.values())
 
 
@@ -95,8 +95,8 @@ def test_slow_in_place_write_is_never_read_before_complete(tmp_path: Path) -> No
                 stream.write(data[offset : offset + 1024])
                 stream.flush()
                 time.sleep(0.01)
-                assert sink.keys() == [], "read before the writer finished"
-        assert _wait_for(lambda: sink.keys() == ["slow.png"])
+                assert sink.seen_keys() == [], "read before the writer finished"
+        assert _wait_for(lambda: sink.seen_keys() == ["slow.png"])
     finally:
         source.stop()
     decoded = sink.decoded["slow.png"]
@@ -111,11 +111,11 @@ def test_backlog_policies(tmp_path: Path) -> None:
         os.utime(path, (stamp, stamp))
     source, sink, skipped = _source(tmp_path, backlog="newest:2")
     try:
-        assert _wait_for(lambda: len(sink.keys()) == 2)
+        assert _wait_for(lambda: len(sink.seen_keys()) == 2)
         time.sleep(1.2)
     finally:
         source.stop()
-    assert sorted(sink.keys()) == ["old_3.png", "old_4.png"]
+    assert sorted(sink.seen_keys()) == ["old_3.png", "old_4.png"]
     assert sorted(skipped) == ["old_0.png", "old_1.png", "old_2.png"]
 
 
@@ -125,13 +125,13 @@ def test_folder_vanishing_and_coming_back(tmp_path: Path) -> None:
     source, sink, _ = _source(folder)
     try:
         (folder / "a.png").write_bytes(_png(1))
-        assert _wait_for(lambda: sink.keys() == ["a.png"])
+        assert _wait_for(lambda: sink.seen_keys() == ["a.png"])
         (folder / "a.png").unlink()
         folder.rmdir()
         assert _wait_for(lambda: not source.health()[0], timeout=5)
         folder.mkdir()
         (folder / "b.png").write_bytes(_png(2))
-        assert _wait_for(lambda: "b.png" in sink.keys(), timeout=10)
+        assert _wait_for(lambda: "b.png" in sink.seen_keys(), timeout=10)
         assert source.health()[0]
     finally:
         source.stop()
@@ -145,11 +145,11 @@ def test_journaled_files_are_not_handed_on_again(tmp_path: Path) -> None:
     sink = ListSink()
     source.start(sink)
     try:
-        assert _wait_for(lambda: sink.keys() == ["new.png"])
+        assert _wait_for(lambda: sink.seen_keys() == ["new.png"])
         time.sleep(0.5)
     finally:
         source.stop()
-    assert sink.keys() == ["new.png"]
+    assert sink.seen_keys() == ["new.png"]
 
 
 def test_bad_files_are_handed_on_with_their_reason(tmp_path: Path) -> None:
@@ -158,7 +158,7 @@ def test_bad_files_are_handed_on_with_their_reason(tmp_path: Path) -> None:
         (tmp_path / "zero.png").write_bytes(b"")
         (tmp_path / "text.png").write_text("not an image")
         (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
-        assert _wait_for(lambda: len(sink.keys()) == 3)
+        assert _wait_for(lambda: len(sink.seen_keys()) == 3)
     finally:
         source.stop()
     assert sink.decoded == {
