@@ -1,0 +1,287 @@
+"""Frame mode: full probe frames with many particles, and the truth about each.
+
+A frame is what the probe camera delivers (1360 x 1024 px by default): dark,
+unevenly lit slurry with overlapping needle bundles (CEX) and granular
+agglomerates (PG), some out of focus, optionally bubbles, empty frames and a
+window that fouls over time. The number of PG particles in a frame is binomial
+in the profile's PG share at the frame's time, so counting the truth over many
+frames recovers the profile.
+
+Particles are placed on a coarse occupancy grid so that they mostly do not pile
+up: a simple segmenter can then find them, as it can in a moderately dense real
+slurry. Lighting, the noise bank and the fouling shape are fixed per simulator,
+like one probe in one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from monitor.simulator.background import (
+    BBox,
+    FloatImage,
+    FoulingSmudge,
+    IlluminationModel,
+    NoiseBank,
+    add_sensor_noise,
+    draw_bubble,
+    draw_slurry_haze,
+    to_uint8,
+)
+from monitor.simulator.labels import CEX, PG
+from monitor.simulator.particles import draw_agglomerate, draw_needle_bundle
+from monitor.simulator.profiles import ConstantProfile, PgProfile
+
+# Extra blur sigma (px) for out-of-focus particles; in-focus ones get up to 0.6.
+DEFOCUS_SIGMA_RANGE = (2.5, 6.0)
+IN_FOCUS_SIGMA_MAX = 0.6
+# Placement: a candidate is accepted when at most this share of its footprint
+# lies on already occupied cells; after PLACEMENT_TRIES the least crowded wins.
+MAX_OVERLAP = 0.08
+PLACEMENT_TRIES = 30
+
+
+@dataclass(frozen=True)
+class ParticleTruth:
+    """What was drawn: class label, box (x, y, w, h) clipped to the frame, focus."""
+
+    label: str
+    bbox: tuple[int, int, int, int]
+    in_focus: bool
+
+
+@dataclass(frozen=True)
+class FrameConfig:
+    """What frames to draw. Lengths are in pixels, times in seconds."""
+
+    width: int = 1360
+    height: int = 1024
+    particles: int = 30
+    profile: PgProfile = field(default_factory=lambda: ConstantProfile(0.0))
+    defocus_share: float = 0.2
+    empty_share: float = 0.0
+    bubbles: bool = False
+    fouling: bool = False
+    fouling_full_s: float = 3600.0
+    slurry_haze: float = 0.3
+    cex_length_px: tuple[float, float] = (110.0, 260.0)
+    pg_diameter_px: tuple[float, float] = (90.0, 190.0)
+
+    def __post_init__(self) -> None:
+        if self.width < 64 or self.height < 64:
+            raise ValueError(f"frame must be at least 64 x 64 px, got {self.width} x {self.height}")
+        if self.particles < 0:
+            raise ValueError(f"particles must be >= 0, got {self.particles}")
+        for name in ("defocus_share", "empty_share"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {value}")
+        if self.fouling_full_s <= 0.0:
+            raise ValueError(f"fouling_full_s must be > 0, got {self.fouling_full_s}")
+        if self.slurry_haze < 0.0:
+            raise ValueError(f"slurry_haze must be >= 0, got {self.slurry_haze}")
+        for name in ("cex_length_px", "pg_diameter_px"):
+            low, high = getattr(self, name)
+            if not 4.0 <= low <= high:
+                raise ValueError(
+                    f"{name} must be (low, high) with 4 <= low <= high, got {low, high}"
+                )
+
+
+@dataclass(frozen=True)
+class _PlannedParticle:
+    label: str
+    centre: tuple[float, float]
+    size: float
+    angle_deg: float
+    defocus: float
+    in_focus: bool
+
+
+class _OccupancyGrid:
+    """Coarse map of where particles already are, to spread new ones out.
+
+    Footprints are capsules (a thick segment): a needle bundle along its axis, an
+    agglomerate or bubble as a disc.
+    """
+
+    CELL = 8
+
+    def __init__(self, height: int, width: int) -> None:
+        self._grid = np.zeros(
+            (math.ceil(height / self.CELL), math.ceil(width / self.CELL)), np.uint8
+        )
+
+    def _footprint(
+        self, centre: tuple[float, float], half_length: float, radius: float, angle_deg: float
+    ) -> tuple[int, int, npt.NDArray[np.uint8]] | None:
+        """The capsule rasterised on the part of the grid it covers, with its offset."""
+        cell = self.CELL
+        dx = half_length * math.cos(math.radians(angle_deg)) / cell
+        dy = half_length * math.sin(math.radians(angle_deg)) / cell
+        cx, cy, r = centre[0] / cell, centre[1] / cell, max(1.0, radius / cell)
+        x0 = max(0, math.floor(cx - abs(dx) - r))
+        y0 = max(0, math.floor(cy - abs(dy) - r))
+        x1 = min(self._grid.shape[1], math.ceil(cx + abs(dx) + r) + 1)
+        y1 = min(self._grid.shape[0], math.ceil(cy + abs(dy) + r) + 1)
+        if x1 <= x0 or y1 <= y0:
+            return None
+        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        cv2.line(
+            mask,
+            (round(cx - dx - x0), round(cy - dy - y0)),
+            (round(cx + dx - x0), round(cy + dy - y0)),
+            1,
+            max(1, round(2 * r)),
+        )
+        return x0, y0, mask
+
+    def place(
+        self,
+        rng: np.random.Generator,
+        half_length: float,
+        radius: float,
+        angle_deg: float,
+    ) -> tuple[float, float]:
+        """Pick a centre with little overlap, mark it occupied and return it."""
+        height, width = (n * self.CELL for n in self._grid.shape)
+        reach = half_length + radius
+        best: tuple[float, tuple[float, float], tuple[int, int, npt.NDArray[np.uint8]] | None]
+        best = (math.inf, (width / 2.0, height / 2.0), None)
+        for _ in range(PLACEMENT_TRIES):
+            # Centres may sit near the edge so particles get cut by it, as in a
+            # real frame, but at least about half of each stays visible.
+            margin_x = min(0.3 * reach, width / 2.0)
+            margin_y = min(0.3 * reach, height / 2.0)
+            centre = (
+                float(rng.uniform(margin_x, width - margin_x)),
+                float(rng.uniform(margin_y, height - margin_y)),
+            )
+            footprint = self._footprint(centre, half_length, radius, angle_deg)
+            if footprint is None:
+                continue
+            x0, y0, mask = footprint
+            window = self._grid[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
+            overlap = np.count_nonzero(window & mask) / max(1, int(np.count_nonzero(mask)))
+            if overlap < best[0]:
+                best = (overlap, centre, footprint)
+            if overlap <= MAX_OVERLAP:
+                break
+        _, centre, footprint = best
+        if footprint is not None:
+            x0, y0, mask = footprint
+            window = self._grid[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
+            window |= mask
+        return centre
+
+
+class FrameSimulator:
+    """Renders probe frames with ground truth, deterministically under a seed.
+
+    Successive `render` calls continue one random stream: the same seed and the
+    same sequence of times give byte-identical frames.
+    """
+
+    def __init__(self, config: FrameConfig | None = None, seed: int = 0) -> None:
+        self.config = config if config is not None else FrameConfig()
+        probe_seed, noise_seed, fouling_seed, frame_seed = np.random.SeedSequence(seed).spawn(4)
+        cfg = self.config
+        self._lighting = IlluminationModel(
+            np.random.default_rng(probe_seed), cfg.height, cfg.width
+        ).render()
+        self._noise = NoiseBank(np.random.default_rng(noise_seed), cfg.height, cfg.width)
+        self._fouling = (
+            FoulingSmudge(np.random.default_rng(fouling_seed), cfg.height, cfg.width)
+            if cfg.fouling
+            else None
+        )
+        self._rng = np.random.default_rng(frame_seed)
+
+    def pg_fraction_at(self, t_seconds: float) -> float:
+        """The profile's expected PG share at this time."""
+        return self.config.profile.fraction_at(t_seconds)
+
+    def render(self, t_seconds: float) -> tuple[npt.NDArray[np.uint8], list[ParticleTruth]]:
+        """One frame at t_seconds after the start, and the particles drawn in it."""
+        cfg = self.config
+        rng = self._rng
+        canvas: FloatImage = self._lighting * np.float32(rng.uniform(0.97, 1.03))
+        grid = _OccupancyGrid(cfg.height, cfg.width)
+        truths: list[ParticleTruth] = []
+
+        empty = rng.random() < cfg.empty_share
+        if not empty:
+            draw_slurry_haze(canvas, rng, cfg.slurry_haze)
+            plan = self._plan_particles(rng, grid, self.pg_fraction_at(t_seconds))
+            # Out-of-focus particles are farther from the window: draw them
+            # first so in-focus ones lie on top.
+            for particle in sorted(plan, key=lambda p: p.in_focus):
+                box = self._draw(canvas, rng, particle)
+                if box is not None:
+                    truths.append(ParticleTruth(particle.label, box, particle.in_focus))
+
+        if cfg.bubbles:
+            for _ in range(int(rng.poisson(1.5))):
+                radius = float(rng.uniform(15.0, 60.0))
+                centre = grid.place(rng, 0.0, radius, 0.0)
+                draw_bubble(canvas, rng, centre, radius)
+
+        if self._fouling is not None:
+            self._fouling.apply(canvas, t_seconds / cfg.fouling_full_s)
+        add_sensor_noise(canvas, self._noise.sample(rng))
+        return to_uint8(canvas), truths
+
+    def _plan_particles(
+        self, rng: np.random.Generator, grid: _OccupancyGrid, pg_fraction: float
+    ) -> list[_PlannedParticle]:
+        """Labels (binomial PG count), sizes, angles, focus and places for one frame."""
+        cfg = self.config
+        count = cfg.particles
+        pg_count = int(rng.binomial(count, pg_fraction))
+        labels = [PG] * pg_count + [CEX] * (count - pg_count)
+        order = rng.permutation(count)
+        plan: list[_PlannedParticle] = []
+        for index in order.tolist():
+            label = labels[index]
+            angle = float(rng.uniform(0.0, 180.0))
+            in_focus = bool(rng.random() >= cfg.defocus_share)
+            defocus = float(
+                rng.uniform(0.0, IN_FOCUS_SIGMA_MAX)
+                if in_focus
+                else rng.uniform(*DEFOCUS_SIGMA_RANGE)
+            )
+            if label == CEX:
+                size = float(rng.uniform(*cfg.cex_length_px))
+                centre = grid.place(rng, size / 2.0, 0.1 * size + 4.0, angle)
+            else:
+                size = float(rng.uniform(*cfg.pg_diameter_px))
+                centre = grid.place(rng, 0.0, size / 2.0, angle)
+            plan.append(_PlannedParticle(label, centre, size, angle, defocus, in_focus))
+        return plan
+
+    @staticmethod
+    def _draw(
+        canvas: FloatImage, rng: np.random.Generator, particle: _PlannedParticle
+    ) -> BBox | None:
+        if particle.label == CEX:
+            return draw_needle_bundle(
+                canvas,
+                rng,
+                particle.centre,
+                particle.size,
+                particle.angle_deg,
+                defocus=particle.defocus,
+            )
+        return draw_agglomerate(
+            canvas,
+            rng,
+            particle.centre,
+            particle.size,
+            particle.angle_deg,
+            defocus=particle.defocus,
+        )
