@@ -67,6 +67,8 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
         raise DecodeError(
             "too_small", f"{width} x {height} is below the minimum side of {limits.min_side} px"
         )
+    if _is_truncated(data):
+        raise DecodeError("truncated", "the file ends before the image data does")
     buffer = np.frombuffer(data, dtype=np.uint8)
     pixels = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if pixels is None or pixels.size == 0:
@@ -75,8 +77,6 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
         raise DecodeError(
             "corrupt_data", f"header says {width} x {height}, pixels are {pixels.shape[1::-1]}"
         )
-    if _is_truncated(data):
-        raise DecodeError("truncated", "the file ends before the image data does")
     return to_grey_uint8(pixels)
 
 

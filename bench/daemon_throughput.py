@@ -1,0 +1,238 @@
+"""The daemon end to end, against ONNX Runtime alone, measured in one run on one machine.
+
+1. Crop mode throughput: N crop files renamed into a watched folder until their rows
+   are in the store, divided by ONNX-Runtime-only crops/s of the same model and batch
+   size on preloaded tensors.
+2. Latency: 4 probes x 10 frames/s in crop mode, from rename to stored row (p50/p99).
+3. Frame mode: frames/s for 1360 x 1024 PNG frames with about 30 particles, and where
+   the time goes (decode, quality gate, segmentation, preprocessing, inference).
+
+    python bench/daemon_throughput.py [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from bench.report import machine_line, replace_section
+from monitor.config import QualityConfig, load_settings
+from monitor.daemon import Daemon
+from monitor.decode import decode_image
+from monitor.inference import resolve_backend
+from monitor.manifest import load_manifest
+from monitor.preprocess import prepare_batch
+from monitor.quality import assess_frame
+from monitor.sampling import ParticleSampler
+from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
+from monitor.store import Store
+
+
+def _settings(state: Path, folders: dict[str, Path], sampling: str, max_batch: int):  # type: ignore[no-untyped-def]
+    return load_settings(
+        data={
+            "daemon": {"state_dir": str(state), "log_level": "warning"},
+            "batcher": {"max_batch": max_batch, "max_wait": "10ms"},
+            "probes": [
+                {
+                    "id": probe,
+                    "sampling": sampling,
+                    "source": {"type": "folder", "path": str(folder), "backlog": "none"},
+                }
+                for probe, folder in folders.items()
+            ],
+        }
+    )
+
+
+def onnxruntime_only(crops: list[np.ndarray], batch: int) -> float:
+    model = load_manifest()
+    backend = resolve_backend("onnxruntime", model)
+    tensors = prepare_batch(crops, model.manifest.input)
+    backend.infer(tensors[:batch])
+    started = time.perf_counter()
+    for offset in range(0, len(tensors), batch):
+        backend.infer(tensors[offset : offset + batch])
+    return len(tensors) / (time.perf_counter() - started)
+
+
+def _stage_files(folder: Path, encoded: list[bytes], prefix: str) -> list[tuple[Path, Path]]:
+    pairs = []
+    for index, data in enumerate(encoded):
+        final = folder / f"{prefix}_{index:06d}.png"
+        temporary = folder / f".{final.name}.part"
+        temporary.write_bytes(data)
+        pairs.append((temporary, final))
+    return pairs
+
+
+def _wait_recorded(daemon: Daemon, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while daemon.recorder.recorded < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {daemon.recorder.recorded} of {count} frames stored")
+        time.sleep(0.005)
+
+
+def daemon_crops_per_s(root: Path, encoded: list[bytes], batch: int) -> float:
+    folder = root / "tput"
+    folder.mkdir()
+    pairs = _stage_files(folder, encoded, "crop")
+    daemon = Daemon(_settings(root / "state-tput", {"R1": folder}, "whole", batch))
+    daemon.start()
+    time.sleep(1.0)
+    try:
+        started = time.perf_counter()
+        for temporary, final in pairs:
+            os.replace(temporary, final)
+        _wait_recorded(daemon, len(pairs), timeout=600)
+        return len(pairs) / (time.perf_counter() - started)
+    finally:
+        daemon.stop()
+
+
+def latency_at_rate(
+    root: Path, encoded: list[bytes], probes: int, fps: float, seconds: float
+) -> np.ndarray:
+    folders = {f"P{i}": root / f"lat{i}" for i in range(probes)}
+    staged = {}
+    per_probe = int(fps * seconds)
+    for probe, folder in folders.items():
+        folder.mkdir()
+        staged[probe] = _stage_files(folder, encoded[:per_probe], probe)
+    daemon = Daemon(_settings(root / "state-lat", folders, "whole", 32))
+    daemon.start()
+    time.sleep(1.0)
+    renamed: dict[tuple[str, str], float] = {}
+    try:
+
+        def probe_writer(probe: str) -> None:
+            next_at = time.monotonic()
+            for temporary, final in staged[probe]:
+                os.replace(temporary, final)
+                renamed[(probe, final.name)] = time.time()
+                next_at += 1 / fps
+                time.sleep(max(0.0, next_at - time.monotonic()))
+
+        threads = [threading.Thread(target=probe_writer, args=(p,)) for p in folders]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        _wait_recorded(daemon, probes * per_probe, timeout=120)
+    finally:
+        daemon.stop()
+    store = Store(root / "state-lat", readonly=True)
+    latencies = [row.stored_at - renamed[(row.probe, row.key)] for row in store.iter_frames()]
+    store.close()
+    return np.array(latencies)
+
+
+def frame_mode(root: Path, count: int) -> tuple[float, dict[str, float], float]:
+    simulator = FrameSimulator(FrameConfig(profile=ConstantProfile(0.2)), seed=21)
+    encoded = []
+    particles = []
+    for index in range(count):
+        image, truth = simulator.render(float(index))
+        encoded.append(cv2.imencode(".png", image)[1].tobytes())
+        particles.append(len(truth))
+    # Where the time goes: each stage timed alone over the same frames, one thread.
+    model = load_manifest()
+    backend = resolve_backend("onnxruntime", model)
+    sampler = ParticleSampler(
+        load_settings(data={"probes": [{"id": "x", "source": {"type": "simulated"}}]})
+        .probes[0]
+        .particles
+    )
+    stages = dict.fromkeys(
+        ("decode", "quality gate", "segmentation", "preprocess", "inference"), 0.0
+    )
+    for data in encoded:
+        t0 = time.perf_counter()
+        grey = decode_image(data)
+        t1 = time.perf_counter()
+        assess_frame(grey, QualityConfig())
+        t2 = time.perf_counter()
+        crops = sampler.sample(grey)
+        t3 = time.perf_counter()
+        tensors = prepare_batch([c.image for c in crops], model.manifest.input)
+        t4 = time.perf_counter()
+        backend.infer(tensors)
+        t5 = time.perf_counter()
+        for name, seconds in zip(
+            stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True
+        ):
+            stages[name] += seconds * 1000 / count
+    folder = root / "frames"
+    folder.mkdir()
+    pairs = _stage_files(folder, encoded, "frame")
+    daemon = Daemon(_settings(root / "state-frames", {"R1": folder}, "particles", 32))
+    daemon.start()
+    time.sleep(1.0)
+    try:
+        started = time.perf_counter()
+        for temporary, final in pairs:
+            os.replace(temporary, final)
+        _wait_recorded(daemon, len(pairs), timeout=600)
+        fps = len(pairs) / (time.perf_counter() - started)
+    finally:
+        daemon.stop()
+    return fps, stages, float(np.mean(particles))
+
+
+def _ms(latencies: np.ndarray, q: float) -> str:
+    return f"{np.percentile(latencies, q) * 1000:.0f} ms"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--crops", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--latency-seconds", type=float, default=30.0)
+    parser.add_argument("--write", action="store_true", help="record the tables in BENCHMARKS.md")
+    args = parser.parse_args()
+    simulator = CropSimulator(seed=8)
+    crops = [simulator.render("PG" if i % 5 == 0 else "CEX") for i in range(200)]
+    crops = [crops[i % len(crops)] for i in range(args.crops)]
+    encoded = [cv2.imencode(".png", c)[1].tobytes() for c in crops]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ort = onnxruntime_only(crops, args.batch)
+        e2e = daemon_crops_per_s(root, encoded, args.batch)
+        latencies = latency_at_rate(root, encoded, probes=4, fps=10.0, seconds=args.latency_seconds)
+        frames_per_s, stages, particles = frame_mode(root, args.frames)
+    rate = "4 probes x 10 frames/s"
+    lines = [
+        "| measurement | value |",
+        "|---|---:|",
+        f"| ONNX Runtime alone, preloaded tensors, batch {args.batch} | {ort:.0f} crops/s |",
+        f"| daemon end to end, {args.crops} crop files renamed in | {e2e:.0f} crops/s |",
+        f"| **ratio end-to-end / ONNX Runtime alone** | **{e2e / ort:.2f}** |",
+        f"| latency rename -> stored, {rate}, p50 | {_ms(latencies, 50)} |",
+        f"| latency rename -> stored, {rate}, p99 | {_ms(latencies, 99)} |",
+        f"| frame mode, 1360 x 1024 PNG, {particles:.0f} particles | {frames_per_s:.1f} frames/s |",
+    ]
+    lines += [
+        f"| frame mode, {name} per frame (one thread) | {ms:.1f} ms |"
+        for name, ms in stages.items()
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        command = "python bench/daemon_throughput.py " + " ".join(sys.argv[1:])
+        body = f"{machine_line()}; default model.\n\nCommand: `{command}`\n\n{table}\n"
+        replace_section(Path("BENCHMARKS.md"), "daemon: end to end", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
