@@ -1,0 +1,82 @@
+"""`make run` runs `crystal-monitor demo`: within two minutes the windows show PG rising."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_process import wait_for
+
+
+def _pg_fractions(state: Path) -> list[float]:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monitor",
+            "export",
+            "--state-dir",
+            str(state),
+            "--what",
+            "windows",
+            "--format",
+            "jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        return []
+    import json
+
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    return [
+        r["fraction"]
+        for r in rows
+        if r["window_s"] == 60
+        and r["class"] == "PG"
+        and r["fraction"] is not None
+        and r["n_total"] >= 30
+    ]
+
+
+@pytest.mark.slow
+def test_demo_shows_a_rising_pg_fraction(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "monitor",
+            "demo",
+            "--state-dir",
+            str(state),
+            "--profile",
+            "ramp:0:0.3@0-45",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        started = time.monotonic()
+        assert wait_for(
+            lambda: (f := _pg_fractions(state)) != [] and f[-1] - f[0] >= 0.1,
+            timeout=110,
+            interval=5,
+        ), _pg_fractions(state)
+        assert time.monotonic() - started < 120
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output[-2000:]
+    assert "crystal-monitor export --state-dir" in output
+    assert (state / "probe-demo").is_dir()
