@@ -184,3 +184,28 @@ def test_frame_time_from_name(name: str, iso: str | None) -> None:
         assert ts is None
     else:
         assert ts == pytest.approx(datetime.fromisoformat(iso).astimezone(UTC).timestamp())
+
+
+def test_after_store_moves_the_file_to_the_done_folder(tmp_path: Path) -> None:
+    incoming, done = tmp_path / "in", tmp_path / "done"
+    incoming.mkdir()
+    source, sink, _ = _source(incoming, after="move", done_dir=done)
+    try:
+        (incoming / "a.png").write_bytes(_png(3))
+        assert _wait_for(lambda: sink.seen_keys() == ["a.png"])
+    finally:
+        source.stop()
+    item = sink.items[0]
+    assert item.after_store is not None
+    item.after_store()
+    assert not (incoming / "a.png").exists() and (done / "a.png").is_file()
+
+
+def test_files_stay_in_place_by_default(tmp_path: Path) -> None:
+    source, sink, _ = _source(tmp_path)
+    try:
+        (tmp_path / "a.png").write_bytes(_png(3))
+        assert _wait_for(lambda: sink.seen_keys() == ["a.png"])
+    finally:
+        source.stop()
+    assert sink.items[0].after_store is None and (tmp_path / "a.png").is_file()
