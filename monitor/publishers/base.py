@@ -1,0 +1,84 @@
+"""The seam between the daemon and its publishers.
+
+The daemon calls a Publisher from its publish loop and its recorder thread; a
+publisher must never block them for long (queue internally and return). Operator
+commands arriving through a publisher (MQTT command topics, OPC UA methods) go back
+through the CommandHandler, which the daemon implements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+Quality = Literal["GOOD", "UNCERTAIN", "BAD"]
+
+
+@dataclass(frozen=True)
+class ProbeUpdate:
+    """Everything a publisher shows about one probe at one publish interval.
+
+    `snapshot` is `ProbeSnapshot.to_json()` of monitor.aggregate: {"ts", "batch",
+    "windows": {"60": {"n", "n_uncertain", "frames", "rejected_frames",
+    "rejected_by_reason", "rejected_share", "uncertain_share", "particles_per_min",
+    "frames_per_min", "classes": {name: {"n", "fraction", "ci95", "adjusted",
+    "effective_n"}}}, ...}, "trend": {name: {"ewma", "slope_per_min"}}}.
+    `alarms` is the list of alarm statuses (AlarmStatus.to_json() of monitor.alarms).
+    """
+
+    probe: str
+    ts: float  # epoch seconds
+    batch: str | None
+    quality: Quality
+    model_name: str
+    model_sha256: str
+    classes: tuple[str, ...]
+    snapshot: dict[str, Any]
+    last_frame_ts: float | None
+    alarms: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    accepted: bool
+    reason: str | None = None
+
+
+class CommandHandler(Protocol):
+    """Operator actions, implemented by the daemon; every call answers accepted or why not."""
+
+    def acknowledge(self, probe: str, alarm_id: str, who: str, comment: str) -> CommandResult: ...
+
+    def shelve(
+        self, probe: str, alarm_id: str, minutes: float, who: str, comment: str
+    ) -> CommandResult: ...
+
+    def start_batch(self, probe: str, batch_id: str, who: str) -> CommandResult: ...
+
+    def stop_batch(self, probe: str, who: str) -> CommandResult: ...
+
+
+class Publisher(Protocol):
+    name: str
+
+    def start(self, commands: CommandHandler) -> None:
+        """Connect / listen; must return promptly (work continues on own threads)."""
+        ...
+
+    def publish_update(self, update: ProbeUpdate) -> None:
+        """Current state of a probe, every publish interval."""
+        ...
+
+    def publish_event(self, probe: str, event: dict[str, Any]) -> None:
+        """An alarm transition or batch start/stop (must not be lost)."""
+        ...
+
+    def publish_result(self, probe: str, result: dict[str, Any]) -> None:
+        """One frame's result (optional stream; off by default)."""
+        ...
+
+    def health(self) -> tuple[bool, str]: ...
+
+    def stop(self) -> None:
+        """Publish what a clean stop must (e.g. MQTT 'offline'), then disconnect."""
+        ...
