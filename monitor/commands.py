@@ -7,6 +7,7 @@ import csv
 import json
 import sys
 import threading
+import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,9 @@ def run_run(args: argparse.Namespace) -> int:
 
 def demo_settings(state_dir: Path) -> dict[str, Any]:
     """The built-in demo: a simulated probe writing frames into a folder the daemon watches."""
+    alarms = tomllib.loads(DEFAULT_CONFIG)["alarms"]
     return {
+        "alarms": alarms,
         "daemon": {"state_dir": str(state_dir), "shutdown_grace": "5s"},
         "aggregation": {"publish_interval": "5s"},
         "probes": [

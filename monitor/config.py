@@ -29,6 +29,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from monitor.alarms.definitions import AlarmsConfig, check_definitions
+
 EX_CONFIG = 78  # sysexits.h: configuration error
 ENV_PREFIX = "CRYSTAL_MONITOR__"
 
@@ -283,6 +285,7 @@ class Settings(BaseSettings):
     batcher: BatcherConfig = Field(default_factory=BatcherConfig)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
     probes: tuple[ProbeConfig, ...] = Field(
         min_length=1, description="The probes this daemon reads."
     )
@@ -379,9 +382,16 @@ def check_environment(settings: Settings) -> list[str]:
 
     problems = []
     try:
-        load_manifest(settings.model.path)
+        model = load_manifest(settings.model.path)
     except ManifestError as exc:
         problems.append(f"model.path: {exc}")
+    else:
+        problems += [
+            f"alarms.definitions: {problem}"
+            for problem in check_definitions(
+                settings.alarms.definitions, settings.aggregation.windows, model.manifest.classes
+            )
+        ]
     state_dir = settings.daemon.state_dir
     existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), None)
     if existing is None or not os.access(existing, os.W_OK):

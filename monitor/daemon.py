@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -20,6 +20,7 @@ import structlog
 
 from monitor import __version__
 from monitor.aggregate import FrameRecord, WindowAggregator
+from monitor.alarms import AlarmEngine, quality_of
 from monitor.batcher import MicroBatcher
 from monitor.config import (
     FolderSourceConfig,
@@ -32,6 +33,7 @@ from monitor.decode import DecodeLimits
 from monitor.inference import resolve_backend
 from monitor.manifest import load_manifest
 from monitor.pipeline import FrameOutcome, FrameQueue, Pipeline
+from monitor.publishers.base import CommandResult, ProbeUpdate, Publisher
 from monitor.recorder import Recorder
 from monitor.sources.base import Source
 from monitor.sources.folder import FolderSource
@@ -53,14 +55,28 @@ class ProbeState:
     latest_boxes: tuple[tuple[int, int, int, int, str], ...] = ()
 
 
+ALARM_STATE = "alarm_engine"
+
+
 class Daemon:
-    def __init__(self, settings: Settings, *, clock: Clock = time.time) -> None:
+    """Also the CommandHandler of the publishers: operator actions arrive here."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = time.time,
+        publishers: Sequence[Publisher] = (),
+    ) -> None:
         self.settings = settings
         self.clock = clock
+        self.publishers = list(publishers)
         self._stop = threading.Event()
         self._publisher: threading.Thread | None = None
         self.sources: list[Source] = []
         self.probes: dict[str, ProbeState] = {}
+        self._alarm_lock = threading.Lock()
+        self.started_at = clock()
 
     # -- start-up ---------------------------------------------------------------
 
@@ -118,6 +134,13 @@ class Daemon:
             self.recorder.submit,
             workers=workers,
         )
+        self.alarms = AlarmEngine(
+            settings.alarms.definitions,
+            state=self.store.load_state(ALARM_STATE),
+            max_shelve_s=settings.alarms.max_shelve,
+        )
+        for publisher in self.publishers:
+            publisher.start(self)
         self.recorder.start()
         self.batcher.start()
         self.pipeline.start()
@@ -194,6 +217,24 @@ class Daemon:
             state.last_frame_ts = max(state.last_frame_ts or record.ts, record.ts)
             if outcome.boxes:
                 state.latest_boxes = outcome.boxes
+        if record.accepted and any(record.class_counts):
+            counts = dict(zip(self.model.manifest.classes, record.class_counts, strict=True))
+            with self._alarm_lock:
+                self.alarms.observe_counts(probe, record.ts, counts)
+        for publisher in self.publishers:
+            publisher.publish_result(
+                probe,
+                {
+                    "ts": record.ts,
+                    "key": outcome.item.key,
+                    "status": outcome.status,
+                    "reason": outcome.reason,
+                    "counts": dict(
+                        zip(self.model.manifest.classes, record.class_counts, strict=True)
+                    ),
+                    "n_uncertain": record.n_uncertain,
+                },
+            )
 
     def snapshot(self, probe: str) -> dict[str, Any]:
         state = self.probes[probe]
@@ -201,11 +242,83 @@ class Daemon:
             return state.aggregator.snapshot(self.clock()).to_json()
 
     def publish_once(self) -> None:
+        """Snapshot every probe, run the alarms, store, then tell the publishers."""
         now = self.clock()
+        manifest = self.model.manifest
+        definitions = self.settings.alarms.definitions
         for probe_id, state in self.probes.items():
             with state.lock:
-                snapshot = state.aggregator.snapshot(now)
-            self.store.record_snapshot(probe_id, now, snapshot.batch, snapshot.to_json())
+                snapshot = state.aggregator.snapshot(now).to_json()
+                last_frame_ts = state.last_frame_ts
+            with self._alarm_lock:
+                quality = quality_of(
+                    snapshot, now, last_frame_ts, definitions, watching_since=self.started_at
+                )
+                transitions = self.alarms.evaluate(
+                    probe_id, snapshot, now, last_frame_ts=last_frame_ts, quality=quality
+                )
+                statuses = [status.to_json() for status in self.alarms.alarm_states(probe_id)]
+            self.store.record_snapshot(probe_id, now, snapshot["batch"], snapshot)
+            update = ProbeUpdate(
+                probe=probe_id,
+                ts=now,
+                batch=snapshot["batch"],
+                quality=quality,
+                model_name=manifest.name,
+                model_sha256=manifest.onnx_sha256,
+                classes=manifest.classes,
+                snapshot=snapshot,
+                last_frame_ts=last_frame_ts,
+                alarms=statuses,
+            )
+            for publisher in self.publishers:
+                publisher.publish_update(update)
+            for transition in transitions:
+                self._announce(probe_id, {"type": "alarm", **transition.to_json()})
+        self._persist_alarms()
+
+    def _persist_alarms(self) -> None:
+        with self._alarm_lock:
+            journal = [entry.to_json() for entry in self.alarms.drain_journal()]
+            state = self.alarms.export_state()
+        self.store.record_alarm_journal(journal)
+        self.store.save_state(ALARM_STATE, state)
+
+    def _announce(self, probe: str, event: dict[str, Any]) -> None:
+        log.info("event", probe=probe, **{k: v for k, v in event.items() if k != "probe"})
+        for publisher in self.publishers:
+            publisher.publish_event(probe, event)
+
+    # -- operator commands (CommandHandler) ---------------------------------------
+
+    def _known(self, probe: str) -> CommandResult | None:
+        if probe not in self.probes:
+            return CommandResult(False, f"unknown probe {probe!r}")
+        return None
+
+    def acknowledge(self, probe: str, alarm_id: str, who: str, comment: str) -> CommandResult:
+        refused = self._known(probe)
+        if refused:
+            return refused
+        with self._alarm_lock:
+            result = self.alarms.acknowledge(probe, alarm_id, who, comment, self.clock())
+        return self._after_action(probe, result)
+
+    def shelve(
+        self, probe: str, alarm_id: str, minutes: float, who: str, comment: str
+    ) -> CommandResult:
+        refused = self._known(probe)
+        if refused:
+            return refused
+        with self._alarm_lock:
+            result = self.alarms.shelve(probe, alarm_id, minutes * 60.0, who, comment, self.clock())
+        return self._after_action(probe, result)
+
+    def _after_action(self, probe: str, result: Any) -> CommandResult:
+        for transition in result.transitions:
+            self._announce(probe, {"type": "alarm", **transition.to_json()})
+        self._persist_alarms()
+        return CommandResult(result.accepted, result.reason)
 
     def _publish_loop(self) -> None:
         interval = self.settings.aggregation.publish_interval
@@ -219,22 +332,41 @@ class Daemon:
             except Exception:
                 log.exception("publish_failed")
 
-    def start_batch(self, probe: str, batch_id: str) -> None:
+    def start_batch(self, probe: str, batch_id: str, who: str = "local") -> CommandResult:
         """Reset the probe's windows and tag everything that follows with `batch_id`."""
+        refused = self._known(probe)
+        if refused:
+            return refused
+        if not batch_id or len(batch_id) > 128:
+            return CommandResult(False, "batch_id must be 1 to 128 characters")
         now = self.clock()
         state = self.probes[probe]
         with state.lock:
             self.store.start_batch(probe, batch_id, now)
             state.aggregator.start_batch(batch_id, now)
-        log.info("batch_started", probe=probe, batch=batch_id)
+        with self._alarm_lock:
+            self.alarms.reset_shift(probe, now)
+        self._announce(
+            probe, {"type": "batch", "action": "start", "batch": batch_id, "ts": now, "who": who}
+        )
+        return CommandResult(True)
 
-    def stop_batch(self, probe: str) -> None:
+    def stop_batch(self, probe: str, who: str = "local") -> CommandResult:
+        refused = self._known(probe)
+        if refused:
+            return refused
         now = self.clock()
         state = self.probes[probe]
         with state.lock:
+            batch = state.aggregator.batch
+            if batch is None:
+                return CommandResult(False, "no batch is running")
             self.store.stop_batch(probe, now)
             state.aggregator.stop_batch(now)
-        log.info("batch_stopped", probe=probe)
+        self._announce(
+            probe, {"type": "batch", "action": "stop", "batch": batch, "ts": now, "who": who}
+        )
+        return CommandResult(True)
 
     # -- shutdown ------------------------------------------------------------------
 
@@ -258,6 +390,8 @@ class Daemon:
         if self._publisher is not None:
             self._publisher.join(timeout=2)
         self.publish_once()
+        for publisher in self.publishers:
+            publisher.stop()
         self.store.close()
         self.backend.close()
         log.info("daemon_stopped", drained=drained, frames=self.recorder.recorded)

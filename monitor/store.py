@@ -48,6 +48,19 @@ CREATE TABLE IF NOT EXISTS windows (
     snapshot TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS windows_probe_ts ON windows (probe, ts);
+CREATE TABLE IF NOT EXISTS alarm_journal (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    probe TEXT NOT NULL,
+    alarm_id TEXT NOT NULL,
+    event TEXT NOT NULL,
+    entry TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alarm_journal_ts ON alarm_journal (ts);
+CREATE TABLE IF NOT EXISTS state (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batches (
     probe TEXT NOT NULL,
     batch TEXT NOT NULL,
@@ -160,6 +173,38 @@ class Store:
                 "INSERT INTO windows (probe, ts, batch, snapshot) VALUES (?, ?, ?, ?)",
                 (probe, ts, batch, json.dumps(snapshot)),
             )
+
+    def record_alarm_journal(self, entries: Sequence[dict[str, Any]]) -> None:
+        """Every alarm transition and operator action (who, when, comment), kept for audit."""
+        if not entries:
+            return
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "INSERT INTO alarm_journal (ts, probe, alarm_id, event, entry)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(e["ts"], e["probe"], e["alarm_id"], e["event"], json.dumps(e)) for e in entries],
+            )
+
+    def iter_alarm_journal(self, since: float = 0.0) -> Iterator[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT entry FROM alarm_journal WHERE ts >= ? ORDER BY id", (since,)
+            ).fetchall()
+        return (json.loads(entry) for (entry,) in rows)
+
+    def save_state(self, name: str, value: dict[str, Any]) -> None:
+        """Persist a component's state (the alarm engine's) so a restart resumes it."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO state VALUES (?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                (name, json.dumps(value)),
+            )
+
+    def load_state(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
 
     def start_batch(self, probe: str, batch: str, ts: float) -> None:
         with self._lock, self._transaction():
