@@ -47,10 +47,14 @@ def normalise(square: np.ndarray, spec: InputSpec, out: np.ndarray | None = None
     """uint8 (S, S) -> float32 (3, S, S), scaled and normalised per channel."""
     if out is None:
         out = np.empty((3, spec.size, spec.size), dtype=np.float32)
-    unit = square.astype(np.float32) * (1.0 / 255.0)
+    # One fused scale-and-shift per channel: x * (1 / (255 std)) - mean / std.
     for channel in range(3):
-        np.subtract(unit, spec.mean[channel], out=out[channel])
-        out[channel] *= 1.0 / spec.std[channel]
+        if channel and spec.mean[channel] == spec.mean[0] and spec.std[channel] == spec.std[0]:
+            out[channel] = out[0]  # greyscale with equal statistics: copy, don't recompute
+            continue
+        scale = 1.0 / (255.0 * spec.std[channel])
+        np.multiply(square, np.float32(scale), out=out[channel], casting="unsafe")
+        out[channel] -= np.float32(spec.mean[channel] / spec.std[channel])
     return out
 
 

@@ -18,6 +18,7 @@ import shutil
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,7 +37,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from monitor.config import FolderSourceConfig
-from monitor.decode import DEFAULT_LIMITS, DecodeError, DecodeLimits, read_image_file
+from monitor.decode import DEFAULT_LIMITS, DecodeError, DecodeLimits, decode_image
 from monitor.sources.base import FrameItem, FrameSink
 
 log = structlog.get_logger(__name__)
@@ -73,12 +74,11 @@ def frame_time_from_name(name: str) -> float | None:
 
 @dataclass
 class _Candidate:
-    """A file seen but not yet handed on, with what is known about its completeness."""
+    """A file seen but not yet known to be complete."""
 
     signature: tuple[int, int] | None  # (size, mtime_ns) at last look
     changed_at: float  # monotonic time the signature last changed
     event_at: float  # monotonic time of the last event
-    complete: bool = False  # renamed in: complete by construction
     closed: bool = False  # a close-after-write event arrived
 
 
@@ -119,7 +119,10 @@ class FolderSource:
         self._limits = limits
         self._patterns = [p.lower() for p in config.patterns]
         self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
-        self._candidates: dict[str, _Candidate] = {}
+        self._candidates: dict[str, _Candidate] = {}  # seen, not yet known complete
+        self._ready: deque[str] = deque()  # complete, waiting for room in the pipeline
+        self._queued: set[str] = set()  # the paths in _ready
+        self._next_settle_check = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
@@ -244,7 +247,13 @@ class FolderSource:
         name = os.path.basename(path)
         if name.startswith(".") or not self._matches(name):
             return
-        if self._key(path) in self._seen:
+        if path in self._queued or self._key(path) in self._seen:
+            return
+        if kind == "moved":
+            # Renamed into the folder: complete by construction, hand on in arrival order.
+            self._candidates.pop(path, None)
+            self._queued.add(path)
+            self._ready.append(path)
             return
         now = time.monotonic()
         candidate = self._candidates.get(path)
@@ -256,41 +265,48 @@ class FolderSource:
                 candidate.changed_at = now - max(0.0, age)
             self._candidates[path] = candidate
         candidate.event_at = now
-        if kind == "moved":
-            candidate.complete = True
-        elif kind == "closed":
+        if kind == "closed":
             candidate.closed = True
         elif kind == "changed":
             candidate.closed = False
 
-    def _emit_complete(self) -> None:
-        if not self._candidates:
-            return
+    def _settle_candidates(self) -> None:
+        """Move files that are now complete from the candidates to the ready queue."""
         now = time.monotonic()
-        ready = []
+        settled = []
         for path, candidate in self._candidates.items():
-            if candidate.complete or (
-                candidate.closed and now - candidate.event_at >= CLOSE_QUIET_S
-            ):
-                ready.append(path)
+            if candidate.closed and now - candidate.event_at >= CLOSE_QUIET_S:
+                settled.append(path)
                 continue
             signature = _signature(path)
             if signature is None:
-                # Vanished, or unstat-able (a link loop): let the reader report why.
-                if not os.path.lexists(path):
-                    continue
-                ready.append(path)
+                # Vanished (dropped below), or unstat-able like a link loop: the reader
+                # reports why.
+                if os.path.lexists(path):
+                    settled.append(path)
             elif signature != candidate.signature:
                 candidate.signature = signature
                 candidate.changed_at = now
             elif now - candidate.changed_at >= self._config.settle_time:
-                ready.append(path)
-        for path in list(self._candidates):
-            if not os.path.lexists(path):
-                del self._candidates[path]  # deleted or renamed away before completing
-        for path in sorted(ready, key=self._sort_key):
-            if path in self._candidates and self._hand_on(path):
-                del self._candidates[path]
+                settled.append(path)
+        for path in [p for p in self._candidates if not os.path.lexists(p)]:
+            del self._candidates[path]  # deleted or renamed away before completing
+        for path in sorted(settled, key=self._sort_key):
+            del self._candidates[path]
+            self._queued.add(path)
+            self._ready.append(path)
+
+    def _emit_complete(self) -> None:
+        now = time.monotonic()
+        if self._candidates and now >= self._next_settle_check:
+            self._next_settle_check = now + _TICK_S
+            self._settle_candidates()
+        while self._ready and not self._stop.is_set():
+            path = self._ready[0]
+            if not self._hand_on(path):
+                return
+            self._ready.popleft()
+            self._queued.discard(path)
 
     def _hand_on(self, path: str) -> bool:
         key = self._key(path)
@@ -375,11 +391,19 @@ def _signature(path: str) -> tuple[int, int] | None:
 
 
 def _read_regular_file(path: Path, limits: DecodeLimits) -> np.ndarray:
-    """Refuse FIFOs and devices (reading one would block a worker), then decode."""
+    """Open once, refuse FIFOs and devices (reading one would block a worker), decode."""
     try:
-        mode = path.stat().st_mode
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise DecodeError("unreadable", exc.strerror or str(exc)) from exc
-    if not stat.S_ISREG(mode):
-        raise DecodeError("not_a_file", "not a regular file")
-    return read_image_file(path, limits)
+    with os.fdopen(fd, "rb") as stream:
+        info = os.fstat(stream.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise DecodeError("not_a_file", "not a regular file")
+        if info.st_size > limits.max_pixels * 8:
+            raise DecodeError("file_too_large", f"{info.st_size:,} bytes")
+        try:
+            data = stream.read()
+        except OSError as exc:
+            raise DecodeError("unreadable", exc.strerror or str(exc)) from exc
+    return decode_image(data, limits)
