@@ -1,0 +1,273 @@
+"""`python -m model_zoo {train,export,evaluate}`: the model zoo's command line."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from model_zoo.errors import ModelZooError
+from model_zoo.evaluation import evaluate_model_dir
+from model_zoo.export import DEFAULT_OPSET, export_model
+from model_zoo.imagefolder import DEFAULT_FRACTIONS
+from model_zoo.metrics import format_metrics_table
+from model_zoo.registry import list_models
+from model_zoo.training import TrainOptions, train_model
+from monitor.manifest import ManifestError
+
+DESCRIPTION = """\
+Train, export and evaluate crystal classifiers.
+
+  train     DATA_DIR (one folder per class, or train/ val/ [test/] folders) -> RUN_DIR
+  export    RUN_DIR -> MODEL_DIR (model.onnx + manifest.json, checked against ONNX Runtime)
+  evaluate  MODEL_DIR on any class-folder DATA_DIR, through ONNX Runtime
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m model_zoo",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_parser(commands)
+    _add_export_parser(commands)
+    _add_evaluate_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; user errors print one line and return 1 instead of a traceback."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parsed = build_parser().parse_args(arguments)
+    try:
+        if parsed.command == "train":
+            return _run_train(parsed, shlex.join(["python", "-m", "model_zoo", *arguments]))
+        if parsed.command == "export":
+            return _run_export(parsed)
+        return _run_evaluate(parsed)
+    except (ModelZooError, ManifestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a classifier on an ImageFolder",
+        description="Train a classifier. DATA_DIR holds one folder per class (split here, "
+        "stratified 70/25/5 by default) or train/, val/ and optionally test/ folders of class "
+        "folders (used as given). Writes args.json, splits.json, metrics.csv, checkpoint.pt, "
+        "evaluation.json and PNG plots into RUN_DIR.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("data_dir", type=Path, metavar="DATA_DIR", help="ImageFolder root")
+    train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
+    train.add_argument(
+        "--arch", default="mobilenet_v3_small", choices=list_models(), help="network architecture"
+    )
+    train.add_argument("--input-size", type=int, default=96, help="side of the square input, px")
+    train.add_argument(
+        "--resize",
+        choices=("letterbox", "stretch"),
+        default="letterbox",
+        help="letterbox keeps the aspect ratio; stretch fills the square",
+    )
+    train.add_argument("--epochs", type=int, default=30, help="maximum epochs")
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    train.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    train.add_argument(
+        "--schedule",
+        choices=("cosine", "onecycle"),
+        default="cosine",
+        help="learning-rate schedule, stepped per batch",
+    )
+    train.add_argument(
+        "--patience",
+        type=int,
+        default=8,
+        help="stop after this many epochs without a better validation macro-F1",
+    )
+    train.add_argument("--seed", type=int, default=0, help="seeds the split, init and augmentation")
+    train.add_argument(
+        "--init-weights",
+        type=Path,
+        metavar="FILE",
+        help="initial weights: a local state_dict file; tensors whose shape does "
+        "not fit (e.g. another head size) are skipped and listed",
+    )
+    train.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="DataLoader worker processes for augmentation (0: main process)",
+    )
+    train.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    train.add_argument(
+        "--uncertainty-threshold",
+        type=float,
+        default=0.6,
+        help="top probability below which a particle counts as uncertain; saved for export",
+    )
+    train.add_argument(
+        "--balance",
+        choices=("weighted-sampler", "loss-weights", "none"),
+        default="loss-weights",
+        help="class-imbalance handling",
+    )
+    train.add_argument(
+        "--layout",
+        choices=("auto", "class-folders", "split-folders"),
+        default="auto",
+        help="auto: split folders when DATA_DIR has train/ and val/",
+    )
+    train.add_argument(
+        "--split",
+        type=_parse_split,
+        default=DEFAULT_FRACTIONS,
+        metavar="TRAIN,VAL,TEST",
+        help="split percentages for a class-folder layout, e.g. 70,25,5",
+    )
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument(
+        "--no-augment", dest="augment", action="store_false", help="train without augmentation"
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the files of an earlier run in RUN_DIR"
+    )
+
+
+def _add_export_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    export = commands.add_parser(
+        "export",
+        help="export a run's best checkpoint to model.onnx + manifest.json",
+        description="Export RUN_DIR's best checkpoint as an ONNX model that outputs softmax "
+        "probabilities, with a manifest. ONNX Runtime must match torch within 1e-4 on random "
+        "batches, or nothing is written under the final names and the exit status is 1.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="directory made by train")
+    export.add_argument(
+        "--out", type=Path, required=True, metavar="MODEL_DIR", help="model directory to write"
+    )
+    export.add_argument("--name", help="model name (default: the run directory's name)")
+    export.add_argument("--version", default="1", help="model version")
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+
+
+def _add_evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate an exported model on an ImageFolder through ONNX Runtime",
+        description="Classify every image under DATA_DIR/<class>/ with the exported model "
+        "(the daemon's preprocessing and ONNX Runtime backend) and report accuracy, "
+        "per-class precision/recall/F1, the confusion matrix and the misclassified files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    evaluate.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="made by export")
+    evaluate.add_argument(
+        "data_dir",
+        type=Path,
+        metavar="DATA_DIR",
+        help="one folder per class; class names must be the model's",
+    )
+    evaluate.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="write evaluation.json and confusion_matrix.png here",
+    )
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime threads (0 = its default)"
+    )
+
+
+def _run_train(parsed: argparse.Namespace, command: str) -> int:
+    options = TrainOptions(
+        data_dir=parsed.data_dir,
+        out_dir=parsed.out,
+        arch=parsed.arch,
+        input_size=parsed.input_size,
+        resize=parsed.resize,
+        epochs=parsed.epochs,
+        batch_size=parsed.batch_size,
+        lr=parsed.lr,
+        weight_decay=parsed.weight_decay,
+        schedule=parsed.schedule,
+        patience=parsed.patience,
+        seed=parsed.seed,
+        init_weights=parsed.init_weights,
+        workers=parsed.workers,
+        threads=parsed.threads,
+        uncertainty_threshold=parsed.uncertainty_threshold,
+        balance=parsed.balance,
+        layout=parsed.layout,
+        split=parsed.split,
+        device=parsed.device,
+        augment=parsed.augment,
+        overwrite=parsed.overwrite,
+        command=command,
+    )
+    result = train_model(options)
+    print(
+        f"\nbest epoch {result.best_epoch} of {result.epochs_run}; validation macro-F1 "
+        f"{result.validation.macro_f1:.4f}; run directory {result.run_dir}\n"
+        f"next: python -m model_zoo export {shlex.quote(str(result.run_dir))} --out MODEL_DIR"
+    )
+    return 0
+
+
+def _run_export(parsed: argparse.Namespace) -> int:
+    export_model(
+        parsed.run_dir, parsed.out, name=parsed.name, version=parsed.version, opset=parsed.opset
+    )
+    print(parsed.out / "manifest.json")
+    return 0
+
+
+def _run_evaluate(parsed: argparse.Namespace) -> int:
+    report = evaluate_model_dir(
+        parsed.model_dir,
+        parsed.data_dir,
+        out_dir=parsed.out,
+        batch_size=parsed.batch_size,
+        threads=parsed.threads,
+    )
+    print(format_metrics_table(report.metrics))
+    print(
+        f"\naccuracy {report.metrics.accuracy:.4f} on {report.images} images; "
+        f"{report.uncertain} below the uncertainty threshold"
+    )
+    print(
+        "confusion matrix (rows true, columns predicted, order " + ", ".join(report.classes) + "):"
+    )
+    for name, row in zip(report.classes, report.metrics.confusion_matrix, strict=True):
+        print(f"  {name}: {row}")
+    print(f"\nmisclassified ({len(report.misclassified)}):")
+    for item in report.misclassified:
+        print(
+            f"  {item.path}\ttrue {item.true}\tpredicted {item.predicted}\tp={item.probability:.3f}"
+        )
+    for path, reason in report.unreadable:
+        print(f"unreadable: {path}: {reason}", file=sys.stderr)
+    if parsed.out is None:
+        print("\n(pass --out DIR to write evaluation.json and confusion_matrix.png)")
+    return 0
+
+
+def _parse_split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = [float(part) for part in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0 or parts[0] <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected three non-negative percentages TRAIN,VAL,TEST such as 70,25,5, got {text!r}"
+        )
+    total = sum(parts)
+    return (parts[0] / total, parts[1] / total, parts[2] / total)
