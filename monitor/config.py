@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -30,35 +29,11 @@ from pydantic_settings import (
 )
 
 from monitor.alarms.definitions import AlarmsConfig, check_definitions
+from monitor.durations import Duration
+from monitor.publishers.opcua_config import OpcUaConfig, check_opcua_environment
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 ENV_PREFIX = "CRYSTAL_MONITOR__"
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(value: object) -> float:
-    """'250ms', '30s', '5m', '2h', '30d' or a number of seconds -> seconds (float)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like '30s' or '5m', got a boolean")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        match = _DURATION.match(value)
-        if match is None:
-            if value.strip().startswith("-"):
-                raise ValueError(f"duration must not be negative, got {value!r}")
-            raise ValueError(f"expected a duration like '250ms', '30s', '5m', '2h', got {value!r}")
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise ValueError(f"expected a duration like '30s' or '5m', got {type(value).__name__}")
-    if seconds < 0:
-        raise ValueError(f"duration must not be negative, got {value!r}")
-    return seconds
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class _Section(BaseModel):
@@ -286,6 +261,7 @@ class Settings(BaseSettings):
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
+    opcua: OpcUaConfig = Field(default_factory=OpcUaConfig)
     probes: tuple[ProbeConfig, ...] = Field(
         min_length=1, description="The probes this daemon reads."
     )
@@ -392,6 +368,7 @@ def check_environment(settings: Settings) -> list[str]:
                 settings.alarms.definitions, settings.aggregation.windows, model.manifest.classes
             )
         ]
+    problems += check_opcua_environment(settings.opcua)
     state_dir = settings.daemon.state_dir
     existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), None)
     if existing is None or not os.access(existing, os.W_OK):

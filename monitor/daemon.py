@@ -397,9 +397,19 @@ class Daemon:
         log.info("daemon_stopped", drained=drained, frames=self.recorder.recorded)
 
 
+def create_publishers(settings: Settings) -> list[Publisher]:
+    """The publishers the configuration enables; heavy imports only when used."""
+    publishers: list[Publisher] = []
+    if settings.opcua.enabled:
+        from monitor.publishers.opcua import OpcUaPublisher  # noqa: PLC0415
+
+        publishers.append(OpcUaPublisher(settings.opcua, settings.daemon.state_dir))
+    return publishers
+
+
 def run_daemon(settings: Settings) -> int:
     """Run in the foreground until SIGTERM or SIGINT (the way systemd runs it)."""
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, publishers=create_publishers(settings))
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal_received", signal=signal.Signals(signum).name)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from monitor.commands import DEFAULT_CONFIG
-from monitor.config import EX_CONFIG, ConfigError, load_settings, parse_duration
+from monitor.config import EX_CONFIG, ConfigError, load_settings
+from monitor.durations import parse_duration
 
 GOOD_PROBE = """
 [[probes]]

@@ -19,7 +19,6 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -27,17 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from monitor.durations import Duration
 
-def _parse_duration(value: object) -> float:
-    # Imported on use, not at module level: monitor.config may import these definitions
-    # for its [alarms] section, and a top-level import back would be circular.
-    from monitor.config import parse_duration  # noqa: PLC0415
-
-    return parse_duration(value)
-
-
-Duration = Annotated[float, BeforeValidator(_parse_duration)]
-"""Seconds, written as '30s', '5m', '2h' or a number (same rules as monitor.config)."""
 Priority = Literal["low", "medium", "high", "critical"]
 
 _SEVERITY: dict[str, int] = {"low": 250, "medium": 500, "high": 750, "critical": 1000}

@@ -1,0 +1,142 @@
+"""Configuration of the OPC UA server (the `[opcua]` section).
+
+Validation is pure: the endpoint's form, the demo profile's loopback rule, paths that
+must come in pairs. Whether the files exist is checked when the server starts
+(`check_opcua_environment`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from monitor.durations import Duration
+
+DEFAULT_ENDPOINT = "opc.tcp://0.0.0.0:4840/crystal-monitor"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def endpoint_host(endpoint: str) -> str:
+    """The host part of an `opc.tcp://host:port/path` URL ('' when there is none)."""
+    return urlparse(endpoint).hostname or ""
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class OpcUaConfig(BaseModel):
+    """The OPC UA server: address space of probe values, alarms as events, operator methods."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=False, description="Run the OPC UA server.")
+    endpoint: str = Field(
+        default=DEFAULT_ENDPOINT,
+        description="opc.tcp://HOST:PORT/PATH the server listens on; host 0.0.0.0 = all "
+        "interfaces (production profile only).",
+    )
+    namespace_uri: str = Field(
+        default="urn:crystal-monitor",
+        min_length=1,
+        description="Namespace URI of the CrystalMonitor nodes.",
+    )
+    security_profile: Literal["production", "demo"] = Field(
+        default="production",
+        description="production: Basic256Sha256 SignAndEncrypt only, user names and "
+        "passwords from users_file, client certificates from trust_dir. demo: no "
+        "security and anonymous login, allowed on a loopback endpoint only.",
+    )
+    users_file: Path | None = Field(
+        default=None,
+        description="User file, one `name:scrypt$...` line per user (see "
+        "monitor.publishers.opcua_users); required by the production profile, optional "
+        "in demo.",
+    )
+    certificate: Path | None = Field(
+        default=None,
+        description="Server certificate (DER or PEM). Empty: a self-signed one is "
+        "generated into <state_dir>/opcua/ on first start.",
+    )
+    private_key: Path | None = Field(
+        default=None,
+        description="Private key of the server certificate (PEM or DER, unencrypted).",
+    )
+    trust_dir: Path | None = Field(
+        default=None,
+        description="Folder of trusted client certificates or their CA certificates "
+        "(.der/.pem), re-read at every connection. Empty: <state_dir>/opcua/trusted. "
+        "Refused certificates are saved to <state_dir>/opcua/rejected.",
+    )
+    history_retention: Duration = Field(
+        default=30 * 86400.0,
+        gt=0,
+        description="How long the historized 5-minute fractions stay readable by "
+        "HistoryRead (e.g. '30d').",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_form(cls, value: str) -> str:
+        parsed = urlparse(value)
+        if parsed.scheme != "opc.tcp":
+            raise ValueError(
+                f"must start with opc.tcp://, got {value!r} (e.g. {DEFAULT_ENDPOINT!r})"
+            )
+        if not parsed.hostname:
+            raise ValueError(f"has no host: {value!r} (e.g. {DEFAULT_ENDPOINT!r})")
+        try:
+            port = parsed.port
+        except ValueError as exc:
+            raise ValueError(f"has an invalid port: {value!r}") from exc
+        if port is None:
+            raise ValueError(f"needs a port, e.g. opc.tcp://{parsed.hostname}:4840{parsed.path}")
+        return value
+
+    @model_validator(mode="after")
+    def _profile_rules(self) -> OpcUaConfig:
+        host = endpoint_host(self.endpoint)
+        if self.security_profile == "demo" and not is_loopback_host(host):
+            raise ValueError(
+                f"security_profile 'demo' (no encryption, anonymous login) only listens on "
+                f"loopback, but endpoint host is {host!r}: use opc.tcp://127.0.0.1:PORT/... "
+                "or set security_profile = 'production'"
+            )
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError(
+                "certificate and private_key go together: set both, or neither to have a "
+                "self-signed certificate generated"
+            )
+        if self.enabled and self.security_profile == "production" and self.users_file is None:
+            raise ValueError(
+                "the production profile needs users_file (create one with "
+                "monitor.publishers.opcua_users.write_user), or use security_profile = "
+                "'demo' on a loopback endpoint"
+            )
+        return self
+
+
+def check_opcua_environment(config: OpcUaConfig) -> list[str]:
+    """Start-up checks that touch the file system; each problem names its key."""
+    problems: list[str] = []
+    if config.users_file is not None and not config.users_file.is_file():
+        problems.append(f"opcua.users_file: not found: {config.users_file}")
+    for key, path in (("certificate", config.certificate), ("private_key", config.private_key)):
+        if path is not None and not path.is_file():
+            problems.append(f"opcua.{key}: not found: {path}")
+    if config.trust_dir is not None and not config.trust_dir.is_dir():
+        problems.append(
+            f"opcua.trust_dir: not a folder: {config.trust_dir} (create it and copy the "
+            "trusted client certificates into it)"
+        )
+    return problems

@@ -1,0 +1,330 @@
+"""Security of the OPC UA server: certificates, client trust, users, the caller's name.
+
+asyncua's defaults are wide open (NoSecurity endpoint, any user name accepted, "admin"
+with any password gets the admin role). What replaces them here:
+
+- `ensure_server_certificate`: the server's application instance certificate, a
+  self-signed one generated on first start when none is configured.
+- `ClientTrust`: client certificates are accepted when the certificate itself (pinned)
+  or its issuing CA is in the trust folder; refused ones are saved for the admin.
+- `CrystalMonitorUserManager`: user names and passwords from our users file; everyone
+  who authenticates gets UserRole.User, never Admin (so no one can write values or
+  add and delete nodes through the network).
+- `CallerAwareInternalServer`: asyncua calls a method without the session; this
+  server's sessions record the calling user in a context variable (`current_caller`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import hashlib
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from asyncua import ua
+from asyncua.common.utils import ServiceError
+from asyncua.crypto import cert_gen, uacrypto
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.crypto.truststore import TrustStore
+from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+from asyncua.server.internal_server import InternalServer
+from asyncua.server.internal_session import InternalSession
+from asyncua.server.user_managers import UserManager
+from asyncua.ua.status_codes import StatusCodes
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from monitor.publishers.opcua_users import UsersFile
+
+log = structlog.get_logger(__name__)
+
+ANONYMOUS = "anonymous"
+SERVER_CERT_DAYS = 5 * 365
+CERT_SUFFIXES = (".der", ".pem")  # what asyncua's TrustStore reads as well
+
+_caller: contextvars.ContextVar[str | None] = contextvars.ContextVar("opcua_caller", default=None)
+
+
+def current_caller() -> str:
+    """The user name of the session whose method call is running ('anonymous' if none)."""
+    return _caller.get() or ANONYMOUS
+
+
+# -- server certificate ---------------------------------------------------------------
+
+
+def default_application_uri() -> str:
+    return f"urn:{socket.gethostname()}:crystal-monitor"
+
+
+def certificate_uri(certificate: x509.Certificate) -> str | None:
+    """The first URI in the certificate's subjectAltName (the OPC UA application URI)."""
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return None
+    uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if uris else None
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret readable by the owner only (also when the file already exists)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, 0o600)
+
+
+def _needs_new_certificate(certificate: x509.Certificate, application_uri: str) -> str | None:
+    now = dt.datetime.now(dt.UTC)
+    if certificate.not_valid_after_utc <= now + dt.timedelta(days=1):
+        return "expired"
+    if certificate_uri(certificate) != application_uri:
+        return "application URI changed"
+    return None
+
+
+def ensure_server_certificate(
+    cert_path: Path, key_path: Path, application_uri: str, hostnames: list[str]
+) -> str | None:
+    """Generate a self-signed server certificate (DER) and key (PEM, 0600) when missing.
+
+    An existing pair is kept unless it expired or names another application URI.
+    Returns why a new one was made, or None when the existing one was kept.
+    """
+    reason: str | None = "missing"
+    key: rsa.RSAPrivateKey | None = None
+    if key_path.is_file() and cert_path.is_file():
+        loaded_key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if isinstance(loaded_key, rsa.RSAPrivateKey):
+            key = loaded_key
+            reason = _needs_new_certificate(
+                x509.load_der_x509_certificate(cert_path.read_bytes()), application_uri
+            )
+        else:
+            reason = "key is not RSA"
+    if reason is None:
+        return None
+    if key is None:
+        key = cert_gen.generate_private_key()
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
+    names += [x509.DNSName(host) for host in dict.fromkeys(hostnames) if host]
+    certificate = cert_gen.generate_self_signed_app_certificate(
+        key,
+        "crystal-monitor",
+        {"organizationName": "crystal-monitor"},
+        names,
+        extended=[ExtendedKeyUsageOID.SERVER_AUTH],
+        days=SERVER_CERT_DAYS,
+    )
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(key_path, cert_gen.dump_private_key_as_pem(key))
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.DER))
+    return reason
+
+
+# -- client certificates --------------------------------------------------------------
+
+
+def _thumbprint(der: bytes) -> str:
+    return hashlib.sha1(der, usedforsecurity=False).hexdigest()
+
+
+def _load_certificate_file(path: Path) -> x509.Certificate:
+    data = path.read_bytes()
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        return x509.load_pem_x509_certificate(data)
+    return x509.load_der_x509_certificate(data)
+
+
+class ClientTrust:
+    """Which client application certificates may open a session.
+
+    Trusted: the certificate itself is in `trust_dir` (how self-signed client
+    certificates are trusted), or asyncua's TrustStore chains it to a CA certificate
+    in `trust_dir`. Validity period, application URI and key usage are checked by
+    asyncua's CertificateValidator first. Refused certificates are written to
+    `rejected_dir` as <sha1>.der so an admin can move one into `trust_dir`.
+    """
+
+    def __init__(self, trust_dir: Path, rejected_dir: Path) -> None:
+        self.trust_dir = trust_dir
+        self.rejected_dir = rejected_dir
+        self._pinned: set[bytes] = set()
+        self._stamp: tuple[tuple[str, int, int], ...] | None = None
+        self._store = TrustStore([trust_dir], [])
+        # URI, validity and key usage; trust is decided here, not by the validator.
+        self._checks = CertificateValidator(
+            CertificateValidatorOptions.EXT_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
+        )
+
+    def _dir_stamp(self) -> tuple[tuple[str, int, int], ...]:
+        entries = []
+        for path in sorted(self.trust_dir.glob("*")):
+            if path.suffix.lower() in CERT_SUFFIXES and path.is_file():
+                stat = path.stat()
+                entries.append((path.name, stat.st_mtime_ns, stat.st_size))
+        return tuple(entries)
+
+    async def reload(self) -> None:
+        """Re-read the trust folder when a file was added, removed or changed."""
+        stamp = self._dir_stamp()
+        if stamp == self._stamp:
+            return
+        pinned: set[bytes] = set()
+        for name, _, _ in stamp:
+            path = self.trust_dir / name
+            try:
+                certificate = _load_certificate_file(path)
+            except (OSError, ValueError) as exc:
+                log.warning("opcua_trusted_cert_unreadable", path=str(path), error=str(exc))
+                continue
+            pinned.add(certificate.public_bytes(serialization.Encoding.DER))
+        self._pinned = pinned
+        try:
+            await self._store.load()
+        except Exception as exc:  # one bad file makes asyncua's whole store fail
+            log.warning(
+                "opcua_trust_store_unreadable",
+                folder=str(self.trust_dir),
+                error=str(exc),
+                effect="only certificates placed in the folder itself are trusted, no CAs",
+            )
+            self._store = TrustStore([self.trust_dir], [])
+        self._stamp = stamp
+        log.info("opcua_trust_loaded", folder=str(self.trust_dir), certificates=len(pinned))
+
+    def is_trusted(self, certificate: x509.Certificate) -> bool:
+        if certificate.public_bytes(serialization.Encoding.DER) in self._pinned:
+            return True
+        if _is_self_signed(certificate):
+            return False  # only pinning trusts a self-signed certificate
+        return self._store.validate(certificate)
+
+    def is_trusted_der(self, der: bytes | None) -> bool:
+        """The same decision for the raw certificate of a secure channel."""
+        if not der:
+            return False
+        try:
+            certificate = uacrypto.x509_from_der(der)  # type: ignore[no-untyped-call]
+        except ValueError:
+            return False
+        return certificate is not None and self.is_trusted(certificate)
+
+    def _reject(self, certificate: x509.Certificate, why: str) -> None:
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        path = self.rejected_dir / f"{_thumbprint(der)}.der"
+        try:
+            self.rejected_dir.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(der)
+        except OSError:
+            path = Path("(not saved)")
+        subject = certificate.subject.rfc4514_string()
+        log.warning(
+            "opcua_client_cert_rejected",
+            why=why,
+            subject=subject,
+            saved=str(path),
+            fix=f"to trust it, copy {path} into {self.trust_dir}",
+        )
+
+    async def validate(self, certificate: x509.Certificate, app: ua.ApplicationDescription) -> None:
+        """asyncua certificate validator: raises ServiceError(Bad...) to refuse a client."""
+        await self.reload()
+        try:
+            await self._checks.validate(certificate, app)
+        except ServiceError as exc:
+            self._reject(certificate, ua.StatusCode(ua.UInt32(exc.code)).name)
+            raise
+        if not self.is_trusted(certificate):
+            self._reject(certificate, "BadCertificateUntrusted")
+            raise ServiceError(StatusCodes.BadCertificateUntrusted)
+
+
+def _is_self_signed(certificate: x509.Certificate) -> bool:
+    return certificate.issuer == certificate.subject
+
+
+# -- users ----------------------------------------------------------------------------
+
+
+class CrystalMonitorUserManager(UserManager):
+    """Users from our users file; every authenticated user gets UserRole.User.
+
+    `allow_anonymous` (demo profile) maps an anonymous session to a User named
+    'anonymous'. `channel_trusted`, when given, must accept the secure channel's client
+    certificate as well: asyncua validates only the certificate a client repeats in
+    CreateSession, so this closes the gap of a client that leaves it out there.
+    """
+
+    def __init__(
+        self,
+        users: UsersFile | None,
+        *,
+        allow_anonymous: bool,
+        channel_trusted: Callable[[bytes | None], bool] | None = None,
+    ) -> None:
+        self.users = users
+        self.allow_anonymous = allow_anonymous
+        self.channel_trusted = channel_trusted
+
+    def get_user(
+        self,
+        iserver: InternalServer,
+        username: str | None = None,
+        password: str | None = None,
+        certificate: Any = None,
+    ) -> User | None:
+        if self.channel_trusted is not None and not self.channel_trusted(certificate):
+            log.warning("opcua_login_refused", user=username, why="untrusted channel certificate")
+            return None
+        if username is None:
+            if self.allow_anonymous:
+                return User(role=UserRole.User, name=ANONYMOUS)
+            log.warning("opcua_login_refused", why="anonymous login is disabled")
+            return None
+        if self.users is not None and self.users.check(username, password):
+            log.info("opcua_login", user=username)
+            return User(role=UserRole.User, name=username)
+        log.warning("opcua_login_refused", user=username, why="unknown user or wrong password")
+        return None
+
+
+# -- the calling user of a method -----------------------------------------------------
+
+
+class _CallerAwareSession(InternalSession):
+    async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
+        name = self.user.name if self.user is not None and self.user.name else ANONYMOUS
+        token = _caller.set(name)
+        try:
+            return await super().call(params)
+        finally:
+            _caller.reset(token)
+
+
+class CallerAwareInternalServer(InternalServer):
+    """An InternalServer whose network sessions expose the caller to method callbacks.
+
+    Method callbacks must be coroutine functions: asyncua runs plain functions in an
+    executor, where the context variable is not set.
+    """
+
+    def create_session(
+        self, name: str, user: User | None = None, external: bool = False
+    ) -> InternalSession:
+        return _CallerAwareSession(
+            self,
+            self.aspace,
+            self.subscription_service,
+            name,
+            user=user if user is not None else User(role=UserRole.Anonymous),
+            external=external,
+        )

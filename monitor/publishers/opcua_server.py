@@ -1,0 +1,832 @@
+"""The monitor's OPC UA address space, filled from ProbeUpdates (asyncua, one event loop).
+
+Layout (namespace `namespace_uri`; string NodeIds `CrystalMonitor.<probe>.<path>`):
+
+    Objects/CrystalMonitor/
+      <probe>/                            created on the first update or event of a probe
+        Status           String   ok | uncertain | no data | stale | bad images |
+                                  uncertain particles | bad input
+        LastFrameTime    DateTime
+        Batch            String   '' when no batch runs
+        ParticlesPerMinute, FramesPerMinute      AnalogUnitType, 1/min (UNECE C94)
+        RejectedFrameShare, UncertainShare       AnalogItemType, % 0..100 (UNECE P1)
+        Fractions/<class>/
+          Fraction       AnalogItemType, %, EURange 0..100, historized (HistoryRead raw)
+          CI95Low, CI95High, Adjusted            AnalogItemType, %
+          Count          Int32    confident particles of the class
+        Alarms/<alarm_id>/                       created on first sight of the alarm
+          State String, Active Boolean, Acknowledged Boolean, Shelved Boolean,
+          Suppressed Boolean, Severity UInt16, Message String
+        Acknowledge(AlarmId String, Comment String) -> Reason String
+        Shelve(AlarmId String, Minutes Double, Comment String) -> Reason String
+        StartBatch(BatchId String) -> Reason String
+        StopBatch() -> Reason String
+
+Fractions, rates and shares come from the 5-minute window. Measured values carry the
+StatusCode of the update's quality (GOOD -> Good, UNCERTAIN -> UncertainSubNormal,
+BAD -> BadNoCommunication for a stale probe, BadSensorFailure otherwise) and the
+update's time as SourceTimestamp; a value that does not exist yet (no particles in
+the window) is null with BadWaitingForInitialData. Status, Batch, LastFrameTime and
+the alarm variables are facts about the monitor and stay Good.
+
+Methods call the CommandHandler with the session's user name; a refused command
+returns BadRequestNotAllowed with the reason as its output argument.
+
+Alarm transitions and batch start/stop are events of type CrystalMonitorEventType,
+emitted by the Server object (subscribe to Server to receive them) with SourceName =
+the probe and SourceNode = the probe's object.
+
+Fraction nodes have numeric NodeIds derived from a hash of probe and class: asyncua's
+HistorySQLite names a node's table after repr() of its identifier, whose quotes it
+then refuses as SQL injection, and a stable id keeps the history across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import structlog
+from asyncua import ua
+from asyncua.common.instantiate_util import instantiate
+from asyncua.common.node import Node
+from asyncua.server.event_generator import EventGenerator
+from asyncua.server.history_sql import HistorySQLite
+from asyncua.server.server import Server
+from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.status_codes import StatusCodes
+from asyncua.ua.uaerrors import UaError
+
+from monitor import __version__
+from monitor.publishers.base import CommandHandler, CommandResult, ProbeUpdate, Quality
+from monitor.publishers.opcua_config import OpcUaConfig, endpoint_host
+from monitor.publishers.opcua_security import (
+    CallerAwareInternalServer,
+    ClientTrust,
+    CrystalMonitorUserManager,
+    certificate_uri,
+    current_caller,
+    default_application_uri,
+    ensure_server_certificate,
+)
+from monitor.publishers.opcua_users import UsersFile
+
+log = structlog.get_logger(__name__)
+
+WINDOW_S = 300
+ROOT = "CrystalMonitor"
+EVENT_TYPE = "CrystalMonitorEventType"
+BATCH_EVENT_SEVERITY = 100
+COMMAND_TIMEOUT_S = 10.0
+UNECE_UNITS = "http://www.opcfoundation.org/UA/units/un/cefact"
+
+SC = StatusCodes
+NOT_YET = SC.BadWaitingForInitialData
+"""A value that does not exist yet (e.g. a fraction with no particles in the window)."""
+
+_DIAGNOSTIC_STATUS = {
+    "probe_stale": ("stale", SC.BadNoCommunication),
+    "image_quality": ("bad images", SC.BadSensorFailure),
+    "uncertain_high": ("uncertain particles", SC.BadSensorFailure),
+}
+
+
+def unece_unit_id(code: str) -> int:
+    """OPC UA UnitId of a UN/CEFACT common code (Part 8: one byte per character)."""
+    unit_id = 0
+    for char in code.upper():
+        unit_id = (unit_id << 8) | ord(char)
+    return unit_id
+
+
+def engineering_units(code: str, symbol: str, description: str) -> ua.EUInformation:
+    return ua.EUInformation(
+        NamespaceUri=UNECE_UNITS,
+        UnitId=unece_unit_id(code),
+        DisplayName=ua.LocalizedText(symbol),
+        Description=ua.LocalizedText(description),
+    )
+
+
+PERCENT = engineering_units("P1", "%", "percent")
+PER_MINUTE = engineering_units("C94", "min⁻¹", "reciprocal minute")
+
+
+@dataclass(frozen=True)
+class ProbeStatus:
+    """What the Status variable says and the StatusCode the measured values carry."""
+
+    text: str
+    code: int
+
+
+def probe_status(update: ProbeUpdate) -> ProbeStatus:
+    """Status text and value StatusCode of one update (see the module docstring)."""
+    quality: Quality = update.quality
+    if quality == "GOOD":
+        return ProbeStatus("ok", SC.Good)
+    if quality == "UNCERTAIN":
+        text = "no data" if update.last_frame_ts is None else "uncertain"
+        return ProbeStatus(text, SC.UncertainSubNormal)
+    for alarm in update.alarms:
+        found = _DIAGNOSTIC_STATUS.get(str(alarm.get("kind")))
+        if found is not None and alarm.get("active") and not alarm.get("suppressed"):
+            return ProbeStatus(*found)
+    if update.last_frame_ts is None:
+        return ProbeStatus("no data", SC.BadNoCommunication)
+    return ProbeStatus("bad input", SC.BadSensorFailure)
+
+
+def window_stats(snapshot: dict[str, Any], seconds: int = WINDOW_S) -> dict[str, Any]:
+    """The snapshot's window of `seconds`, else the one nearest to it ({} when none)."""
+    windows: dict[str, Any] = snapshot.get("windows") or {}
+    if str(seconds) in windows:
+        return dict(windows[str(seconds)])
+    if not windows:
+        return {}
+    nearest = min(windows, key=lambda key: abs(float(key) - seconds))
+    return dict(windows[nearest])
+
+
+def history_node_number(probe: str, class_name: str) -> int:
+    """Stable numeric NodeId of a historized Fraction (high range: no clash with asyncua's)."""
+    digest = hashlib.blake2b(f"{probe}/{class_name}/Fraction".encode(), digest_size=4).digest()
+    return 0x80000000 | (int.from_bytes(digest, "big") & 0x7FFFFFFF)
+
+
+def _percent(value: Any) -> float | None:
+    return None if value is None else float(value) * 100.0
+
+
+def _utc(epoch_s: float) -> ua.DateTime:
+    # A plain datetime typed as asyncua's annotation wants: HistorySQLite hands it to
+    # sqlite3, whose adapters reject the ua.DateTime subclass.
+    return cast(ua.DateTime, dt.datetime.fromtimestamp(epoch_s, dt.UTC))
+
+
+def _now() -> ua.DateTime:
+    return _utc(time.time())
+
+
+def _status(code: int) -> ua.StatusCode:
+    return ua.StatusCode(ua.UInt32(code))
+
+
+def _node_id(identifier: str | int, namespace: int) -> ua.NodeId:
+    """A string or numeric NodeId (asyncua's annotations want its own int/str subclasses)."""
+    value = ua.String(identifier) if isinstance(identifier, str) else ua.Int32(identifier)
+    return ua.NodeId(value, ua.Int16(namespace))
+
+
+def _auto_node_id(namespace: int) -> ua.NodeId:
+    """Ask asyncua to number a new node in `namespace`."""
+    return ua.NodeId(NamespaceIndex=ua.Int16(namespace))
+
+
+@dataclass
+class _ProbeNodes:
+    node: Node
+    fractions: Node
+    alarms: Node
+    classes: set[str] = field(default_factory=set)
+    alarm_ids: set[str] = field(default_factory=set)
+
+
+class _BadArgumentError(Exception):
+    pass
+
+
+class CrystalMonitorServer:
+    """The asyncua server with the CrystalMonitor address space; use from one event loop."""
+
+    def __init__(self, config: OpcUaConfig, state_dir: Path, commands: CommandHandler) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.commands = commands
+        self.pki_dir = state_dir / "opcua"
+        self.server: Server | None = None
+        self.idx = 0
+        self.root: Node | None = None
+        self.trust: ClientTrust | None = None
+        self._events: EventGenerator | None = None
+        self._probes: dict[str, _ProbeNodes] = {}
+        self._probe_of_node: dict[ua.NodeId, str] = {}
+        self._vars: dict[tuple[str, str], ua.NodeId] = {}
+        self._historized: set[ua.NodeId] = set()
+        self._pending_history: list[ua.NodeId] = []
+
+    @property
+    def endpoint_url(self) -> str:
+        return self.config.endpoint
+
+    # -- start and stop ---------------------------------------------------------------
+
+    def _users(self) -> UsersFile | None:
+        return None if self.config.users_file is None else UsersFile(self.config.users_file)
+
+    async def start(self) -> None:
+        """Build the address space and listen; raises when the endpoint cannot be bound."""
+        config = self.config
+        # asyncua warns about every optional attribute its type nodes lack on each
+        # instantiate (dozens per probe); that is not news to an operator.
+        logging.getLogger("asyncua.common.copy_node_util").setLevel(logging.ERROR)
+        self.pki_dir.mkdir(parents=True, exist_ok=True)
+        production = config.security_profile == "production"
+        application_uri = default_application_uri()
+        users = self._users()
+        if production:
+            trust_dir = config.trust_dir or self.pki_dir / "trusted"
+            trust_dir.mkdir(parents=True, exist_ok=True)
+            self.trust = ClientTrust(trust_dir, self.pki_dir / "rejected")
+            await self.trust.reload()
+            user_manager = CrystalMonitorUserManager(
+                users, allow_anonymous=False, channel_trusted=self.trust.is_trusted_der
+            )
+        else:
+            user_manager = CrystalMonitorUserManager(users, allow_anonymous=True)
+
+        server = Server(iserver=CallerAwareInternalServer(user_manager=user_manager))
+        self.server = server
+        server.name = "Crystal Monitor"
+        server.manufacturer_name = "crystal-monitor"
+        server.product_uri = "urn:crystal-monitor"
+        server.set_endpoint(config.endpoint)
+        server.allow_remote_admin(False)
+        history_path = self.state_dir / "opcua_history.sqlite"
+        server.iserver.history_manager.set_storage(HistorySQLite(str(history_path)))
+        await server.init()
+
+        if production:
+            cert_path, key_path = await self._server_certificate(application_uri)
+            await server.load_certificate(str(cert_path))
+            await server.load_private_key(str(key_path))
+            if server.iserver.certificate is not None:
+                application_uri = certificate_uri(server.iserver.certificate) or application_uri
+            server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+            server.set_identity_tokens([ua.UserNameIdentityToken])
+            assert self.trust is not None
+            server.set_certificate_validator(self.trust.validate)
+        else:
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+            tokens: list[type] = [ua.AnonymousIdentityToken]
+            if users is not None:
+                tokens.append(ua.UserNameIdentityToken)
+            server.set_identity_tokens(tokens)
+        await server.set_application_uri(application_uri)
+        await server.set_build_info(
+            server.product_uri,
+            server.manufacturer_name,
+            server.name,
+            __version__,
+            "0",
+            dt.datetime.now(dt.UTC),
+        )
+
+        self.idx = await server.register_namespace(config.namespace_uri)
+        self.root = await server.nodes.objects.add_object(
+            _node_id(ROOT, self.idx), ua.QualifiedName(ROOT, self.idx)
+        )
+        event_type = await server.create_custom_event_type(
+            self.idx,
+            EVENT_TYPE,
+            ObjectIds.BaseEventType,
+            [
+                ("Category", ua.VariantType.String),
+                ("AlarmId", ua.VariantType.String),
+                ("AlarmKind", ua.VariantType.String),
+                ("FromState", ua.VariantType.String),
+                ("ToState", ua.VariantType.String),
+                ("Priority", ua.VariantType.String),
+                ("Cause", ua.VariantType.String),
+                ("Batch", ua.VariantType.String),
+                ("Who", ua.VariantType.String),
+                ("Value", ua.VariantType.Double),
+                ("Limit", ua.VariantType.Double),
+            ],
+        )
+        self._events = await server.get_event_generator(event_type, ObjectIds.Server)
+        await server.start()
+        log.info(
+            "opcua_listening",
+            endpoint=config.endpoint,
+            profile=config.security_profile,
+            application_uri=application_uri,
+        )
+
+    async def _server_certificate(self, application_uri: str) -> tuple[Path, Path]:
+        if self.config.certificate is not None and self.config.private_key is not None:
+            return self.config.certificate, self.config.private_key
+        cert_path = self.pki_dir / "server_cert.der"
+        key_path = self.pki_dir / "server_key.pem"
+        host = endpoint_host(self.config.endpoint)
+        hostnames = [socket.gethostname(), socket.getfqdn()]
+        if host not in {"0.0.0.0", "::"}:
+            hostnames.append(host)
+        reason = await asyncio.to_thread(
+            ensure_server_certificate, cert_path, key_path, application_uri, hostnames
+        )
+        if reason is not None:
+            log.info("opcua_server_cert_generated", path=str(cert_path), reason=reason)
+        return cert_path, key_path
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+
+    # -- nodes ------------------------------------------------------------------------
+
+    def _nodeid(self, probe: str, path: str) -> ua.NodeId:
+        """`CrystalMonitor.<probe>[.<path with dots>]` in our namespace."""
+        suffix = f".{path.replace('/', '.')}" if path else ""
+        return _node_id(f"{ROOT}.{probe}{suffix}", self.idx)
+
+    def _qname(self, name: str) -> ua.QualifiedName:
+        return ua.QualifiedName(name, self.idx)
+
+    async def _add_object(self, parent: Node, probe: str, path: str, name: str) -> Node:
+        return await parent.add_object(self._nodeid(probe, path), self._qname(name))
+
+    async def _add_variable(
+        self, parent: Node, probe: str, path: str, value: Any, vtype: ua.VariantType
+    ) -> None:
+        name = path.rsplit("/", 1)[-1]
+        node = await parent.add_variable(
+            self._nodeid(probe, path), self._qname(name), ua.Variant(value, vtype)
+        )
+        self._vars[(probe, path)] = node.nodeid
+
+    async def _add_analog(
+        self,
+        parent: Node,
+        probe: str,
+        path: str,
+        display: str,
+        *,
+        units: ua.EUInformation,
+        eu_range: tuple[float, float] | None,
+        nodeid: ua.NodeId | None = None,
+    ) -> Node:
+        """An AnalogItemType (with EURange) or AnalogUnitType (without) Double variable."""
+        name = path.rsplit("/", 1)[-1]
+        type_id = ObjectIds.AnalogItemType if eu_range else ObjectIds.AnalogUnitType
+        assert self.server is not None
+        created = await instantiate(
+            parent,
+            self.server.get_node(type_id),
+            nodeid=nodeid or self._nodeid(probe, path),
+            bname=self._qname(name),
+            dname=ua.LocalizedText(display),
+            idx=self.idx,
+            instantiate_optional=False,
+        )
+        node: Node = created[0]
+        await node.write_attribute(
+            AttributeIds.DataType, ua.DataValue(ua.Variant(_node_id(ObjectIds.Double, 0)))
+        )
+        await node.write_attribute(
+            AttributeIds.ValueRank, ua.DataValue(ua.Variant(-1, ua.VariantType.Int32))
+        )
+        if eu_range is not None:
+            eu_node = await node.get_child(ua.QualifiedName("EURange", 0))
+            low, high = eu_range
+            await eu_node.write_value(ua.Variant(ua.Range(Low=low, High=high)))
+        units_name = ua.QualifiedName("EngineeringUnits", 0)
+        try:
+            units_node = await node.get_child(units_name)
+        except UaError:
+            units_node = await node.add_property(
+                _auto_node_id(self.idx),
+                units_name,
+                units,
+                ua.VariantType.ExtensionObject,
+                ObjectIds.EUInformation,
+            )
+        else:
+            await units_node.write_value(ua.Variant(units))
+        self._vars[(probe, path)] = node.nodeid
+        return node
+
+    async def _ensure_probe(self, probe: str) -> _ProbeNodes:
+        existing = self._probes.get(probe)
+        if existing is not None:
+            return existing
+        assert self.root is not None
+        node = await self._add_object(self.root, probe, "", probe)
+        await self._add_variable(node, probe, "Status", "no data", ua.VariantType.String)
+        await self._add_variable(
+            node,
+            probe,
+            "LastFrameTime",
+            dt.datetime(1601, 1, 1, tzinfo=dt.UTC),
+            ua.VariantType.DateTime,
+        )
+        await self._add_variable(node, probe, "Batch", "", ua.VariantType.String)
+        await self._add_analog(
+            node,
+            probe,
+            "ParticlesPerMinute",
+            f"{probe} particles per minute (5 min)",
+            units=PER_MINUTE,
+            eu_range=None,
+        )
+        await self._add_analog(
+            node,
+            probe,
+            "FramesPerMinute",
+            f"{probe} frames per minute (5 min)",
+            units=PER_MINUTE,
+            eu_range=None,
+        )
+        await self._add_analog(
+            node,
+            probe,
+            "RejectedFrameShare",
+            f"{probe} rejected frames (5 min)",
+            units=PERCENT,
+            eu_range=(0.0, 100.0),
+        )
+        await self._add_analog(
+            node,
+            probe,
+            "UncertainShare",
+            f"{probe} uncertain particles (5 min)",
+            units=PERCENT,
+            eu_range=(0.0, 100.0),
+        )
+        fractions = await self._add_object(node, probe, "Fractions", "Fractions")
+        alarms = await self._add_object(node, probe, "Alarms", "Alarms")
+        await self._add_methods(node, probe)
+        nodes = _ProbeNodes(node, fractions, alarms)
+        self._probes[probe] = nodes
+        self._probe_of_node[node.nodeid] = probe
+        log.info("opcua_probe_added", probe=probe)
+        return nodes
+
+    async def _ensure_class(self, probe: str, nodes: _ProbeNodes, name: str) -> None:
+        if name in nodes.classes:
+            return
+        base = f"Fractions/{name}"
+        folder = await self._add_object(nodes.fractions, probe, base, name)
+        number = history_node_number(probe, name)
+        fraction_id: ua.NodeId | None = _node_id(number, self.idx)
+        assert self.server is not None
+        if fraction_id in self._historized or fraction_id in self._vars.values():
+            log.warning("opcua_history_id_clash", probe=probe, class_name=name)
+            fraction_id = _auto_node_id(self.idx)
+        fraction = await self._add_analog(
+            folder,
+            probe,
+            f"{base}/Fraction",
+            f"{probe} {name} fraction (5 min)",
+            units=PERCENT,
+            eu_range=(0.0, 100.0),
+            nodeid=fraction_id,
+        )
+        self._pending_history.append(fraction.nodeid)
+        for part, label in (
+            ("CI95Low", "95 % interval low"),
+            ("CI95High", "95 % interval high"),
+            ("Adjusted", "confusion-adjusted fraction"),
+        ):
+            await self._add_analog(
+                folder,
+                probe,
+                f"{base}/{part}",
+                f"{probe} {name} {label} (5 min)",
+                units=PERCENT,
+                eu_range=(0.0, 100.0),
+            )
+        await self._add_variable(folder, probe, f"{base}/Count", 0, ua.VariantType.Int32)
+        nodes.classes.add(name)
+
+    async def _ensure_alarm(self, probe: str, nodes: _ProbeNodes, alarm_id: str) -> None:
+        if alarm_id in nodes.alarm_ids:
+            return
+        base = f"Alarms/{alarm_id}"
+        folder = await self._add_object(nodes.alarms, probe, base, alarm_id)
+        for name, value, vtype in (
+            ("State", "normal", ua.VariantType.String),
+            ("Active", False, ua.VariantType.Boolean),
+            ("Acknowledged", True, ua.VariantType.Boolean),
+            ("Shelved", False, ua.VariantType.Boolean),
+            ("Suppressed", False, ua.VariantType.Boolean),
+            ("Severity", 0, ua.VariantType.UInt16),
+            ("Message", "", ua.VariantType.String),
+        ):
+            await self._add_variable(folder, probe, f"{base}/{name}", value, vtype)
+        nodes.alarm_ids.add(alarm_id)
+
+    # -- values -----------------------------------------------------------------------
+
+    async def _write(
+        self,
+        probe: str,
+        path: str,
+        value: Any,
+        vtype: ua.VariantType,
+        *,
+        code: int,
+        ts: ua.DateTime,
+    ) -> None:
+        assert self.server is not None
+        nodeid = self._vars[(probe, path)]
+        if value is None:
+            variant = ua.Variant(None, ua.VariantType.Null)
+            code = code if _status(code).is_bad() else NOT_YET
+        else:
+            variant = ua.Variant(value, vtype)
+        await self.server.write_attribute_value(
+            nodeid,
+            ua.DataValue(
+                variant,
+                StatusCode=_status(code),
+                SourceTimestamp=ts,
+                ServerTimestamp=_now(),
+            ),
+        )
+
+    async def apply_update(self, update: ProbeUpdate) -> None:
+        """Create the probe's missing nodes and write every value of the update."""
+        probe = update.probe
+        nodes = await self._ensure_probe(probe)
+        for name in update.classes:
+            await self._ensure_class(probe, nodes, name)
+        for alarm in update.alarms:
+            await self._ensure_alarm(probe, nodes, str(alarm["alarm_id"]))
+
+        status = probe_status(update)
+        ts = _utc(update.ts)
+        good = SC.Good
+        string, double = ua.VariantType.String, ua.VariantType.Double
+        await self._write(probe, "Status", status.text, string, code=good, ts=ts)
+        await self._write(probe, "Batch", update.batch or "", string, code=good, ts=ts)
+        last_frame = None if update.last_frame_ts is None else _utc(update.last_frame_ts)
+        await self._write(
+            probe, "LastFrameTime", last_frame, ua.VariantType.DateTime, code=good, ts=ts
+        )
+
+        window = window_stats(update.snapshot)
+        code = status.code
+        for path, key, scale in (
+            ("ParticlesPerMinute", "particles_per_min", 1.0),
+            ("FramesPerMinute", "frames_per_min", 1.0),
+            ("RejectedFrameShare", "rejected_share", 100.0),
+            ("UncertainShare", "uncertain_share", 100.0),
+        ):
+            raw = window.get(key)
+            await self._write(
+                probe, path, None if raw is None else raw * scale, double, code=code, ts=ts
+            )
+        classes: dict[str, Any] = window.get("classes") or {}
+        for name in update.classes:
+            stats = classes.get(name) or {}
+            ci95 = stats.get("ci95") or (None, None)
+            base = f"Fractions/{name}"
+            for part, value in (
+                ("Fraction", stats.get("fraction")),
+                ("CI95Low", ci95[0]),
+                ("CI95High", ci95[1]),
+                ("Adjusted", stats.get("adjusted")),
+            ):
+                await self._write(
+                    probe, f"{base}/{part}", _percent(value), double, code=code, ts=ts
+                )
+            count = stats.get("n")
+            await self._write(
+                probe,
+                f"{base}/Count",
+                None if count is None else int(count),
+                ua.VariantType.Int32,
+                code=code,
+                ts=ts,
+            )
+
+        for alarm in update.alarms:
+            base = f"Alarms/{alarm['alarm_id']}"
+            for name, key, vtype in (
+                ("State", "state", string),
+                ("Active", "active", ua.VariantType.Boolean),
+                ("Acknowledged", "acknowledged", ua.VariantType.Boolean),
+                ("Shelved", "shelved", ua.VariantType.Boolean),
+                ("Suppressed", "suppressed", ua.VariantType.Boolean),
+                ("Severity", "severity", ua.VariantType.UInt16),
+                ("Message", "message", string),
+            ):
+                await self._write(probe, f"{base}/{name}", alarm.get(key), vtype, code=good, ts=ts)
+
+        await self._historize_new()
+
+    async def _historize_new(self) -> None:
+        """Historize new Fraction nodes once they hold their first real value."""
+        assert self.server is not None
+        retention = dt.timedelta(seconds=self.config.history_retention)
+        while self._pending_history:
+            nodeid = self._pending_history.pop()
+            await self.server.historize_node_data_change(
+                self.server.get_node(nodeid), period=retention
+            )
+            self._historized.add(nodeid)
+
+    # -- events -----------------------------------------------------------------------
+
+    async def emit_event(self, probe: str, event: dict[str, Any]) -> None:
+        """One alarm transition or batch start/stop as an event of the Server object."""
+        assert self._events is not None
+        nodes = await self._ensure_probe(probe)
+        payload = self._events.event
+        is_batch = event.get("type") == "batch"
+        payload.SourceNode = nodes.node.nodeid
+        payload.SourceName = probe
+        payload.Category = "batch" if is_batch else "alarm"
+        payload.AlarmId = event.get("alarm_id")
+        payload.AlarmKind = event.get("kind")
+        payload.FromState = _text_or_none(event.get("from_state"))
+        payload.ToState = _text_or_none(event.get("to_state"))
+        payload.Priority = event.get("priority")
+        payload.Cause = event.get("cause")
+        payload.Batch = event.get("batch")
+        payload.Who = event.get("who")
+        payload.Value = _float_or_none(event.get("value"))
+        payload.Limit = _float_or_none(event.get("limit"))
+        payload.Severity = _event_severity(event, is_batch)
+        if is_batch:
+            message = f"batch {event.get('batch')} {event.get('action')}"
+            if event.get("who"):
+                message += f" by {event['who']}"
+        else:
+            message = str(
+                event.get("message") or f"{event.get('alarm_id')}: {event.get('to_state')}"
+            )
+        ts = event.get("ts")
+        when = _utc(float(ts)) if isinstance(ts, int | float) else None
+        await self._events.trigger(time_attr=when, message=message)
+
+    # -- methods ----------------------------------------------------------------------
+
+    async def _add_methods(self, node: Node, probe: str) -> None:
+        def argument(name: str, type_id: int, text: str) -> ua.Argument:
+            return ua.Argument(
+                Name=name,
+                DataType=_node_id(type_id, 0),
+                ValueRank=-1,
+                Description=ua.LocalizedText(text),
+            )
+
+        alarm_id = argument("AlarmId", ObjectIds.String, "Alarm id, e.g. pg_high")
+        comment = argument("Comment", ObjectIds.String, "Why (kept in the alarm journal)")
+        reason = [argument("Reason", ObjectIds.String, "Empty when done, else why not")]
+        methods: list[tuple[str, Callable[..., Awaitable[Any]], list[ua.Argument]]] = [
+            ("Acknowledge", self._call_acknowledge, [alarm_id, comment]),
+            (
+                "Shelve",
+                self._call_shelve,
+                [alarm_id, argument("Minutes", ObjectIds.Double, "How long"), comment],
+            ),
+            (
+                "StartBatch",
+                self._call_start_batch,
+                [argument("BatchId", ObjectIds.String, "Batch id, 1-128 characters")],
+            ),
+            ("StopBatch", self._call_stop_batch, []),
+        ]
+        for name, callback, inputs in methods:
+            await node.add_method(
+                self._nodeid(probe, name), self._qname(name), callback, inputs, reason
+            )
+
+    async def _command(
+        self, name: str, parent: ua.NodeId, call: Callable[[str, str], CommandResult]
+    ) -> ua.CallMethodResult:
+        """Run one CommandHandler call off the loop and turn its answer into a result."""
+        probe = self._probe_of_node.get(parent)
+        result = ua.CallMethodResult()
+        if probe is None:
+            result.StatusCode = _status(SC.BadNodeIdInvalid)
+            return result
+        who = current_caller()
+        try:
+            answer = await asyncio.wait_for(
+                asyncio.to_thread(call, probe, who), timeout=COMMAND_TIMEOUT_S
+            )
+        except TimeoutError:
+            log.error("opcua_command_timeout", command=name, probe=probe, who=who)
+            result.StatusCode = _status(SC.BadTimeout)
+            result.OutputArguments = [ua.Variant("the monitor did not answer in time")]
+            return result
+        except Exception as exc:
+            log.exception("opcua_command_failed", command=name, probe=probe, who=who)
+            result.StatusCode = _status(SC.BadInternalError)
+            result.OutputArguments = [ua.Variant(f"internal error: {exc}")]
+            return result
+        log.info(
+            "opcua_command",
+            command=name,
+            probe=probe,
+            who=who,
+            accepted=answer.accepted,
+            reason=answer.reason,
+        )
+        if not answer.accepted:
+            result.StatusCode = _status(SC.BadRequestNotAllowed)
+        result.OutputArguments = [
+            ua.Variant("" if answer.accepted else answer.reason or "refused", ua.VariantType.String)
+        ]
+        return result
+
+    async def _call_acknowledge(self, parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
+        try:
+            alarm_id, comment = _text(args, 0, "AlarmId"), _text(args, 1, "Comment", "")
+        except _BadArgumentError as exc:
+            return _bad_argument(exc)
+        return await self._command(
+            "Acknowledge",
+            parent,
+            lambda probe, who: self.commands.acknowledge(probe, alarm_id, who, comment),
+        )
+
+    async def _call_shelve(self, parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
+        try:
+            alarm_id = _text(args, 0, "AlarmId")
+            minutes = _number(args, 1, "Minutes")
+            comment = _text(args, 2, "Comment", "")
+        except _BadArgumentError as exc:
+            return _bad_argument(exc)
+        return await self._command(
+            "Shelve",
+            parent,
+            lambda probe, who: self.commands.shelve(probe, alarm_id, minutes, who, comment),
+        )
+
+    async def _call_start_batch(self, parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
+        try:
+            batch_id = _text(args, 0, "BatchId")
+        except _BadArgumentError as exc:
+            return _bad_argument(exc)
+        return await self._command(
+            "StartBatch",
+            parent,
+            lambda probe, who: self.commands.start_batch(probe, batch_id, who),
+        )
+
+    async def _call_stop_batch(self, parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
+        return await self._command("StopBatch", parent, self.commands.stop_batch)
+
+
+def _event_severity(event: dict[str, Any], is_batch: bool) -> int:
+    severity = event.get("severity")
+    if isinstance(severity, int | float) and not isinstance(severity, bool):
+        return max(1, min(1000, int(severity)))
+    priority = {"low": 250, "medium": 500, "high": 750, "critical": 1000}
+    return priority.get(str(event.get("priority")), BATCH_EVENT_SEVERITY if is_batch else 500)
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _float_or_none(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _argument(args: tuple[ua.Variant, ...], index: int, name: str, default: Any) -> Any:
+    if index >= len(args):
+        if default is None:
+            raise _BadArgumentError(f"missing argument {name}")
+        return default
+    variant = args[index]
+    return variant.Value if isinstance(variant, ua.Variant) else variant
+
+
+def _text(args: tuple[ua.Variant, ...], index: int, name: str, default: str | None = None) -> str:
+    value = _argument(args, index, name, default)
+    if value is None:
+        value = default if default is not None else ""
+    if not isinstance(value, str):
+        raise _BadArgumentError(f"{name} must be a String")
+    return value
+
+
+def _number(args: tuple[ua.Variant, ...], index: int, name: str) -> float:
+    value = _argument(args, index, name, None)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _BadArgumentError(f"{name} must be a number")
+    return float(value)
+
+
+def _bad_argument(exc: _BadArgumentError) -> ua.CallMethodResult:
+    result = ua.CallMethodResult()
+    result.StatusCode = _status(SC.BadInvalidArgument)
+    result.OutputArguments = [ua.Variant(str(exc), ua.VariantType.String)]
+    return result
