@@ -30,6 +30,7 @@ from pydantic_settings import (
 
 from monitor.alarms.definitions import AlarmsConfig, check_definitions
 from monitor.durations import Duration
+from monitor.publishers.mqtt_config import MqttConfig
 from monitor.publishers.opcua_config import OpcUaConfig, check_opcua_environment
 
 EX_CONFIG = 78  # sysexits.h: configuration error
@@ -261,6 +262,7 @@ class Settings(BaseSettings):
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
     opcua: OpcUaConfig = Field(default_factory=OpcUaConfig)
     probes: tuple[ProbeConfig, ...] = Field(
         min_length=1, description="The probes this daemon reads."
@@ -369,6 +371,17 @@ def check_environment(settings: Settings) -> list[str]:
             )
         ]
     problems += check_opcua_environment(settings.opcua)
+    if settings.mqtt.enabled:
+        from monitor.publishers.secrets import SecretError, resolve_password  # noqa: PLC0415
+
+        try:
+            resolve_password(
+                env_var=settings.mqtt.password_env,
+                credential=settings.mqtt.password_credential,
+                section="mqtt",
+            )
+        except SecretError as exc:
+            problems.append(str(exc))
     state_dir = settings.daemon.state_dir
     existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), None)
     if existing is None or not os.access(existing, os.W_OK):

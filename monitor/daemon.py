@@ -76,6 +76,7 @@ class Daemon:
         self.sources: list[Source] = []
         self.probes: dict[str, ProbeState] = {}
         self._alarm_lock = threading.Lock()
+        self._stop_requested = False
         self.started_at = clock()
 
     # -- start-up ---------------------------------------------------------------
@@ -371,11 +372,13 @@ class Daemon:
     # -- shutdown ------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        self._stop.set()
+        """Safe from a signal handler: only sets a flag (an Event's lock is not reentrant,
+        and the handler runs on the main thread, which may be inside Event.wait)."""
+        self._stop_requested = True
 
     def wait(self) -> None:
-        while not self._stop.wait(0.5):
-            pass
+        while not self._stop_requested:
+            time.sleep(0.2)
 
     def stop(self) -> None:
         """Stop taking frames, finish in-flight ones within the grace time, flush, close."""
@@ -400,6 +403,17 @@ class Daemon:
 def create_publishers(settings: Settings) -> list[Publisher]:
     """The publishers the configuration enables; heavy imports only when used."""
     publishers: list[Publisher] = []
+    if settings.mqtt.enabled:
+        from monitor.publishers.mqtt import MqttPublisher  # noqa: PLC0415
+
+        publishers.append(
+            MqttPublisher(
+                settings.mqtt,
+                settings.daemon.state_dir,
+                version=__version__,
+                probes=[probe.id for probe in settings.probes],
+            )
+        )
     if settings.opcua.enabled:
         from monitor.publishers.opcua import OpcUaPublisher  # noqa: PLC0415
 
