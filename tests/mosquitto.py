@@ -10,17 +10,23 @@ The broker binds 127.0.0.1 only and never touches the system broker on 1883.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
@@ -221,3 +227,94 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """An anonymous broker on a free port, without persistence, torn down after the test."""
     with running_mosquitto(tmp_path / "mosquitto") as broker:
         yield broker
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+    at: float  # time.monotonic() on arrival
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class Subscriber:
+    """A paho subscriber that records every message; reconnects and resubscribes by itself."""
+
+    def __init__(
+        self,
+        port: int,
+        topics: list[str],
+        *,
+        client_id: str | None = None,
+        clean: bool = True,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.topics = topics
+        self.received: list[Received] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"test-sub-{uuid.uuid4().hex[:8]}",
+            clean_session=clean,
+            protocol=mqtt.MQTTv311,
+        )
+        self.client.reconnect_delay_set(1, 1)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+        assert self._subscribed.wait(5), "test subscriber could not subscribe"
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
+        if not rc.is_failure:
+            client.subscribe([(topic, 1) for topic in self.topics])
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, rcs: Any, props: Any
+    ) -> None:
+        self._subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.received.append(
+                Received(message.topic, bytes(message.payload), message.retain, time.monotonic())
+            )
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float = 10) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self.received):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.2))
+            return True
+
+    def on(self, topic: str) -> list[Received]:
+        with self._cond:
+            return [m for m in self.received if m.topic == topic]
+
+    def clear(self) -> None:
+        with self._cond:
+            self.received.clear()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
