@@ -78,6 +78,87 @@ max_area = 250000
 min_focus = 0.0
 margin = 0.15
 max_per_frame = 300
+
+[alarms]
+max_shelve = "8h"                        # longest an operator may shelve an alarm
+
+[[alarms.definitions]]
+id = "pg_high"
+kind = "fraction_high"
+priority = "high"                        # low | medium | high | critical (OPC UA severity)
+message = "PG share {value:.1%} above {limit:.0%} (5-min window)"
+class_name = "PG"
+window = "5m"                            # one of aggregation.windows
+limit = 0.15
+deadband = 0.02                          # clears below limit - deadband
+on_delay = "30s"
+off_delay = "30s"
+min_count = 100                          # particles in the window before it may fire
+
+[[alarms.definitions]]
+id = "pg_rising"
+kind = "rate_of_change"
+priority = "medium"
+message = "PG share rising {value:.2%}/min"
+class_name = "PG"
+limit_per_min = 0.01
+deadband = 0.002
+min_count = 100
+
+[[alarms.definitions]]
+id = "pg_shift"
+kind = "shift"                           # Bernoulli CUSUM on single particles
+priority = "medium"
+message = "PG onset detected (CUSUM)"
+class_name = "PG"
+baseline = 0.02
+shifted = 0.08
+threshold = 8.0
+
+[[alarms.definitions]]
+id = "probe_stale"
+kind = "probe_stale"
+priority = "high"
+message = "no frame from the probe for {value:.0f} s"
+max_age = "30s"
+
+[[alarms.definitions]]
+id = "image_quality"
+kind = "image_quality"
+priority = "medium"
+message = "{value:.0%} of frames rejected (focus, empty, saturated)"
+window = "5m"
+limit = 0.5
+min_frames = 20
+
+[[alarms.definitions]]
+id = "uncertain_high"
+kind = "uncertain_high"
+priority = "low"
+message = "{value:.0%} of particles uncertain"
+window = "5m"
+limit = 0.3
+min_count = 50
+
+[mqtt]
+enabled = false
+host = "127.0.0.1"
+port = 1883
+topic_prefix = "crystal-monitor"
+# username = "crystal-monitor"
+# password_env = "CRYSTAL_MONITOR_MQTT_PASSWORD"   # or password_credential = "mqtt-password"
+results = false                          # per-frame results topic
+commands = false                         # accept ack / shelve / batch commands
+# [mqtt.tls]
+# enabled = true
+# ca_file = "/etc/crystal-monitor/mqtt-ca.pem"
+
+[opcua]
+enabled = false
+endpoint = "opc.tcp://0.0.0.0:4840/crystal-monitor"
+security_profile = "production"          # production: users + Basic256Sha256 SignAndEncrypt
+# users_file = "/etc/crystal-monitor/opcua-users"
+# trust_dir = "/etc/crystal-monitor/opcua-trusted"
 """
 
 
@@ -117,11 +198,18 @@ def run_run(args: argparse.Namespace) -> int:
     return run_daemon(settings)
 
 
-def demo_settings(state_dir: Path) -> dict[str, Any]:
-    """The built-in demo: a simulated probe writing frames into a folder the daemon watches."""
+def demo_settings(state_dir: Path, mqtt_port: int = 1883, opcua_port: int = 4840) -> dict[str, Any]:
+    """The built-in demo: a simulated probe writing frames into a folder the daemon watches,
+    publishing to a local MQTT broker and serving OPC UA on loopback without security."""
     alarms = tomllib.loads(DEFAULT_CONFIG)["alarms"]
     return {
         "alarms": alarms,
+        "mqtt": {"enabled": True, "host": "127.0.0.1", "port": mqtt_port, "commands": True},
+        "opcua": {
+            "enabled": True,
+            "security_profile": "demo",
+            "endpoint": f"opc.tcp://127.0.0.1:{opcua_port}/crystal-monitor",
+        },
         "daemon": {"state_dir": str(state_dir), "shutdown_grace": "5s"},
         "aggregation": {"publish_interval": "5s"},
         "probes": [
@@ -131,7 +219,9 @@ def demo_settings(state_dir: Path) -> dict[str, Any]:
                 "source": {
                     "type": "folder",
                     "path": str(state_dir / "probe-demo"),
-                    "backlog": "none",
+                    # Frames written while the daemon starts are taken; a leftover folder
+                    # from an earlier demo is not replayed.
+                    "backlog": "newest:30",
                 },
             }
         ],
@@ -142,7 +232,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from monitor.daemon import run_daemon  # noqa: PLC0415
 
     state_dir: Path = args.state_dir
-    settings = _load_or_report(None, demo_settings(state_dir))
+    settings = _load_or_report(None, demo_settings(state_dir, args.mqtt_port, args.opcua_port))
     if settings is None:
         return EX_CONFIG
     configure_logging(settings.daemon.log_level, settings.daemon.log_format)
@@ -161,6 +251,8 @@ def run_demo(args: argparse.Namespace) -> int:
         f"(PG share {args.profile});\n"
         f"      state in {state_dir}; watch the windows with\n"
         f"      crystal-monitor export --state-dir {state_dir} --what windows\n"
+        f"      MQTT: mosquitto_sub -p {args.mqtt_port} -t 'crystal-monitor/#' -v\n"
+        f"      OPC UA: opc.tcp://127.0.0.1:{args.opcua_port}/crystal-monitor (demo profile)\n"
         f"      Ctrl-C stops.",
         file=sys.stderr,
     )
@@ -168,6 +260,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return run_daemon(settings)
     finally:
         stop.set()
+        writer.join(timeout=10)  # never exit with the renderer inside OpenCV
 
 
 def _write_demo_frames(outdir: Path, fps: float, profile: str, stop: threading.Event) -> None:
@@ -296,6 +389,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default="ramp:0:0.3@30-330",
         help="PG share over time since start (see `simulate --help`)",
     )
+    parser.add_argument("--mqtt-port", type=int, default=1883, help="local MQTT broker port")
+    parser.add_argument("--opcua-port", type=int, default=4840, help="OPC UA port (loopback)")
     parser.set_defaults(runner=run_demo)
 
     parser = sub.add_parser("validate-config", help="check a configuration file (exit 78 if bad)")

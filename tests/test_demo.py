@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,12 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_process import wait_for
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _pg_fractions(state: Path) -> list[float]:
@@ -60,10 +67,15 @@ def test_demo_shows_a_rising_pg_fraction(tmp_path: Path) -> None:
             str(state),
             "--profile",
             "ramp:0:0.3@0-45",
+            "--mqtt-port",
+            str(_free_port()),  # no broker there: the daemon must run on regardless
+            "--opcua-port",
+            str(_free_port()),
         ],
-        stdout=subprocess.PIPE,
+        # A file, not a pipe: nobody reads a pipe while the demo runs, and a full pipe
+        # would block the daemon's logging.
+        stdout=(tmp_path / "demo.log").open("w"),
         stderr=subprocess.STDOUT,
-        text=True,
     )
     try:
         started = time.monotonic()
@@ -76,7 +88,8 @@ def test_demo_shows_a_rising_pg_fraction(tmp_path: Path) -> None:
         assert process.poll() is None
     finally:
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=60)
+        process.wait(timeout=60)
+    output = (tmp_path / "demo.log").read_text()
     assert process.returncode == 0, output[-2000:]
     assert "crystal-monitor export --state-dir" in output
     assert (state / "probe-demo").is_dir()
