@@ -77,6 +77,7 @@ class Daemon:
         self.probes: dict[str, ProbeState] = {}
         self._alarm_lock = threading.Lock()
         self._stop_requested = False
+        self._dropped_seen: dict[str, int] = {}
         self.started_at = clock()
 
     # -- start-up ---------------------------------------------------------------
@@ -277,6 +278,33 @@ class Daemon:
             for transition in transitions:
                 self._announce(probe_id, {"type": "alarm", **transition.to_json()})
         self._persist_alarms()
+        self._check_publish_backlogs(now)
+
+    def _check_publish_backlogs(self, now: float) -> None:
+        """A publisher that had to drop messages (its bounded outbox overflowed) is a
+        diagnostic the operators must see: logged as an error and announced as an event."""
+        for publisher in self.publishers:
+            diagnostics = getattr(publisher, "diagnostics", None)
+            if diagnostics is None:
+                continue
+            dropped = int(diagnostics().get("dropped_total", 0))
+            before = self._dropped_seen.get(publisher.name, 0)
+            if dropped > before:
+                self._dropped_seen[publisher.name] = dropped
+                log.error("publish_backlog_dropped", publisher=publisher.name, dropped=dropped)
+                for probe_id in self.probes:
+                    self._announce(
+                        probe_id,
+                        {
+                            "type": "diagnostic",
+                            "alarm_id": f"{publisher.name}_backlog_overflow",
+                            "priority": "high",
+                            "severity": 750,
+                            "message": f"{dropped - before} {publisher.name} messages dropped: "
+                            "the outbox was full during a long outage",
+                            "ts": now,
+                        },
+                    )
 
     def _persist_alarms(self) -> None:
         with self._alarm_lock:

@@ -129,3 +129,27 @@ def test_acknowledged_alarm_is_journaled_and_not_announced_again_after_restart(
     ]
     assert ("acknowledge", True, "op-anna", "sample sent to the lab") in actions
     assert any(a[1] is False and a[2] == "op-anna" for a in actions)
+
+
+def test_mqtt_outbox_overflow_is_announced_as_a_diagnostic(tmp_path: Path) -> None:
+    from monitor import __version__
+    from monitor.publishers.mqtt import MqttPublisher
+    from monitor.publishers.mqtt_config import MqttConfig
+    from tests.mosquitto import free_port
+
+    settings = _settings(tmp_path / "state")
+    mqtt = MqttPublisher(
+        MqttConfig(enabled=True, port=free_port(), results=True, outbox_max_events=20),
+        tmp_path / "state",
+        version=__version__,
+    )
+    recorder = RecordingPublisher()
+    daemon = Daemon(settings, publishers=[mqtt, recorder])
+    daemon.start()
+    try:
+        assert _wait(lambda: any(e.get("type") == "diagnostic" for e in recorder.events))
+    finally:
+        daemon.stop()
+    diagnostic = next(e for e in recorder.events if e.get("type") == "diagnostic")
+    assert diagnostic["alarm_id"] == "mqtt_backlog_overflow"
+    assert "dropped" in diagnostic["message"]
