@@ -67,6 +67,16 @@ class DaemonProcess:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=60)
 
+    def __enter__(self) -> DaemonProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Never leave a daemon running after a test, passed or failed."""
+        if self.alive():
+            assert self.process is not None
+            self.process.kill()
+            self.process.wait(timeout=30)
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 

@@ -36,20 +36,21 @@ def test_every_file_is_counted_exactly_once_across_three_sigkills(tmp_path: Path
             time.sleep(0.004)
         written.set()
 
-    daemon.start()
-    thread = threading.Thread(target=writer)
-    thread.start()
-    rng = random.Random(5)
-    for _ in range(3):
-        time.sleep(rng.uniform(2.0, 5.0))
-        daemon.kill()
-        time.sleep(0.5)
+    with daemon:
         daemon.start()
-    thread.join()
-    assert written.is_set()
-    assert wait_for(lambda: len(export(config)) >= total, timeout=240, interval=2)
-    time.sleep(3)  # a late duplicate would show up here
-    assert daemon.terminate() == 0
+        thread = threading.Thread(target=writer)
+        thread.start()
+        rng = random.Random(5)
+        for _ in range(3):
+            time.sleep(rng.uniform(2.0, 5.0))
+            daemon.kill()
+            time.sleep(0.5)
+            daemon.start()
+        thread.join()
+        assert written.is_set()
+        assert wait_for(lambda: len(export(config)) >= total, timeout=240, interval=2)
+        time.sleep(3)  # a late duplicate would show up here
+        assert daemon.terminate() == 0
     rows = export(config)
     keys = [row["key"] for row in rows]
     assert len(keys) == total, (len(keys), len(set(keys)))

@@ -8,6 +8,7 @@ subscriber and a real asyncua client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -81,6 +82,15 @@ class Daemon:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(60)
 
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Never leave a daemon running after a test, passed or failed."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+
 
 def _seq_by_probe(messages: list[Any], stream: str) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
@@ -126,11 +136,15 @@ source = { type = "simulated", mode = "crop", fps = 10, profile = "constant:0.5"
 @pytest.mark.slow
 def test_results_and_events_survive_a_60s_outage_and_a_sigkill_during_it(tmp_path: Path) -> None:
     outage_s = float(os.environ.get("CRYSTAL_MONITOR_DAEMON_OUTAGE_S", "60"))
-    with running_mosquitto(tmp_path / "broker", persistence=True) as broker:
+    with (
+        contextlib.ExitStack() as stack,
+        running_mosquitto(tmp_path / "broker", persistence=True) as broker,
+    ):
         config = _config(tmp_path, broker.port, PROBES_2_AT_10_FPS)
         topics = [f"{PREFIX}/+/results", f"{PREFIX}/+/events"]
         with Subscriber(broker.port, topics, client_id="plant-historian", clean=False) as sub:
             daemon = Daemon(config, tmp_path / "daemon.log")
+            stack.enter_context(daemon)
             daemon.start()
             assert sub.wait_for(lambda m: len(m) >= 50, timeout=60), daemon.log.read_text()[-3000:]
             time.sleep(3)
@@ -213,54 +227,59 @@ def test_pg_ramp_raises_pg_high_on_mqtt_and_opcua_in_time_then_last_will(tmp_pat
         config = _config(tmp_path, broker.port, RAMP_PROBE.format(opcua_port=opcua_port))
         topics = [f"{PREFIX}/#"]
         daemon = Daemon(config, tmp_path / "daemon.log")
-        with Subscriber(broker.port, topics) as sub:
-            daemon.start()
-            assert sub.wait_for(
-                lambda m: any(x.topic == f"{PREFIX}/R1/fractions" for x in m), timeout=60
-            ), daemon.log.read_text()[-3000:]
-            opcua = asyncio.run(
-                _opcua_watch(f"opc.tcp://127.0.0.1:{opcua_port}/crystal-monitor", time.time() + 90)
-            )
-            assert sub.wait_for(
-                lambda m: any(x.topic == f"{PREFIX}/R1/events" for x in m), timeout=30
-            )
-            fractions = [m.json() for m in sub.on(f"{PREFIX}/R1/fractions")]
-            events = [m.json() for m in sub.on(f"{PREFIX}/R1/events")]
-        # When did the 30 s window first cross the limit, by the daemon's own numbers?
-        crossed = next(
-            f["ts"]
-            for f in fractions
-            if (f["windows"]["30"]["classes"]["PG"]["fraction"] or 0) > 0.15
-            and f["windows"]["30"]["n"] >= 50
-        )
-        raised = next(
-            e
-            for e in events
-            if e.get("alarm_id") == "pg_high" and e.get("to_state") == "active_unacknowledged"
-        )
-        delay = _epoch(raised["ts"]) - _epoch(crossed)
-        assert 0 <= delay <= 3.0 + 2 * 1.0 + 0.5, delay  # on-delay + 2 publish intervals
-        assert opcua and opcua["source"] == "R1" and opcua["severity"] == 750
-        assert abs(opcua["at"] - _epoch(raised["ts"])) <= 2.0
+        with daemon:
+            _check_alarm_timing_and_last_will(daemon, broker.port, topics, opcua_port)
 
-        # A late subscriber gets the whole current state at once, then the Last Will.
-        with Subscriber(broker.port, topics) as late:
-            assert late.wait_for(
-                lambda m: (
-                    {x.topic for x in m}
-                    >= {f"{PREFIX}/status", f"{PREFIX}/R1/fractions", f"{PREFIX}/R1/alarms/pg_high"}
-                ),
-                timeout=5,
-            )
-            assert late.on(f"{PREFIX}/status")[0].json()["state"] == "online"
-            assert late.on(f"{PREFIX}/R1/alarms/pg_high")[0].json()["state"] != "normal"
-            daemon.kill()
-            assert late.wait_for(
-                lambda m: any(
-                    x.topic == f"{PREFIX}/status" and x.json()["state"] == "offline" for x in m
-                ),
-                timeout=30,
-            )
+
+def _check_alarm_timing_and_last_will(
+    daemon: Daemon, broker_port: int, topics: list[str], opcua_port: int
+) -> None:
+    with Subscriber(broker_port, topics) as sub:
+        daemon.start()
+        assert sub.wait_for(
+            lambda m: any(x.topic == f"{PREFIX}/R1/fractions" for x in m), timeout=60
+        ), daemon.log.read_text()[-3000:]
+        opcua = asyncio.run(
+            _opcua_watch(f"opc.tcp://127.0.0.1:{opcua_port}/crystal-monitor", time.time() + 90)
+        )
+        assert sub.wait_for(lambda m: any(x.topic == f"{PREFIX}/R1/events" for x in m), timeout=30)
+        fractions = [m.json() for m in sub.on(f"{PREFIX}/R1/fractions")]
+        events = [m.json() for m in sub.on(f"{PREFIX}/R1/events")]
+    # When did the 30 s window first cross the limit, by the daemon's own numbers?
+    crossed = next(
+        f["ts"]
+        for f in fractions
+        if (f["windows"]["30"]["classes"]["PG"]["fraction"] or 0) > 0.15
+        and f["windows"]["30"]["n"] >= 50
+    )
+    raised = next(
+        e
+        for e in events
+        if e.get("alarm_id") == "pg_high" and e.get("to_state") == "active_unacknowledged"
+    )
+    delay = _epoch(raised["ts"]) - _epoch(crossed)
+    assert 0 <= delay <= 3.0 + 2 * 1.0 + 0.5, delay  # on-delay + 2 publish intervals
+    assert opcua and opcua["source"] == "R1" and opcua["severity"] == 750
+    assert abs(opcua["at"] - _epoch(raised["ts"])) <= 2.0
+
+    # A late subscriber gets the whole current state at once, then the Last Will.
+    with Subscriber(broker_port, topics) as late:
+        assert late.wait_for(
+            lambda m: (
+                {x.topic for x in m}
+                >= {f"{PREFIX}/status", f"{PREFIX}/R1/fractions", f"{PREFIX}/R1/alarms/pg_high"}
+            ),
+            timeout=5,
+        )
+        assert late.on(f"{PREFIX}/status")[0].json()["state"] == "online"
+        assert late.on(f"{PREFIX}/R1/alarms/pg_high")[0].json()["state"] != "normal"
+        daemon.kill()
+        assert late.wait_for(
+            lambda m: any(
+                x.topic == f"{PREFIX}/status" and x.json()["state"] == "offline" for x in m
+            ),
+            timeout=30,
+        )
 
 
 def _epoch(value: Any) -> float:
