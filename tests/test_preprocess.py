@@ -42,3 +42,16 @@ def test_batch_equals_stacked_single_images() -> None:
     assert batch.shape == (2, 3, 32, 32)
     for index, image in enumerate(images):
         np.testing.assert_array_equal(batch[index], prepare_image(image, SPEC))
+
+
+def test_histogram_median_equals_numpy_median() -> None:
+    """The fast letterbox fill must equal int(np.median) so trained models see the same pixels."""
+    from monitor.preprocess import median_grey
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        height, width = rng.integers(1, 40, 2)
+        image = rng.integers(0, 256, (height, width), dtype=np.uint8)
+        if rng.random() < 0.5:
+            image = (image // 64 * 64).astype(np.uint8)  # many ties
+        assert median_grey(image) == int(np.median(image))

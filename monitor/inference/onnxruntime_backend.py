@@ -17,6 +17,9 @@ class OnnxRuntimeBackend:
         if threads > 0:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # ONNX Runtime's workers spin between batches by default; in the daemon they share
+        # the cores with decoding and the recorder, so spinning only steals their time.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider",) if p in available]
         providers.append("CPUExecutionProvider")

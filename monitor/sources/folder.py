@@ -11,6 +11,7 @@ catches missed events and a folder that vanished and came back.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import queue
 import re
@@ -114,6 +115,7 @@ class FolderSource:
         self.probe_id = probe_id
         self._config = config
         self._root = config.path
+        self._root_prefix = os.path.join(str(config.path), "")
         self._seen = set(journaled)
         self._record_skipped = record_skipped
         self._limits = limits
@@ -320,7 +322,7 @@ class FolderSource:
             key=key,
             ts=ts,
             seen_at=time.monotonic(),
-            read=lambda: _read_regular_file(Path(path), self._limits),
+            read=functools.partial(_read_regular_file, path, self._limits),
             after_store=self._after_store(path),
         )
         assert self._sink is not None
@@ -375,6 +377,9 @@ class FolderSource:
         return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in self._patterns)
 
     def _key(self, path: str) -> str:
+        prefix = self._root_prefix
+        if path.startswith(prefix):
+            return path[len(prefix) :]  # the common case, without relpath's normalising
         return Path(os.path.relpath(path, self._root)).as_posix()
 
     @staticmethod
@@ -390,20 +395,23 @@ def _signature(path: str) -> tuple[int, int] | None:
     return (info.st_size, info.st_mtime_ns)
 
 
-def _read_regular_file(path: Path, limits: DecodeLimits) -> np.ndarray:
+def _read_regular_file(path: str, limits: DecodeLimits) -> np.ndarray:
     """Open once, refuse FIFOs and devices (reading one would block a worker), decode."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise DecodeError("unreadable", exc.strerror or str(exc)) from exc
-    with os.fdopen(fd, "rb") as stream:
-        info = os.fstat(stream.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise DecodeError("not_a_file", "not a regular file")
         if info.st_size > limits.max_pixels * 8:
             raise DecodeError("file_too_large", f"{info.st_size:,} bytes")
-        try:
-            data = stream.read()
-        except OSError as exc:
-            raise DecodeError("unreadable", exc.strerror or str(exc)) from exc
-    return decode_image(data, limits)
+        chunks = []
+        while chunk := os.read(fd, max(info.st_size, 1 << 16)):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise DecodeError("unreadable", exc.strerror or str(exc)) from exc
+    finally:
+        os.close(fd)
+    return decode_image(b"".join(chunks), limits)
