@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import cv2
@@ -15,6 +13,7 @@ import pytest
 
 from monitor.manifest import load_manifest
 from monitor.simulator import CropSimulator
+from tests.bad_images import png_claiming
 
 REFERENCE = (
     Path(__file__).resolve().parents[2] / "shared" / "reference" / "opencrystaldata-cephalexin"
@@ -28,20 +27,6 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=300,
         check=False,
-    )
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        body = kind + payload
-        return struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
-        + chunk(b"IEND", b"")
     )
 
 
@@ -97,7 +82,7 @@ def test_bad_files_get_an_error_and_the_rest_are_classified(crops: Path, tmp_pat
     (bad / "truncated.png").write_bytes(good_png[: len(good_png) // 2])
     (bad / "text.png").write_text("hello, I am not an image")
     cv2.imwrite(str(bad / "tiny.png"), np.zeros((1, 1), np.uint8))
-    (bad / "bomb.png").write_bytes(_png_claiming(50_000, 50_000))
+    (bad / "bomb.png").write_bytes(png_claiming(50_000, 50_000))
     (bad / "good.png").write_bytes(good_png)
     result = _run(str(bad), "--json")
     assert result.returncode == 2

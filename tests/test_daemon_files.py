@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import cv2
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 
 from monitor.simulator import CropSimulator
+from tests.bad_images import png_claiming
 from tests.daemon_process import DaemonProcess, export, wait_for, write_config, write_like_probe
 
 
@@ -58,20 +57,6 @@ def test_every_file_is_counted_exactly_once_across_three_sigkills(tmp_path: Path
     assert {row["status"] for row in rows} == {"ok"}
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        body = kind + payload
-        return struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
-        + chunk(b"IEND", b"")
-    )
-
-
 def test_bad_files_are_logged_once_counted_and_the_rest_classified(tmp_path: Path) -> None:
     folder = tmp_path / "probe"
     folder.mkdir()
@@ -88,7 +73,7 @@ def test_bad_files_are_logged_once_counted_and_the_rest_classified(tmp_path: Pat
         _, data = cv2.imencode(".png", pg)
         (folder / "truncated.png").write_bytes(data.tobytes()[: len(data) // 2])
         (folder / "text.png").write_text("a text file named .png\n")
-        (folder / "bomb.png").write_bytes(_png_claiming(50_000, 50_000))
+        (folder / "bomb.png").write_bytes(png_claiming(50_000, 50_000))
         (folder / "dangling.png").symlink_to(folder / "missing-target.png")
         (folder / "loop.png").symlink_to(folder / "loop.png")
         unreadable = folder / "unreadable.png"

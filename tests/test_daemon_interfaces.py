@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,9 @@ from typing import Any
 import pytest
 from asyncua import Client
 
-from tests.mosquitto import Subscriber, running_mosquitto
+from tests.mosquitto import Subscriber, free_port, running_mosquitto
 
 PREFIX = "cm-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _config(tmp_path: Path, broker_port: int, body: str) -> Path:
@@ -222,7 +215,7 @@ async def _opcua_watch(url: str, deadline: float) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_pg_ramp_raises_pg_high_on_mqtt_and_opcua_in_time_then_last_will(tmp_path: Path) -> None:
-    opcua_port = _free_port()
+    opcua_port = free_port()
     with running_mosquitto(tmp_path / "broker") as broker:
         config = _config(tmp_path, broker.port, RAMP_PROBE.format(opcua_port=opcua_port))
         topics = [f"{PREFIX}/#"]

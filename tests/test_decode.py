@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import cv2
@@ -11,6 +9,7 @@ import numpy as np
 import pytest
 
 from monitor.decode import DecodeError, DecodeLimits, decode_image, read_image_file, to_grey_uint8
+from tests.bad_images import png_claiming
 
 
 def _encoded(image: np.ndarray, suffix: str) -> bytes:
@@ -54,32 +53,12 @@ def test_full_range_16bit_image_keeps_its_top_byte() -> None:
     assert decoded[1, 1] == 255 and decoded[0, 0] == 1
 
 
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(payload))
-        + kind
-        + payload
-        + struct.pack(">I", zlib.crc32(kind + payload))
-    )
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A small, well-formed PNG file whose header claims a huge image (a decompression bomb)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 1000))
-        + _png_chunk(b"IEND", b"")
-    )
-
-
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
         (b"", "empty_file"),
         (b"this is a text file named frame.png\n", "not_an_image"),
-        (_png_claiming(50_000, 50_000), "too_many_pixels"),
+        (png_claiming(50_000, 50_000), "too_many_pixels"),
     ],
 )
 def test_bad_bytes_are_refused_with_a_reason(data: bytes, reason: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,12 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_process import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.mosquitto import free_port
 
 
 def _pg_fractions(state: Path) -> list[float]:
@@ -68,9 +62,9 @@ def test_demo_shows_a_rising_pg_fraction(tmp_path: Path) -> None:
             "--profile",
             "ramp:0:0.3@0-45",
             "--mqtt-port",
-            str(_free_port()),  # no broker there: the daemon must run on regardless
+            str(free_port()),  # no broker there: the daemon must run on regardless
             "--opcua-port",
-            str(_free_port()),
+            str(free_port()),
         ],
         # A file, not a pipe: nobody reads a pipe while the demo runs, and a full pipe
         # would block the daemon's logging.
