@@ -140,6 +140,14 @@ window = "5m"
 limit = 0.3
 min_count = 50
 
+[[alarms.definitions]]
+id = "mqtt_overflow"
+kind = "publish_overflow"                # the MQTT outbox dropped messages (long outage)
+priority = "high"
+message = "{value:.0f} MQTT messages dropped by the bounded outbox"
+publisher = "mqtt"
+hold = "10m"
+
 [mqtt]
 enabled = false
 host = "127.0.0.1"

@@ -38,6 +38,8 @@ from monitor.recorder import Recorder
 from monitor.sources.base import Source
 from monitor.sources.folder import FolderSource
 from monitor.store import Store
+from monitor.systemd_notify import SystemdNotifier, watchdog_interval
+from monitor.watchdog_feeder import WatchdogFeeder, WatchdogPolicy, feeder_interval
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +58,7 @@ class ProbeState:
 
 
 ALARM_STATE = "alarm_engine"
+MODEL_LOAD_TIMEOUT_S = 120.0  # EXTEND_TIMEOUT_USEC for model load, warm-up and engine builds
 
 
 class Daemon:
@@ -67,8 +70,12 @@ class Daemon:
         *,
         clock: Clock = time.time,
         publishers: Sequence[Publisher] = (),
+        notifier: SystemdNotifier | None = None,
     ) -> None:
         self.settings = settings
+        self.notifier = notifier if notifier is not None else SystemdNotifier.from_environment()
+        self._feeder: WatchdogFeeder | None = None
+        self._status_mark = (time.monotonic(), 0)
         self.clock = clock
         self.publishers = list(publishers)
         self._stop = threading.Event()
@@ -78,12 +85,15 @@ class Daemon:
         self._alarm_lock = threading.Lock()
         self._stop_requested = False
         self._dropped_seen: dict[str, int] = {}
+        self._last_drop: dict[str, float] = {}
         self.started_at = clock()
 
     # -- start-up ---------------------------------------------------------------
 
     def start(self) -> None:
         settings = self.settings
+        self.notifier.extend_timeout(MODEL_LOAD_TIMEOUT_S)
+        self.notifier.status("loading model")
         self.model = load_manifest(settings.model.path)
         manifest = self.model.manifest
         log.info(
@@ -152,12 +162,49 @@ class Daemon:
             self.sources.append(source)
         self._publisher = threading.Thread(target=self._publish_loop, name="publisher", daemon=True)
         self._publisher.start()
+        self._start_systemd_feeder()
         log.info(
             "daemon_started",
             version=__version__,
             probes=[p.id for p in settings.probes],
             state_dir=str(settings.daemon.state_dir),
             workers=workers,
+        )
+
+    def _start_systemd_feeder(self) -> None:
+        """READY=1 only now that the model is warm and the sources run; then keep systemd
+        informed (STATUS) and, with WatchdogSec=, feed the watchdog while frames finish."""
+        self.notifier.ready(status=f"running: {len(self.probes)} probe(s)")
+        if not self.notifier.enabled:
+            return
+        watchdog_s = watchdog_interval()
+        policy = WatchdogPolicy(stall_after_s=watchdog_s) if watchdog_s is not None else None
+        self._status_mark = (time.monotonic(), self.recorder.recorded)
+        self._feeder = WatchdogFeeder(
+            self.notifier,
+            policy,
+            self._progress,
+            self._status_line,
+            feeder_interval(watchdog_s),
+        )
+        self._feeder.start()
+
+    def _progress(self) -> tuple[float, int]:
+        """Monotonic time of the last finished frame, and frames waiting or in flight."""
+        return self.pipeline.last_progress, self.frames.qsize() + self.pipeline.in_flight
+
+    def _status_line(self) -> str:
+        """Frames/s since the previous line, frame queue depth and the last frame's age."""
+        now = time.monotonic()
+        recorded = self.recorder.recorded
+        since, before = self._status_mark
+        self._status_mark = (now, recorded)
+        rate = (recorded - before) / (now - since) if now > since else 0.0
+        last = [s.last_frame_ts for s in self.probes.values() if s.last_frame_ts is not None]
+        age = f"{max(0.0, self.clock() - max(last)):.1f}s" if last else "never"
+        return (
+            f"{rate:.1f} frames/s, queue {self.frames.qsize()}, "
+            f"in flight {self.pipeline.in_flight}, last frame {age} ago"
         )
 
     def _restore_windows(self, probe: str, now: float) -> None:
@@ -248,10 +295,12 @@ class Daemon:
         now = self.clock()
         manifest = self.model.manifest
         definitions = self.settings.alarms.definitions
+        publishing = self._publishing_state(now)
         for probe_id, state in self.probes.items():
             with state.lock:
                 snapshot = state.aggregator.snapshot(now).to_json()
                 last_frame_ts = state.last_frame_ts
+            snapshot["publishing"] = publishing
             with self._alarm_lock:
                 quality = quality_of(
                     snapshot, now, last_frame_ts, definitions, watching_since=self.started_at
@@ -278,33 +327,28 @@ class Daemon:
             for transition in transitions:
                 self._announce(probe_id, {"type": "alarm", **transition.to_json()})
         self._persist_alarms()
-        self._check_publish_backlogs(now)
 
-    def _check_publish_backlogs(self, now: float) -> None:
-        """A publisher that had to drop messages (its bounded outbox overflowed) is a
-        diagnostic the operators must see: logged as an error and announced as an event."""
+    def _publishing_state(self, now: float) -> dict[str, dict[str, Any]]:
+        """Dropped-message counts of the publishers, for the publish_overflow alarm.
+
+        A publisher whose bounded outbox overflowed (a long broker outage) drops the
+        oldest events; operators must see that as an alarm, not only in a log line.
+        """
+        state: dict[str, dict[str, Any]] = {}
         for publisher in self.publishers:
             diagnostics = getattr(publisher, "diagnostics", None)
             if diagnostics is None:
                 continue
             dropped = int(diagnostics().get("dropped_total", 0))
-            before = self._dropped_seen.get(publisher.name, 0)
-            if dropped > before:
+            if dropped > self._dropped_seen.get(publisher.name, 0):
                 self._dropped_seen[publisher.name] = dropped
+                self._last_drop[publisher.name] = now
                 log.error("publish_backlog_dropped", publisher=publisher.name, dropped=dropped)
-                for probe_id in self.probes:
-                    self._announce(
-                        probe_id,
-                        {
-                            "type": "diagnostic",
-                            "alarm_id": f"{publisher.name}_backlog_overflow",
-                            "priority": "high",
-                            "severity": 750,
-                            "message": f"{dropped - before} {publisher.name} messages dropped: "
-                            "the outbox was full during a long outage",
-                            "ts": now,
-                        },
-                    )
+            state[publisher.name] = {
+                "dropped_total": dropped,
+                "last_drop_ts": self._last_drop.get(publisher.name),
+            }
+        return state
 
     def _persist_alarms(self) -> None:
         with self._alarm_lock:
@@ -410,6 +454,9 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop taking frames, finish in-flight ones within the grace time, flush, close."""
+        self.notifier.stopping()
+        if self._feeder is not None:
+            self._feeder.stop()
         self._stop.set()
         grace = self.settings.daemon.shutdown_grace
         for source in self.sources:
@@ -426,6 +473,7 @@ class Daemon:
         self.store.close()
         self.backend.close()
         log.info("daemon_stopped", drained=drained, frames=self.recorder.recorded)
+        self.notifier.close()
 
 
 def create_publishers(settings: Settings) -> list[Publisher]:

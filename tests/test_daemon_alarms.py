@@ -131,13 +131,26 @@ def test_acknowledged_alarm_is_journaled_and_not_announced_again_after_restart(
     assert any(a[1] is False and a[2] == "op-anna" for a in actions)
 
 
-def test_mqtt_outbox_overflow_is_announced_as_a_diagnostic(tmp_path: Path) -> None:
+def test_mqtt_outbox_overflow_raises_the_publish_overflow_alarm(tmp_path: Path) -> None:
+    """With no broker and a tiny outbox, per-frame results overflow it: the dropped
+    messages raise a system alarm on the other publishers, even while nothing else is wrong."""
     from monitor import __version__
     from monitor.publishers.mqtt import MqttPublisher
     from monitor.publishers.mqtt_config import MqttConfig
     from tests.mosquitto import free_port
 
     settings = _settings(tmp_path / "state")
+    overflow = {
+        "id": "mqtt_overflow",
+        "kind": "publish_overflow",
+        "priority": "high",
+        "message": "{value:.0f} MQTT messages dropped",
+        "publisher": "mqtt",
+    }
+    definitions = [d.model_dump() for d in settings.alarms.definitions] + [overflow]
+    settings = settings.model_copy(
+        update={"alarms": settings.alarms.model_validate({"definitions": definitions})}
+    )
     mqtt = MqttPublisher(
         MqttConfig(enabled=True, port=free_port(), results=True, outbox_max_events=20),
         tmp_path / "state",
@@ -147,9 +160,9 @@ def test_mqtt_outbox_overflow_is_announced_as_a_diagnostic(tmp_path: Path) -> No
     daemon = Daemon(settings, publishers=[mqtt, recorder])
     daemon.start()
     try:
-        assert _wait(lambda: any(e.get("type") == "diagnostic" for e in recorder.events))
+        assert _wait(lambda: _state_of(recorder, "mqtt_overflow") == "active_unacknowledged")
     finally:
         daemon.stop()
-    diagnostic = next(e for e in recorder.events if e.get("type") == "diagnostic")
-    assert diagnostic["alarm_id"] == "mqtt_backlog_overflow"
-    assert "dropped" in diagnostic["message"]
+    raised = next(e for e in recorder.events if e.get("alarm_id") == "mqtt_overflow")
+    assert raised["to_state"] == "active_unacknowledged" and raised["severity"] == 750
+    assert "MQTT messages dropped" in raised["message"]

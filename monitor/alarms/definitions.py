@@ -37,6 +37,7 @@ PROCESS_KINDS: frozenset[str] = frozenset(
 )
 """Kinds that watch the process; suppressed while the probe's input is BAD."""
 DIAGNOSTIC_KINDS: tuple[str, ...] = ("probe_stale", "image_quality", "uncertain_high")
+SYSTEM_KINDS: frozenset[str] = frozenset({"publish_overflow"})  # never suppressed by input
 """Kinds that watch the probe, in the order that decides which one stands when the input
 is BAD for more than one reason (a stale probe explains rejected frames, not the reverse)."""
 
@@ -257,6 +258,20 @@ class UncertainHighAlarm(_Definition):
     )
 
 
+class PublishOverflowAlarm(_Definition):
+    """A publisher dropped messages: its bounded outbox overflowed during a long outage.
+
+    A system alarm: it says nothing about the process or the probe, so it is never
+    suppressed by bad input and never makes the input quality bad.
+    """
+
+    kind: Literal["publish_overflow"] = Field(description="Alarm kind.")
+    publisher: str = Field(default="mqtt", min_length=1, description="Publisher name, e.g. mqtt.")
+    hold: Duration = Field(
+        default=600.0, gt=0, description="Stays active this long after the last dropped message."
+    )
+
+
 AlarmDefinition = Annotated[
     FractionHighAlarm
     | FractionLowAlarm
@@ -264,7 +279,8 @@ AlarmDefinition = Annotated[
     | ShiftAlarm
     | ProbeStaleAlarm
     | ImageQualityAlarm
-    | UncertainHighAlarm,
+    | UncertainHighAlarm
+    | PublishOverflowAlarm,
     Field(discriminator="kind"),
 ]
 

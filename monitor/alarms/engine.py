@@ -59,6 +59,7 @@ from typing import Any, Literal
 
 from monitor.alarms.definitions import (
     DIAGNOSTIC_KINDS,
+    SYSTEM_KINDS,
     AlarmDefinition,
     ShiftAlarm,
     ensure_unique_ids,
@@ -211,7 +212,7 @@ class AlarmStatus:
     probe: str
     alarm_id: str
     kind: str
-    category: Literal["process", "diagnostic"]
+    category: Literal["process", "diagnostic", "system"]
     priority: str
     severity: int
     state: AlarmState
@@ -441,8 +442,10 @@ class AlarmEngine:
 
         for alarm_id, alarm in entry.alarms.items():
             diagnostic = is_diagnostic(alarm.definition)
-            suppressed = effective == "BAD" and (
-                not diagnostic or (standing is not None and alarm is not standing)
+            suppressed = (
+                effective == "BAD"
+                and alarm.definition.kind not in SYSTEM_KINDS
+                and (not diagnostic or (standing is not None and alarm is not standing))
             )
             if suppressed != alarm.suppressed:
                 alarm.suppressed = suppressed
@@ -790,7 +793,13 @@ class AlarmEngine:
             probe=probe,
             alarm_id=definition.id,
             kind=definition.kind,
-            category="diagnostic" if is_diagnostic(definition) else "process",
+            category=(
+                "system"
+                if definition.kind in SYSTEM_KINDS
+                else "diagnostic"
+                if is_diagnostic(definition)
+                else "process"
+            ),
             priority=definition.priority,
             severity=severity_of(definition.priority),
             state=alarm.state,

@@ -18,6 +18,7 @@ from monitor.alarms.definitions import (
     FractionLowAlarm,
     ImageQualityAlarm,
     ProbeStaleAlarm,
+    PublishOverflowAlarm,
     RateOfChangeAlarm,
     ShiftAlarm,
     UncertainHighAlarm,
@@ -63,6 +64,8 @@ def limit_of(definition: AlarmDefinition) -> float:
         return definition.threshold
     if isinstance(definition, ProbeStaleAlarm):
         return definition.max_age
+    if isinstance(definition, PublishOverflowAlarm):
+        return 0.0  # any dropped message
     return definition.limit
 
 
@@ -196,6 +199,16 @@ def read_alarm(
         )
     if isinstance(definition, ProbeStaleAlarm):
         return _read_stale(definition, now, last_frame_ts, watching_since)
+    if isinstance(definition, PublishOverflowAlarm):
+        # The daemon adds {"publishing": {name: {"dropped_total", "last_drop_ts"}}}.
+        state = snapshot.get("publishing", {}).get(definition.publisher)
+        if state is None:
+            return _no_data(0.0)
+        last_drop = state.get("last_drop_ts")
+        active = last_drop is not None and now - float(last_drop) <= definition.hold
+        return Reading(
+            value=float(state.get("dropped_total", 0)), limit=0.0, above=active, clear=not active
+        )
     stats = _window(snapshot, definition.window, definition.id)
     if isinstance(definition, ImageQualityAlarm):
         frames = int(stats.get("frames", 0)) + int(stats.get("rejected_frames", 0))
