@@ -39,6 +39,7 @@ class TlsFiles:
     ca_file: Path
     cert_file: Path
     key_file: Path
+    require_client_certificate: bool = False
 
 
 def make_test_certificates(directory: Path) -> TlsFiles:
@@ -82,6 +83,32 @@ def make_test_certificates(directory: Path) -> TlsFiles:
         "san.ext",
     )
     return TlsFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+
+
+def make_client_certificate(directory: Path, name: str = "crystal-monitor") -> tuple[Path, Path]:
+    """A client certificate signed by the CA of make_test_certificates (same directory)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        f"{name}.crt",
+        "-days",
+        "2",
+    )
+    return directory / f"{name}.crt", directory / f"{name}.key"
 
 
 def free_port() -> int:
@@ -129,6 +156,8 @@ class MosquittoBroker:
                     f"cafile {self.tls.ca_file}",
                     f"certfile {self.tls.cert_file}",
                     f"keyfile {self.tls.key_file}",
+                    "require_certificate "
+                    + ("true" if self.tls.require_client_certificate else "false"),
                 ]
                 if self.tls is not None
                 else []

@@ -33,6 +33,7 @@ from tests.mosquitto import (
     Received,
     Subscriber,
     free_port,
+    make_client_certificate,
     make_test_certificates,
     running_mosquitto,
 )
@@ -295,6 +296,38 @@ def test_tls_with_the_configured_ca_connects_and_without_it_does_not(tmp_path: P
             tmp_path / "missing",
             version="t",
         )
+
+
+def test_mutual_tls_needs_the_client_certificate(tmp_path: Path) -> None:
+    """A broker that requires client certificates accepts the configured one only."""
+    import dataclasses
+
+    files = make_test_certificates(tmp_path / "certs")
+    cert, key = make_client_certificate(tmp_path / "certs")
+    strict = dataclasses.replace(files, require_client_certificate=True)
+    with running_mosquitto(tmp_path / "broker", tls=strict) as broker:
+        with_cert = MqttPublisher(
+            make_config(
+                broker.port,
+                tls={"enabled": True, "ca_file": files.ca_file, "cert_file": cert, "key_file": key},
+            ),
+            tmp_path / "with",
+            version="t",
+        )
+        without_cert = MqttPublisher(
+            make_config(broker.port, tls={"enabled": True, "ca_file": files.ca_file}),
+            tmp_path / "without",
+            version="t",
+        )
+        with_cert.start(FakeHandler())
+        without_cert.start(FakeHandler())
+        try:
+            assert wait_until(lambda: with_cert.health()[0], 5), with_cert.health()
+            time.sleep(2)
+            assert without_cert.health()[0] is False
+        finally:
+            with_cert.stop()
+            without_cert.stop()
 
 
 def _credential(tmp_path: Path, password: str) -> Path:
