@@ -76,6 +76,8 @@ class Daemon:
         self.notifier = notifier if notifier is not None else SystemdNotifier.from_environment()
         self._feeder: WatchdogFeeder | None = None
         self._status_mark = (time.monotonic(), 0)
+        self._batches_seen = 0
+        self._batch_progress = time.monotonic()
         self.clock = clock
         self.publishers = list(publishers)
         self._stop = threading.Event()
@@ -190,8 +192,20 @@ class Daemon:
         self._feeder.start()
 
     def _progress(self) -> tuple[float, int]:
-        """Monotonic time of the last finished frame, and frames waiting or in flight."""
-        return self.pipeline.last_progress, self.frames.qsize() + self.pipeline.in_flight
+        """When the pipeline last made progress (monotonic), and frames waiting or in flight.
+
+        Progress is the older of the last finished frame and the last finished inference
+        batch while frames are in flight: frames the quality gate rejects finish without
+        inference and must not hide a hung backend. Called from the feeder thread only.
+        """
+        now = time.monotonic()
+        in_flight = self.pipeline.in_flight
+        batches = self.batcher.stats.batches
+        if batches != self._batches_seen or in_flight == 0:
+            self._batches_seen = batches
+            self._batch_progress = now
+        last = min(self.pipeline.last_progress, self._batch_progress)
+        return last, self.frames.qsize() + in_flight
 
     def _status_line(self) -> str:
         """Frames/s since the previous line, frame queue depth and the last frame's age."""
