@@ -30,6 +30,16 @@ def _add_classify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.set_defaults(runner=run_classify)
 
 
+def _add_doctor(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from monitor.doctor import add_doctor_arguments, run_doctor  # noqa: PLC0415
+
+    parser = sub.add_parser(
+        "doctor", help="check this host and a config: backends, GPU, model, folders, ports"
+    )
+    add_doctor_arguments(parser)
+    parser.set_defaults(runner=run_doctor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crystal-monitor",
@@ -37,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_simulate, _add_classify):
+    for add in (_add_simulate, _add_classify, _add_doctor):
         add(sub)
     add_commands(sub)
     return parser

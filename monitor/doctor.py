@@ -1,0 +1,306 @@
+"""`crystal-monitor doctor`: what this host can run, and what a config needs that is missing.
+
+Each check becomes one `Check` (status, what, detail); the probes that gather them touch
+the host (imports, `nvidia-smi`, sockets, folders), while formatting and the exit code are
+plain functions over checks. Only a `FAIL` makes the exit code non-zero, and a `FAIL` is
+reserved for something the configuration needs: an optional accelerator that is absent,
+or an MQTT broker that is down (the daemon queues messages in its outbox), is a `warn`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from monitor.config import (
+    EX_CONFIG,
+    ConfigError,
+    FolderSourceConfig,
+    Settings,
+    check_environment,
+    load_settings,
+)
+
+Status = Literal["ok", "warn", "FAIL"]
+
+MQTT_CONNECT_TIMEOUT_S = 2.0
+NVIDIA_SMI_TIMEOUT_S = 10.0
+TENSORRT_MISSING = "not installed (pip install 'crystal-monitor[tensorrt]' on a GPU host)"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: `FAIL` means the configuration cannot run as written."""
+
+    status: Status
+    what: str
+    detail: str
+
+
+def format_check(check: Check) -> str:
+    return f"{check.status:<4}  {check.what}: {check.detail}"
+
+
+def exit_code(checks: Iterable[Check]) -> int:
+    """EX_CONFIG (78, as `validate-config`) when any check failed, 0 otherwise."""
+    return EX_CONFIG if any(check.status == "FAIL" for check in checks) else 0
+
+
+def check_python() -> Check:
+    return Check("ok", "python", f"{platform.python_version()} ({sys.executable})")
+
+
+def check_package(module: str, distribution: str, *, label: str | None = None) -> Check:
+    """A package the daemon imports: missing or broken is a FAIL naming the install."""
+    what = label or module
+    try:
+        imported = importlib.import_module(module)
+    except ImportError as exc:
+        return Check("FAIL", what, f"cannot import {module} ({exc}); pip install {distribution}")
+    return Check("ok", what, str(getattr(imported, "__version__", "unknown version")))
+
+
+def check_onnxruntime_providers() -> list[Check]:
+    try:
+        import onnxruntime  # noqa: PLC0415
+    except ImportError:
+        return []  # check_package already reports it
+    providers = list(onnxruntime.get_available_providers())
+    checks = [Check("ok", "onnxruntime providers", ", ".join(providers))]
+    if "CUDAExecutionProvider" in providers:
+        checks.append(Check("ok", "onnxruntime CUDA", "CUDAExecutionProvider available"))
+    else:
+        checks.append(
+            Check(
+                "warn",
+                "onnxruntime CUDA",
+                "CUDAExecutionProvider not available: this is the CPU build of onnxruntime "
+                "(on a GPU host: pip uninstall onnxruntime && pip install onnxruntime-gpu); "
+                "inference runs on CPU",
+            )
+        )
+    return checks
+
+
+def check_tensorrt() -> Check:
+    try:
+        import tensorrt  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
+    except ImportError:
+        return Check("warn", "tensorrt", TENSORRT_MISSING)
+    except Exception as exc:  # a broken CUDA install raises anything on import
+        return Check("warn", "tensorrt", f"installed but fails to import: {exc}")
+    return Check("ok", "tensorrt", str(getattr(tensorrt, "__version__", "unknown version")))
+
+
+def check_gpu() -> Check:
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return Check("warn", "gpu", "no NVIDIA GPU found (nvidia-smi not on PATH)")
+    try:
+        result = subprocess.run(
+            [
+                nvidia_smi,
+                "--query-gpu=name,driver_version,memory.total",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=NVIDIA_SMI_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check("warn", "gpu", f"nvidia-smi failed: {exc}")
+    output = result.stdout.strip()
+    if result.returncode != 0 or not output:
+        reason = (result.stderr or result.stdout).strip().splitlines()
+        return Check(
+            "warn", "gpu", f"no NVIDIA GPU found (nvidia-smi: {reason[0] if reason else 'no GPU'})"
+        )
+    return Check("ok", "gpu", "; ".join(line.strip() for line in output.splitlines()))
+
+
+def check_model_and_backend(model_path: Path | None, backend_type: str) -> list[Check]:
+    """Load the manifest (sha256 verified) and build the configured backend on it."""
+    from monitor.inference.backend import BackendUnavailableError, resolve_backend  # noqa: PLC0415
+    from monitor.manifest import ManifestError, load_manifest  # noqa: PLC0415
+
+    source = str(model_path) if model_path is not None else "shipped default"
+    try:
+        model = load_manifest(model_path)
+    except ManifestError as exc:
+        return [Check("FAIL", "model", f"{exc} [{source}]")]
+    manifest = model.manifest
+    checks = [
+        Check(
+            "ok",
+            "model",
+            f"{manifest.name} {manifest.version} ({source}, {model.directory}); "
+            f"classes {', '.join(manifest.classes)}; sha256 verified",
+        )
+    ]
+    try:
+        backend = resolve_backend(backend_type, model, threads=1)
+    except (BackendUnavailableError, ImportError) as exc:
+        checks.append(Check("FAIL", f"backend {backend_type}", str(exc)))
+    except Exception as exc:  # a runtime refusing the model: report it, do not crash
+        checks.append(Check("FAIL", f"backend {backend_type}", f"cannot load the model: {exc}"))
+    else:
+        checks.append(Check("ok", f"backend {backend_type}", f"{backend.name} loads the model"))
+        backend.close()
+    return checks
+
+
+def check_folder_probes(settings: Settings) -> list[Check]:
+    checks = []
+    for index, probe in enumerate(settings.probes):
+        source = probe.source
+        what = f"probes[{index}] {probe.id}"
+        if not isinstance(source, FolderSourceConfig):
+            checks.append(Check("ok", what, f"{source.type} source (not probed)"))
+            continue
+        folder = source.path
+        needs_write = source.after in {"move", "delete"}
+        if not folder.is_dir():
+            checks.append(
+                Check(
+                    "FAIL",
+                    what,
+                    f"folder {folder} not found (create it or fix probes[{index}].source.path)",
+                )
+            )
+        elif not os.access(folder, os.R_OK | os.X_OK):
+            checks.append(Check("FAIL", what, f"folder {folder} not readable by user {_user()}"))
+        elif needs_write and not os.access(folder, os.W_OK):
+            checks.append(
+                Check(
+                    "FAIL",
+                    what,
+                    f"folder {folder} not writable by user {_user()}, needed for "
+                    f"after = {source.after!r} (under systemd also add ReadWritePaths=)",
+                )
+            )
+        else:
+            access = "readable and writable" if needs_write else "readable"
+            checks.append(Check("ok", what, f"folder {folder} {access}"))
+    return checks
+
+
+def check_state_dir(state_dir: Path) -> Check:
+    existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), None)
+    if existing is not None and os.access(existing, os.W_OK | os.X_OK):
+        note = "writable" if existing == state_dir else f"will be created under {existing}"
+        return Check("ok", "daemon.state_dir", f"{state_dir} {note}")
+    return Check(
+        "FAIL",
+        "daemon.state_dir",
+        f"{state_dir} cannot be created or written by user {_user()} "
+        "(under systemd StateDirectory= provides it)",
+    )
+
+
+def check_mqtt_broker(host: str, port: int) -> Check:
+    what = f"mqtt broker {host}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=MQTT_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        return Check(
+            "warn",
+            what,
+            f"unreachable ({exc}); the daemon queues messages in its outbox and reconnects",
+        )
+    return Check("ok", what, "reachable (TCP)")
+
+
+def check_opcua_port(endpoint: str) -> Check:
+    parsed = urlparse(endpoint)
+    host, port = parsed.hostname or "0.0.0.0", parsed.port or 4840
+    what = f"opcua endpoint {host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return Check("FAIL", what, f"cannot resolve {host!r}: {exc} (fix opcua.endpoint)")
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return Check(
+                "warn",
+                what,
+                f"cannot bind ({exc.strerror}): in use by another process (a running "
+                "daemon?) or not an address of this host",
+            )
+    return Check("ok", what, "port free to bind")
+
+
+def _user() -> str:
+    try:
+        import pwd  # noqa: PLC0415
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.getuid())
+
+
+def run_checks(config: Path | None) -> list[Check]:
+    """Every check for this host and, when given, the configuration file."""
+    checks = [
+        check_python(),
+        check_package("numpy", "numpy"),
+        check_package("onnxruntime", "onnxruntime"),
+        check_package("cv2", "opencv-python-headless", label="opencv"),
+        *check_onnxruntime_providers(),
+        check_tensorrt(),
+        check_gpu(),
+    ]
+    if config is None:
+        return [*checks, *check_model_and_backend(None, "onnxruntime")]
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        return [*checks, *(Check("FAIL", "config", problem) for problem in exc.problems)]
+    problems = check_environment(settings)
+    checks += [Check("FAIL", "config", problem) for problem in problems]
+    if not problems:
+        checks.append(Check("ok", "config", f"{config}: valid ({len(settings.probes)} probe(s))"))
+    checks += check_model_and_backend(settings.model.path, settings.backend.type)
+    checks += check_folder_probes(settings)
+    checks.append(check_state_dir(settings.daemon.state_dir))
+    if settings.mqtt.enabled:
+        checks.append(check_mqtt_broker(settings.mqtt.host, settings.mqtt.port))
+    if settings.opcua.enabled:
+        checks.append(check_opcua_port(settings.opcua.endpoint))
+    return checks
+
+
+def print_report(checks: Sequence[Check]) -> None:
+    for check in checks:
+        print(format_check(check))
+    failed = sum(check.status == "FAIL" for check in checks)
+    warned = sum(check.status == "warn" for check in checks)
+    print(f"{failed} failed, {warned} warning(s), {len(checks)} checks")
+
+
+def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, default=None, help="also check this configuration file"
+    )
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    checks = run_checks(args.config)
+    print_report(checks)
+    return exit_code(checks)
