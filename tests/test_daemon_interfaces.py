@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -254,6 +255,22 @@ def _check_alarm_timing_and_last_will(
     assert 0 <= delay <= 3.0 + 2 * 1.0 + 0.5, delay  # on-delay + 2 publish intervals
     assert opcua and opcua["source"] == "R1" and opcua["severity"] == 750
     assert abs(opcua["at"] - _epoch(raised["ts"])) <= 2.0
+
+    # An operator acknowledges over MQTT: the daemon answers and the alarm state follows.
+    with Subscriber(broker_port, [f"{PREFIX}/R1/cmd/reply", f"{PREFIX}/R1/alarms/pg_high"]) as op:
+        body = {"alarm_id": "pg_high", "who": "op-ben", "comment": "lab sample", "request_id": 7}
+        op.client.publish(f"{PREFIX}/R1/cmd/ack", json.dumps(body), qos=1)
+        assert op.wait_for(
+            lambda m: any(x.topic.endswith("cmd/reply") and x.json()["accepted"] for x in m),
+            timeout=10,
+        ), [x.payload for x in op.received]
+        assert op.wait_for(
+            lambda m: any(
+                x.topic.endswith("pg_high") and x.json()["state"] == "active_acknowledged"
+                for x in m
+            ),
+            timeout=10,
+        )
 
     # A late subscriber gets the whole current state at once, then the Last Will.
     with Subscriber(broker_port, topics) as late:
