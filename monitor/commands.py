@@ -37,7 +37,7 @@ threads = 0                              # 0 = all cores
 [batcher]
 max_batch = 32                           # crops per inference batch
 max_wait = "20ms"                        # longest wait for a batch to fill
-queue_size = 4096                        # crops waiting for inference (bounded)
+queue_size = 1024                        # crops waiting for inference (bounded)
 frame_queue_size = 64                    # frames waiting for decoding (bounded)
 workers = 0                              # decode workers; 0 = one per core
 

@@ -203,7 +203,12 @@ class BatcherConfig(_Section):
 
     max_batch: int = Field(default=32, ge=1, le=1024, description="Most crops per batch.")
     max_wait: Duration = Field(default=0.02, le=5, description="Longest wait for a batch to fill.")
-    queue_size: int = Field(default=4096, ge=1, description="Crops waiting for inference.")
+    queue_size: int = Field(
+        default=1024,
+        ge=1,
+        description="Crops waiting for inference (each holds its input tensor: 1024 crops at "
+        "224 px are about 600 MB).",
+    )
     frame_queue_size: int = Field(default=64, ge=1, description="Frames waiting for decoding.")
     workers: int = Field(default=0, ge=0, description="Decode workers; 0 = one per core.")
 
