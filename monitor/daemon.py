@@ -54,7 +54,6 @@ class ProbeState:
     aggregator: WindowAggregator
     lock: threading.Lock
     last_frame_ts: float | None = None
-    latest_boxes: tuple[tuple[int, int, int, int, str], ...] = ()
 
 
 ALARM_STATE = "alarm_engine"
@@ -278,8 +277,6 @@ class Daemon:
         with state.lock:
             state.aggregator.add(record)
             state.last_frame_ts = max(state.last_frame_ts or record.ts, record.ts)
-            if outcome.boxes:
-                state.latest_boxes = outcome.boxes
         if record.accepted and any(record.class_counts):
             counts = dict(zip(self.model.manifest.classes, record.class_counts, strict=True))
             with self._alarm_lock:

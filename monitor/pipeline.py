@@ -40,7 +40,6 @@ class FrameOutcome:
     reason: str | None
     class_counts: tuple[int, ...]
     n_uncertain: int
-    boxes: tuple[tuple[int, int, int, int, str], ...] = ()  # x, y, w, h, label
 
 
 class FrameQueue:
@@ -93,7 +92,6 @@ class FrameQueue:
 class _ProbeStages:
     quality: QualityConfig
     sampler: Sampler
-    gate: bool
 
 
 class Pipeline:
@@ -109,7 +107,7 @@ class Pipeline:
     ) -> None:
         self._manifest = manifest
         self._stages = {
-            probe.id: _ProbeStages(probe.quality, create_sampler(probe), True) for probe in probes
+            probe.id: _ProbeStages(probe.quality, create_sampler(probe)) for probe in probes
         }
         self._batcher = batcher
         self._frames = frames
@@ -199,16 +197,12 @@ class Pipeline:
                 return
             counts = [0] * len(manifest.classes)
             uncertain = 0
-            boxes = []
-            decisions = decide(rows, manifest.classes, manifest.uncertainty_threshold)
-            for crop, decision in zip(crops, decisions, strict=True):
+            for decision in decide(rows, manifest.classes, manifest.uncertainty_threshold):
                 if decision.status == "ok":
                     counts[manifest.classes.index(decision.label)] += 1
-                    boxes.append((*crop.bbox, decision.label))
                 else:
                     uncertain += 1
-                    boxes.append((*crop.bbox, "uncertain"))
-            self._finish(FrameOutcome(item, "ok", None, tuple(counts), uncertain, tuple(boxes)))
+            self._finish(FrameOutcome(item, "ok", None, tuple(counts), uncertain))
 
         if not self._batcher.submit(tensors, on_probabilities):
             self._abandon()  # shutting down: left for the next start

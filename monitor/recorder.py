@@ -11,9 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 
@@ -45,9 +43,7 @@ class Recorder:
         self._max_delay = max_delay_s
         self._queue: queue.SimpleQueue[FrameOutcome | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
-        self.latencies: deque[float] = deque(maxlen=10_000)
         self.recorded = 0
-        self.by_status: dict[str, int] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -104,13 +100,10 @@ class Recorder:
                 )
             )
         added = self._store.record_frames(rows)
-        finished = time.monotonic()
         for outcome, row in zip(outcomes, rows, strict=True):
             if not added.get((row.probe, row.key), False):
                 continue  # already journaled: seen twice, counted once
-            self.latencies.append(finished - outcome.item.seen_at)
             self.recorded += 1
-            self.by_status[outcome.status] = self.by_status.get(outcome.status, 0) + 1
             record = FrameRecord(
                 ts=outcome.item.ts,
                 class_counts=outcome.class_counts,
@@ -122,6 +115,3 @@ class Recorder:
             self._on_recorded(outcome.item.probe, record, outcome)
             if outcome.item.after_store is not None:
                 outcome.item.after_store()
-
-    def stats(self) -> dict[str, Any]:
-        return {"recorded": self.recorded, "by_status": dict(self.by_status)}

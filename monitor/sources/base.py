@@ -22,7 +22,6 @@ class FrameItem:
     probe: str
     key: str
     ts: float
-    seen_at: float  # time.monotonic() when the source knew the frame was complete
     read: Callable[[], np.ndarray]
     journal: bool = True
     after_store: Callable[[], None] | None = field(default=None, compare=False)

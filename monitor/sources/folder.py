@@ -321,7 +321,6 @@ class FolderSource:
             probe=self.probe_id,
             key=key,
             ts=ts,
-            seen_at=time.monotonic(),
             read=functools.partial(_read_regular_file, path, self._limits),
             after_store=self._after_store(path),
         )

@@ -82,7 +82,6 @@ class SimulatedSource:
                 probe=self.probe_id,
                 key=f"sim-{started:.3f}-{sequence:08d}",
                 ts=ts,
-                seen_at=time.monotonic(),
                 read=functools.partial(_same, image),
                 journal=False,
             )

@@ -93,7 +93,6 @@ class StreamSource:
                     probe=self.probe_id,
                     key=f"stream-{sequence:010d}",
                     ts=self._clock(),
-                    seen_at=last_emit,
                     read=functools.partial(_same, grey),
                     journal=False,
                 )
