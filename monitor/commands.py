@@ -203,7 +203,7 @@ def run_run(args: argparse.Namespace) -> int:
     from monitor.daemon import run_daemon  # noqa: PLC0415
 
     configure_logging(settings.daemon.log_level, settings.daemon.log_format)
-    return run_daemon(settings)
+    return run_daemon(settings, args.config)
 
 
 def demo_settings(state_dir: Path, mqtt_port: int = 1883, opcua_port: int = 4840) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -23,18 +24,22 @@ from monitor.aggregate import FrameRecord, WindowAggregator
 from monitor.alarms import AlarmEngine, quality_of
 from monitor.batcher import MicroBatcher
 from monitor.config import (
+    ConfigError,
     FolderSourceConfig,
     ProbeConfig,
     Settings,
     SimulatedSourceConfig,
     StreamSourceConfig,
+    check_environment,
+    load_settings,
 )
 from monitor.decode import DecodeLimits
 from monitor.inference import resolve_backend
 from monitor.manifest import load_manifest
-from monitor.pipeline import FrameOutcome, FrameQueue, Pipeline
+from monitor.pipeline import FrameOutcome, FrameQueue, ParticleBox, Pipeline
 from monitor.publishers.base import CommandResult, ProbeUpdate, Publisher
 from monitor.recorder import Recorder
+from monitor.reload import ReloadPlan, plan_reload
 from monitor.sources.base import Source
 from monitor.sources.folder import FolderSource
 from monitor.store import Store
@@ -46,6 +51,16 @@ log = structlog.get_logger(__name__)
 Clock = Callable[[], float]
 
 
+@dataclass(frozen=True)
+class LatestFrame:
+    """The probe's most recent classified frame, for the dashboard."""
+
+    ts: float
+    key: str
+    image: np.ndarray  # 2-D uint8, as decoded
+    boxes: tuple[ParticleBox, ...]
+
+
 @dataclass
 class ProbeState:
     """What the daemon keeps per probe between stages."""
@@ -54,6 +69,7 @@ class ProbeState:
     aggregator: WindowAggregator
     lock: threading.Lock
     last_frame_ts: float | None = None
+    latest_frame: LatestFrame | None = None
 
 
 ALARM_STATE = "alarm_engine"
@@ -70,8 +86,12 @@ class Daemon:
         clock: Clock = time.time,
         publishers: Sequence[Publisher] = (),
         notifier: SystemdNotifier | None = None,
+        publish_loop: bool = True,
     ) -> None:
+        """`publish_loop=False` leaves publish_once to the caller (replay steps it in
+        simulated time)."""
         self.settings = settings
+        self._run_publish_loop = publish_loop
         self.notifier = notifier if notifier is not None else SystemdNotifier.from_environment()
         self._feeder: WatchdogFeeder | None = None
         self._status_mark = (time.monotonic(), 0)
@@ -85,6 +105,7 @@ class Daemon:
         self.probes: dict[str, ProbeState] = {}
         self._alarm_lock = threading.Lock()
         self._stop_requested = False
+        self._reload_requested = False
         self._dropped_seen: dict[str, int] = {}
         self._last_drop: dict[str, float] = {}
         self.started_at = clock()
@@ -161,8 +182,11 @@ class Daemon:
             source = self._create_source(probe)
             source.start(self.frames)
             self.sources.append(source)
-        self._publisher = threading.Thread(target=self._publish_loop, name="publisher", daemon=True)
-        self._publisher.start()
+        if self._run_publish_loop:
+            self._publisher = threading.Thread(
+                target=self._publish_loop, name="publisher", daemon=True
+            )
+            self._publisher.start()
         self._start_systemd_feeder()
         log.info(
             "daemon_started",
@@ -277,6 +301,10 @@ class Daemon:
         with state.lock:
             state.aggregator.add(record)
             state.last_frame_ts = max(state.last_frame_ts or record.ts, record.ts)
+            if outcome.image is not None:
+                state.latest_frame = LatestFrame(
+                    record.ts, outcome.item.key, outcome.image, outcome.boxes
+                )
         if record.accepted and any(record.class_counts):
             counts = dict(zip(self.model.manifest.classes, record.class_counts, strict=True))
             with self._alarm_lock:
@@ -405,9 +433,9 @@ class Daemon:
         return CommandResult(result.accepted, result.reason)
 
     def _publish_loop(self) -> None:
-        interval = self.settings.aggregation.publish_interval
         next_purge = 0.0
-        while not self._stop.wait(interval):
+        # The interval is read each time round: a config reload may change it.
+        while not self._stop.wait(self.settings.aggregation.publish_interval):
             try:
                 self.publish_once()
                 if time.monotonic() >= next_purge:
@@ -459,9 +487,67 @@ class Daemon:
         and the handler runs on the main thread, which may be inside Event.wait)."""
         self._stop_requested = True
 
-    def wait(self) -> None:
+    def request_reload(self) -> None:
+        """Safe from a signal handler, like request_stop; `wait` does the reload."""
+        self._reload_requested = True
+
+    def wait(self, config_path: Path | None = None) -> None:
+        """Until a stop is requested; reloads `config_path` when asked to (SIGHUP)."""
         while not self._stop_requested:
+            if self._reload_requested:
+                self._reload_requested = False
+                if config_path is not None:
+                    self.reload(config_path)
+                else:
+                    log.warning("config_reload_ignored", why="no configuration file to re-read")
             time.sleep(0.2)
+
+    # -- live reload (SIGHUP) ---------------------------------------------------------
+
+    def reload(self, config_path: Path) -> ReloadPlan | None:
+        """Re-read the configuration and apply what can change live; an invalid file
+        is logged and the daemon keeps running on the configuration it has."""
+        self.notifier.reloading()
+        try:
+            new_settings = load_settings(config_path)
+        except ConfigError as exc:
+            problems = exc.problems
+        else:
+            problems = check_environment(new_settings)
+        if problems:
+            log.error(
+                "config_reload_failed",
+                config=str(config_path),
+                problems=problems,
+                action="kept the running configuration",
+            )
+            self.notifier.ready(status=f"reload failed, running on the old config: {problems[0]}")
+            return None
+        plan = plan_reload(self.settings, new_settings)
+        self.apply_reload(plan)
+        log.info(
+            "config_reloaded",
+            config=str(config_path),
+            applied=list(plan.applied),
+            needs_restart=list(plan.needs_restart),
+        )
+        status = f"reloaded: {len(plan.applied)} change(s) applied"
+        if plan.needs_restart:
+            status += f", restart needed for {', '.join(plan.needs_restart)}"
+        self.notifier.ready(status=status)
+        return plan
+
+    def apply_reload(self, plan: ReloadPlan) -> None:
+        settings = plan.settings
+        self._persist_alarms()  # the old engine's journal is written before the swap
+        with self._alarm_lock:
+            self.alarms = self.alarms.reconfigured(
+                settings.alarms.definitions, max_shelve_s=settings.alarms.max_shelve
+            )
+        self.pipeline.update_probes(settings.probes)
+        for probe in settings.probes:
+            self.probes[probe.id].config = probe
+        self.settings = settings
 
     def stop(self) -> None:
         """Stop taking frames, finish in-flight ones within the grace time, flush, close."""
@@ -508,19 +594,26 @@ def create_publishers(settings: Settings) -> list[Publisher]:
     return publishers
 
 
-def run_daemon(settings: Settings) -> int:
-    """Run in the foreground until SIGTERM or SIGINT (the way systemd runs it)."""
+def run_daemon(settings: Settings, config_path: Path | None = None) -> int:
+    """Run in the foreground until SIGTERM or SIGINT (the way systemd runs it); SIGHUP
+    re-reads `config_path` and applies what can change live."""
     daemon = Daemon(settings, publishers=create_publishers(settings))
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal_received", signal=signal.Signals(signum).name)
         daemon.request_stop()
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        daemon.request_reload()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Ignored until the daemon can reload: systemd's reload during start-up must not kill it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     daemon.start()
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
-        daemon.wait()
+        daemon.wait(config_path)
     finally:
         daemon.stop()
     return 0

@@ -32,14 +32,33 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
+class ParticleBox:
+    """Where one classified crop sat in its frame, for the dashboard's overlay."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    label: str
+    confidence: float
+    uncertain: bool
+
+
+@dataclass(frozen=True)
 class FrameOutcome:
-    """What became of one frame: classified counts, or why it was not classified."""
+    """What became of one frame: classified counts, or why it was not classified.
+
+    `image` and `boxes` are kept only on classified frames so the daemon can show the
+    latest one; they are references to arrays the worker decoded anyway, not copies.
+    """
 
     item: FrameItem
     status: str  # "ok", "rejected" (quality gate) or "error" (unreadable, inference failed)
     reason: str | None
     class_counts: tuple[int, ...]
     n_uncertain: int
+    image: np.ndarray | None = None
+    boxes: tuple[ParticleBox, ...] = ()
 
 
 class FrameQueue:
@@ -121,6 +140,13 @@ class Pipeline:
         self._in_flight_lock = threading.Lock()
         self.last_progress = time.monotonic()
 
+    def update_probes(self, probes: Sequence[ProbeConfig]) -> None:
+        """New quality and sampling thresholds (a config reload); frames already in a
+        worker finish with the old ones. One dict swap, so no lock is needed."""
+        self._stages = {
+            probe.id: _ProbeStages(probe.quality, create_sampler(probe)) for probe in probes
+        }
+
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
@@ -197,12 +223,26 @@ class Pipeline:
                 return
             counts = [0] * len(manifest.classes)
             uncertain = 0
-            for decision in decide(rows, manifest.classes, manifest.uncertainty_threshold):
+            boxes = []
+            decisions = decide(rows, manifest.classes, manifest.uncertainty_threshold)
+            for crop, decision in zip(crops, decisions, strict=True):
                 if decision.status == "ok":
                     counts[manifest.classes.index(decision.label)] += 1
                 else:
                     uncertain += 1
-            self._finish(FrameOutcome(item, "ok", None, tuple(counts), uncertain))
+                boxes.append(
+                    ParticleBox(
+                        *crop.bbox,
+                        label=decision.label,
+                        confidence=decision.confidence,
+                        uncertain=decision.status != "ok",
+                    )
+                )
+            self._finish(
+                FrameOutcome(
+                    item, "ok", None, tuple(counts), uncertain, image=grey, boxes=tuple(boxes)
+                )
+            )
 
         if not self._batcher.submit(tensors, on_probabilities):
             self._abandon()  # shutting down: left for the next start

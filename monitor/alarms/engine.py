@@ -558,6 +558,21 @@ class AlarmEngine:
             return []
         return [self._status(probe, entry, alarm) for alarm in entry.alarms.values()]
 
+    def reconfigured(
+        self, definitions: Sequence[AlarmDefinition], *, max_shelve_s: float
+    ) -> AlarmEngine:
+        """A new engine over `definitions` that carries on where this one is (a live
+        config reload): states, acknowledgements, shelving, delays and the undrained
+        journal move over, and nothing is re-announced. An alarm whose definition is
+        gone, or changed kind, is dropped; a changed limit applies from the next
+        evaluation. This engine must not be used afterwards."""
+        engine = AlarmEngine(definitions, state=self.export_state(), max_shelve_s=max_shelve_s)
+        for entry in engine._probes.values():
+            entry.restored = False  # a reload is no restart: no restore markers
+        engine._journal = self._journal
+        self._journal = []
+        return engine
+
     def drain_journal(self) -> list[JournalEntry]:
         """Journal entries since the last drain, oldest first; the engine forgets them."""
         entries, self._journal = self._journal, []
