@@ -10,10 +10,11 @@
 # systemd. It enables nothing: it prints how to.
 set -euo pipefail
 
-PREFIX=/opt/crystal-monitor
+# The locations can be moved for a staged install or a test run; the units expect these.
+PREFIX=${CRYSTAL_MONITOR_PREFIX:-/opt/crystal-monitor}
 VENV="$PREFIX/venv"
-CONF_DIR=/etc/crystal-monitor
-UNIT_DIR=/etc/systemd/system
+CONF_DIR=${CRYSTAL_MONITOR_CONF_DIR:-/etc/crystal-monitor}
+UNIT_DIR=${CRYSTAL_MONITOR_UNIT_DIR:-/etc/systemd/system}
 PYTHON=${PYTHON:-python3}
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -55,6 +56,7 @@ if [[ -f "$PACKAGE/README.md" ]]; then
 fi
 
 echo "==> systemd units to $UNIT_DIR"
+install -d -m 0755 "$UNIT_DIR"
 install -m 0644 "$UNITS/crystal-monitor.service" "$UNITS/crystal-monitor@.service" "$UNIT_DIR/"
 
 echo "==> configuration in $CONF_DIR"
@@ -76,7 +78,11 @@ if ! "$CM" validate-config "$CONFIG"; then
     echo "    fix the errors above, then: $CM doctor --config $CONFIG" >&2
 fi
 
-systemctl daemon-reload
+if [[ -d /run/systemd/system ]]; then
+    systemctl daemon-reload
+else
+    echo "==> systemd is not running here: skipped systemctl daemon-reload"
+fi
 
 cat <<MSG
 
