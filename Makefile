@@ -1,11 +1,11 @@
 # The README's commands. `make test` builds .venv with the train and dev extras,
-# installs the Mosquitto broker binary when missing (root only), then lints,
+# installs Mosquitto and Chromium (the browser test) when missing (root only), then lints,
 # type-checks and runs the tests.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest test-gpu bench mosquitto clean
+.PHONY: run test lint typecheck pytest test-gpu bench bench-gpu mosquitto browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,19 +33,42 @@ mosquitto:
 		echo "mosquitto is missing: run 'sudo apt-get install mosquitto'"; exit 1; \
 	fi
 
+# The dashboard's browser test drives Debian's chromium through its chromedriver.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium and chromium-driver (the dashboard's browser test)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "chromium is missing: run 'sudo apt-get install chromium chromium-driver'"; exit 1; \
+	fi
+
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy
 
-pytest: $(VENV)/.dev-installed mosquitto
+pytest: $(VENV)/.dev-installed mosquitto browser
 	$(BIN)/pytest -m "not gpu"
 
 test: lint typecheck pytest
 
+# GPU hosts only: the tensorrt extra as well. `test-gpu` runs just the tests marked gpu and
+# fails when none ran or any was skipped (--require-gpu, see tests/conftest.py).
+$(VENV)/.gpu-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[train,dev,tensorrt]'
+	touch $@
+
+test-gpu: $(VENV)/.gpu-installed
+	$(BIN)/pytest -m gpu --require-gpu
+
+bench-gpu: $(VENV)/.gpu-installed
+	$(BIN)/python -m bench.gpu_throughput
+
 bench: $(VENV)/.dev-installed
-	$(BIN)/python bench/classify_throughput.py
+	@echo "(bench.classify_throughput needs a training run: see BENCHMARKS.md)"
+	$(BIN)/python -m bench.daemon_throughput
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

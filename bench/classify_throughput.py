@@ -4,7 +4,7 @@ Both arms decode and preprocess every file with the same code (monitor.decode an
 monitor.preprocess); only the way the network runs differs. Prints a table and, with
 --write, records it in BENCHMARKS.md.
 
-    python bench/classify_throughput.py --run runs/default-mnv3s --files data/test-crops
+    python -m bench.classify_throughput --run runs/default-mnv3s --files data/test-crops
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> int:
     text = "\n".join(table)
     print(text)
     if args.write:
-        command = "python bench/classify_throughput.py " + " ".join(sys.argv[1:])
+        command = "python -m bench.classify_throughput " + " ".join(sys.argv[1:])
         body = (
             f"{machine_line()}; {len(files)} files of `{args.files}`, decode and preprocessing "
             f"included in both arms; Python {platform.python_version()}, torch "

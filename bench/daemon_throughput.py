@@ -7,7 +7,7 @@
 3. Frame mode: frames/s for 1360 x 1024 PNG frames with about 30 particles, and where
    the time goes (decode, quality gate, segmentation, preprocessing, inference).
 
-    python bench/daemon_throughput.py [--write]
+    python -m bench.daemon_throughput [--write]
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        command = "python bench/daemon_throughput.py " + " ".join(sys.argv[1:])
+        command = "python -m bench.daemon_throughput " + " ".join(sys.argv[1:])
         body = f"{machine_line()}; model `{model_name}`.\n\nCommand: `{command}`\n\n{table}\n"
         replace_section(Path("BENCHMARKS.md"), f"daemon: end to end, {model_name}", body)
     return 0

@@ -9,17 +9,18 @@ slows the frame queue, so memory never grows without bound.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import structlog
 
-from monitor.inference.backend import Backend
+from monitor.inference.backend import Backend, PendingResult, PipelinedBackend
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +57,41 @@ class _FrameJob:
                 self._on_done(np.concatenate([r for r in self._rows if r is not None]), None)
 
 
+# Seconds per inference batch: 1 ms (a GPU) to 10 s (a stalled CPU).
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def batch_size_buckets(max_batch: int) -> tuple[float, ...]:
+    """1, 2, 4, ... up to `max_batch`, which is always a bound of its own."""
+    bounds = {float(max_batch)}
+    size = 1
+    while size < max_batch:
+        bounds.add(float(size))
+        size *= 2
+    return tuple(sorted(bounds))
+
+
+class BucketCounts:
+    """Observations counted into fixed buckets, for a Prometheus histogram at scrape time.
+
+    One list index and two additions per observation (per batch, not per crop), so the
+    batcher needs no metrics library; written by the batcher thread only.
+    """
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self._counts = [0] * (len(self.bounds) + 1)  # the last one is above every bound
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self.bounds, value)] += 1
+        self._sum += value
+
+    def read(self) -> tuple[list[int], float]:
+        """(count per bucket, not cumulative, the last above every bound; sum)."""
+        return list(self._counts), self._sum
+
+
 @dataclass
 class BatcherStats:
     batches: int = 0
@@ -79,6 +115,8 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self.stats = BatcherStats()
         self.batch_sizes: deque[int] = deque(maxlen=1000)
+        self.batch_size_histogram = BucketCounts(batch_size_buckets(max_batch))
+        self.latency_histogram = BucketCounts(LATENCY_BUCKETS_S)
 
     def start(self) -> None:
         self._thread.start()
@@ -113,14 +151,17 @@ class MicroBatcher:
                 self._cond.notify_all()
         return True
 
-    def _take_batch(self) -> list[_Request]:
+    def _take_batch(self, *, block: bool = True) -> list[_Request]:
+        """Requests for the next batch. `block=False` (a batch is in flight on a pipelined
+        backend) takes what is queued now, or nothing, so the batch in flight is collected
+        without waiting for this one to fill."""
         with self._cond:
             while not self._queue:
-                if self._stopping:
+                if self._stopping or not block:
                     return []
                 self._cond.wait(0.1)
             deadline = time.monotonic() + self._max_wait
-            while self._queued_crops < self._max_batch and not self._stopping:
+            while self._queued_crops < self._max_batch and not self._stopping and block:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -136,6 +177,9 @@ class MicroBatcher:
             return taken
 
     def _run(self) -> None:
+        if isinstance(self._backend, PipelinedBackend):
+            self._run_pipelined(self._backend)
+            return
         while True:
             requests = self._take_batch()
             if not requests:
@@ -154,13 +198,75 @@ class MicroBatcher:
                 error = f"inference_failed: {exc}"
                 self.stats.failures += 1
                 log.error("inference_failed", error=str(exc), crops=len(batch))
-            self.stats.infer_seconds += time.perf_counter() - started
-            self.stats.batches += 1
-            self.stats.crops += len(batch)
-            self.batch_sizes.append(len(batch))
-            offset = 0
-            for request in requests:
-                count = len(request.crops)
-                rows = None if probabilities is None else probabilities[offset : offset + count]
-                offset += count
-                request.on_done(rows, error)
+            self._deliver(requests, len(batch), probabilities, error, started)
+
+    def _run_pipelined(self, backend: PipelinedBackend) -> None:
+        """Keep one batch in flight: submit batch N+1 before collecting batch N, so packing
+        and copying the next batch overlap the GPU working on the current one."""
+        in_flight: _InFlight | None = None
+        while True:
+            requests = self._take_batch(block=in_flight is None)
+            submitted: _InFlight | None = None
+            if requests:
+                batch = (
+                    requests[0].crops
+                    if len(requests) == 1
+                    else np.concatenate([r.crops for r in requests])
+                )
+                submitted = _InFlight(requests, len(batch), time.perf_counter())
+                try:
+                    submitted.pending = backend.submit(batch)
+                except Exception as exc:  # a failed batch must not kill the batcher
+                    submitted.error = f"inference_failed: {exc}"
+                    self.stats.failures += 1
+                    log.error("inference_failed", error=str(exc), crops=len(batch))
+            if in_flight is not None:
+                self._collect(in_flight)
+            elif not requests:
+                return  # stopping, nothing queued and nothing in flight
+            in_flight = submitted
+
+    def _collect(self, flight: _InFlight) -> None:
+        probabilities = None
+        if flight.pending is not None:
+            try:
+                probabilities = flight.pending.wait()
+            except Exception as exc:  # a failed batch must not kill the batcher
+                flight.error = f"inference_failed: {exc}"
+                self.stats.failures += 1
+                log.error("inference_failed", error=str(exc), crops=flight.size)
+        self._deliver(flight.requests, flight.size, probabilities, flight.error, flight.started)
+
+    def _deliver(
+        self,
+        requests: list[_Request],
+        size: int,
+        probabilities: np.ndarray | None,
+        error: str | None,
+        started: float,
+    ) -> None:
+        """Count the batch and hand each request its rows (or the error)."""
+        elapsed = time.perf_counter() - started
+        self.stats.infer_seconds += elapsed
+        self.stats.batches += 1
+        self.stats.crops += size
+        self.batch_sizes.append(size)
+        self.latency_histogram.observe(elapsed)
+        self.batch_size_histogram.observe(size)
+        offset = 0
+        for request in requests:
+            count = len(request.crops)
+            rows = None if probabilities is None else probabilities[offset : offset + count]
+            offset += count
+            request.on_done(rows, error)
+
+
+@dataclass
+class _InFlight:
+    """A batch submitted to a pipelined backend and not yet collected."""
+
+    requests: list[_Request]
+    size: int
+    started: float
+    pending: PendingResult | None = None
+    error: str | None = None

@@ -40,6 +40,16 @@ def _add_doctor(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     parser.set_defaults(runner=run_doctor)
 
 
+def _add_build_engine(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from monitor.build_engine import add_build_engine_arguments, run_build_engine  # noqa: PLC0415
+
+    parser = sub.add_parser(
+        "build-engine", help="build and cache the TensorRT engine at deploy time (GPU host)"
+    )
+    add_build_engine_arguments(parser)
+    parser.set_defaults(runner=run_build_engine)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crystal-monitor",
@@ -47,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_simulate, _add_classify, _add_doctor):
+    for add in (_add_simulate, _add_classify, _add_doctor, _add_build_engine):
         add(sub)
     add_commands(sub)
     return parser

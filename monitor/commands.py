@@ -31,8 +31,14 @@ shutdown_grace = "10s"                   # time to finish in-flight frames on SI
 # path = "/opt/crystal-monitor/models/site-2026"   # omit for the shipped default model
 
 [backend]
-type = "onnxruntime"
-threads = 0                              # 0 = all cores
+type = "auto"                            # auto | tensorrt | onnxruntime (auto: TensorRT on a
+                                         # CUDA GPU with tensorrt installed, else ONNX Runtime)
+threads = 0                              # ONNX Runtime threads; 0 = all cores
+
+[backend.tensorrt]
+precision = "fp16"                       # fp16 | int8 (int8 needs calibration_dir)
+# calibration_dir = "/etc/crystal-monitor/calibration-crops"   # crop images for INT8
+# engine_cache_dir = "/var/lib/crystal-monitor/engines"         # default: <state_dir>/engines
 
 [batcher]
 max_batch = 32                           # crops per inference batch
@@ -167,6 +173,14 @@ endpoint = "opc.tcp://0.0.0.0:4840/crystal-monitor"
 security_profile = "production"          # production: users + Basic256Sha256 SignAndEncrypt
 # users_file = "/etc/crystal-monitor/opcua-users"
 # trust_dir = "/etc/crystal-monitor/opcua-trusted"
+
+[http]
+enabled = false                          # /healthz /readyz /metrics, JSON API, dashboard
+host = "127.0.0.1"                       # beyond loopback (e.g. 0.0.0.0) needs a token
+port = 8080
+# token_env = "CRYSTAL_MONITOR_HTTP_TOKEN"        # or token_credential = "http-token"
+history = "1h"                           # trend span outside a batch (a batch: from its start)
+refresh = "2s"                           # how often the dashboard polls
 """
 
 
@@ -201,14 +215,24 @@ def run_run(args: argparse.Namespace) -> int:
     if settings is None:
         return EX_CONFIG
     from monitor.daemon import run_daemon  # noqa: PLC0415
+    from monitor.inference.backend import BackendUnavailableError  # noqa: PLC0415
 
     configure_logging(settings.daemon.log_level, settings.daemon.log_format)
-    return run_daemon(settings, args.config)
+    try:
+        return run_daemon(settings, args.config)
+    except BackendUnavailableError as exc:
+        # A forced backend this host cannot run is a configuration error: exit 78, which
+        # the systemd units do not restart (RestartPreventExitStatus=78).
+        print(f"config error: {exc}", file=sys.stderr)
+        return EX_CONFIG
 
 
-def demo_settings(state_dir: Path, mqtt_port: int = 1883, opcua_port: int = 4840) -> dict[str, Any]:
+def demo_settings(
+    state_dir: Path, mqtt_port: int = 1883, opcua_port: int = 4840, http_port: int = 8080
+) -> dict[str, Any]:
     """The built-in demo: a simulated probe writing frames into a folder the daemon watches,
-    publishing to a local MQTT broker and serving OPC UA on loopback without security."""
+    publishing to a local MQTT broker, serving OPC UA on loopback without security and the
+    dashboard on loopback without a token."""
     alarms = tomllib.loads(DEFAULT_CONFIG)["alarms"]
     return {
         "alarms": alarms,
@@ -218,6 +242,7 @@ def demo_settings(state_dir: Path, mqtt_port: int = 1883, opcua_port: int = 4840
             "security_profile": "demo",
             "endpoint": f"opc.tcp://127.0.0.1:{opcua_port}/crystal-monitor",
         },
+        "http": {"enabled": True, "host": "127.0.0.1", "port": http_port},
         "daemon": {"state_dir": str(state_dir), "shutdown_grace": "5s"},
         "aggregation": {"publish_interval": "5s"},
         "probes": [
@@ -240,7 +265,9 @@ def run_demo(args: argparse.Namespace) -> int:
     from monitor.daemon import run_daemon  # noqa: PLC0415
 
     state_dir: Path = args.state_dir
-    settings = _load_or_report(None, demo_settings(state_dir, args.mqtt_port, args.opcua_port))
+    settings = _load_or_report(
+        None, demo_settings(state_dir, args.mqtt_port, args.opcua_port, args.http_port)
+    )
     if settings is None:
         return EX_CONFIG
     configure_logging(settings.daemon.log_level, settings.daemon.log_format)
@@ -261,6 +288,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"      crystal-monitor export --state-dir {state_dir} --what windows\n"
         f"      MQTT: mosquitto_sub -p {args.mqtt_port} -t 'crystal-monitor/#' -v\n"
         f"      OPC UA: opc.tcp://127.0.0.1:{args.opcua_port}/crystal-monitor (demo profile)\n"
+        f"      dashboard: http://127.0.0.1:{args.http_port}/  (metrics: /metrics)\n"
         f"      Ctrl-C stops.",
         file=sys.stderr,
     )
@@ -399,6 +427,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     parser.add_argument("--mqtt-port", type=int, default=1883, help="local MQTT broker port")
     parser.add_argument("--opcua-port", type=int, default=4840, help="OPC UA port (loopback)")
+    parser.add_argument(
+        "--http-port", type=int, default=8080, help="dashboard and metrics port (loopback)"
+    )
     parser.set_defaults(runner=run_demo)
 
     parser = sub.add_parser("validate-config", help="check a configuration file (exit 78 if bad)")
@@ -416,3 +447,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     parser.add_argument("--since", help="ISO 8601 time, e.g. 2026-11-22T08:00:00Z")
     parser.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     parser.set_defaults(runner=run_export)
+
+    from monitor.replay import add_replay_arguments, run_replay_command  # noqa: PLC0415
+
+    parser = sub.add_parser(
+        "replay", help="run a recorded batch through the pipeline and alarms; write a report"
+    )
+    add_replay_arguments(parser)
+    parser.set_defaults(runner=run_replay_command)

@@ -32,6 +32,7 @@ from monitor.alarms.definitions import AlarmsConfig, check_definitions
 from monitor.durations import Duration
 from monitor.publishers.mqtt_config import MqttConfig
 from monitor.publishers.opcua_config import OpcUaConfig, check_opcua_environment
+from monitor.web.config import HttpConfig, check_http_environment
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 ENV_PREFIX = "CRYSTAL_MONITOR__"
@@ -193,9 +194,50 @@ class ModelConfig(_Section):
     )
 
 
+BackendType = Literal["auto", "tensorrt", "onnxruntime"]
+
+
+class TensorRTConfig(_Section):
+    """TensorRT settings, used when backend.type is "tensorrt" (or "auto" picks TensorRT)."""
+
+    precision: Literal["fp16", "int8"] = Field(
+        default="fp16",
+        description="fp16: no calibration needed; int8: faster, calibrated on calibration_dir.",
+    )
+    calibration_dir: Path | None = Field(
+        default=None,
+        description="Folder of representative crop images (what the classifier sees) for INT8 "
+        "calibration; needed with precision = 'int8'.",
+    )
+    engine_cache_dir: Path | None = Field(
+        default=None,
+        description="Where built engines are kept; empty = <daemon.state_dir>/engines.",
+    )
+
+    @model_validator(mode="after")
+    def _int8_needs_calibration(self) -> TensorRTConfig:
+        if self.precision == "int8" and self.calibration_dir is None:
+            raise ValueError(
+                "precision = 'int8' needs calibration_dir (a folder of crop images)"
+            )
+        return self
+
+
 class BackendConfig(_Section):
-    type: Literal["onnxruntime"] = Field(default="onnxruntime", description="Inference backend.")
-    threads: int = Field(default=0, ge=0, description="Inference threads; 0 = all cores.")
+    """What runs the network: TensorRT on a GPU host, ONNX Runtime everywhere else."""
+
+    type: BackendType = Field(
+        default="auto",
+        description="auto: TensorRT when a CUDA GPU and tensorrt are present, else ONNX Runtime "
+        "(CUDA provider if present, else CPU); tensorrt: refuse to start without it; "
+        "onnxruntime: never TensorRT.",
+    )
+    threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime inference threads; 0 = all cores."
+    )
+    tensorrt: TensorRTConfig = Field(
+        default_factory=TensorRTConfig, description="TensorRT engine settings."
+    )
 
 
 class BatcherConfig(_Section):
@@ -269,6 +311,7 @@ class Settings(BaseSettings):
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     opcua: OpcUaConfig = Field(default_factory=OpcUaConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     probes: tuple[ProbeConfig, ...] = Field(
         min_length=1, description="The probes this daemon reads."
     )
@@ -376,6 +419,7 @@ def check_environment(settings: Settings) -> list[str]:
             )
         ]
     problems += check_opcua_environment(settings.opcua)
+    problems += check_http_environment(settings.http)
     if settings.mqtt.enabled:
         from monitor.publishers.secrets import SecretError, resolve_password  # noqa: PLC0415
 
@@ -391,6 +435,16 @@ def check_environment(settings: Settings) -> list[str]:
     existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), None)
     if existing is None or not os.access(existing, os.W_OK):
         problems.append(f"daemon.state_dir: {state_dir} cannot be created or written")
+    tensorrt = settings.backend.tensorrt
+    if (
+        settings.backend.type != "onnxruntime"
+        and tensorrt.calibration_dir is not None
+        and not tensorrt.calibration_dir.is_dir()
+    ):
+        problems.append(
+            f"backend.tensorrt.calibration_dir: folder {tensorrt.calibration_dir} not found "
+            "(point it at a folder of crop images)"
+        )
     for index, probe in enumerate(settings.probes):
         source = probe.source
         if isinstance(source, FolderSourceConfig) and source.after == "move":

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -45,6 +45,9 @@ from monitor.sources.folder import FolderSource
 from monitor.store import Store
 from monitor.systemd_notify import SystemdNotifier, watchdog_interval
 from monitor.watchdog_feeder import WatchdogFeeder, WatchdogPolicy, feeder_interval
+
+if TYPE_CHECKING:
+    from monitor.web.server import WebServer
 
 log = structlog.get_logger(__name__)
 
@@ -109,6 +112,7 @@ class Daemon:
         self._dropped_seen: dict[str, int] = {}
         self._last_drop: dict[str, float] = {}
         self.started_at = clock()
+        self.web: WebServer | None = None
 
     # -- start-up ---------------------------------------------------------------
 
@@ -127,7 +131,12 @@ class Daemon:
         )
         self.store = Store(settings.daemon.state_dir)
         self.backend = resolve_backend(
-            settings.backend.type, self.model, threads=settings.backend.threads
+            settings.backend,
+            self.model,
+            max_batch=settings.batcher.max_batch,
+            state_dir=settings.daemon.state_dir,
+            # A TensorRT engine build can take minutes: keep systemd's start timeout moving.
+            extend_timeout=self.notifier.extend_timeout,
         )
         size = manifest.input.size
         self.backend.infer(np.zeros((1, 3, size, size), np.float32))  # warm-up
@@ -175,6 +184,11 @@ class Daemon:
         )
         for publisher in self.publishers:
             publisher.start(self)
+        if settings.http.enabled:
+            from monitor.web.server import WebServer  # noqa: PLC0415  (aiohttp only when used)
+
+            self.web = WebServer(settings.http, self)
+            self.web.start()
         self.recorder.start()
         self.batcher.start()
         self.pipeline.start()
@@ -329,6 +343,11 @@ class Daemon:
         with state.lock:
             return state.aggregator.snapshot(self.clock()).to_json()
 
+    def alarm_states(self, probe: str) -> list[dict[str, Any]]:
+        """Every alarm of `probe` as AlarmStatus.to_json() (the HTTP API and /metrics)."""
+        with self._alarm_lock:
+            return [status.to_json() for status in self.alarms.alarm_states(probe)]
+
     def publish_once(self) -> None:
         """Snapshot every probe, run the alarms, store, then tell the publishers."""
         now = self.clock()
@@ -342,7 +361,11 @@ class Daemon:
             snapshot["publishing"] = publishing
             with self._alarm_lock:
                 quality = quality_of(
-                    snapshot, now, last_frame_ts, definitions, watching_since=self.started_at
+                    snapshot,
+                    now,
+                    last_frame_ts,
+                    [d for d in definitions if d.applies_to(probe_id)],
+                    watching_since=self.started_at,
                 )
                 transitions = self.alarms.evaluate(
                     probe_id, snapshot, now, last_frame_ts=last_frame_ts, quality=quality
@@ -565,6 +588,8 @@ class Daemon:
         if self._publisher is not None:
             self._publisher.join(timeout=2)
         self.publish_once()
+        if self.web is not None:
+            self.web.stop()
         for publisher in self.publishers:
             publisher.stop()
         self.store.close()

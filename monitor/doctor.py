@@ -20,17 +20,25 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlparse
 
 from monitor.config import (
     EX_CONFIG,
+    BackendConfig,
+    BatcherConfig,
     ConfigError,
+    DaemonConfig,
     FolderSourceConfig,
     Settings,
+    TensorRTConfig,
     check_environment,
     load_settings,
 )
+
+if TYPE_CHECKING:
+    from monitor.inference.tensorrt_backend import TensorRTAvailability
+    from monitor.manifest import LoadedModel
 
 Status = Literal["ok", "warn", "FAIL"]
 
@@ -93,14 +101,22 @@ def check_onnxruntime_providers() -> list[Check]:
     return checks
 
 
-def check_tensorrt() -> Check:
-    try:
-        import tensorrt  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
-    except ImportError:
+def check_tensorrt(*, gpu_present: bool = False) -> Check:
+    """Can the TensorRT backend run here, and if not, why (`gpu_present`: nvidia-smi saw one)."""
+    from monitor.inference.tensorrt_backend import probe_tensorrt  # noqa: PLC0415
+
+    availability = probe_tensorrt()
+    if availability.available:
+        return Check("ok", "tensorrt", f"{availability.reason}; backend 'auto' uses TensorRT")
+    if availability.problem == "not_installed":
+        if gpu_present:
+            return Check(
+                "warn",
+                "tensorrt",
+                f"GPU present but tensorrt {TENSORRT_MISSING}; backend 'auto' uses ONNX Runtime",
+            )
         return Check("warn", "tensorrt", TENSORRT_MISSING)
-    except Exception as exc:  # a broken CUDA install raises anything on import
-        return Check("warn", "tensorrt", f"installed but fails to import: {exc}")
-    return Check("ok", "tensorrt", str(getattr(tensorrt, "__version__", "unknown version")))
+    return Check("warn", "tensorrt", f"{availability.reason}; backend 'auto' uses ONNX Runtime")
 
 
 def check_gpu() -> Check:
@@ -130,9 +146,25 @@ def check_gpu() -> Check:
     return Check("ok", "gpu", "; ".join(line.strip() for line in output.splitlines()))
 
 
-def check_model_and_backend(model_path: Path | None, backend_type: str) -> list[Check]:
-    """Load the manifest (sha256 verified) and build the configured backend on it."""
-    from monitor.inference.backend import BackendUnavailableError, resolve_backend  # noqa: PLC0415
+def check_model_and_backend(
+    model_path: Path | None,
+    backend: BackendConfig | str,
+    *,
+    state_dir: Path | None = None,
+    max_batch: int | None = None,
+) -> list[Check]:
+    """Load the manifest (sha256 verified), pick the backend as the daemon would and try it.
+
+    ONNX Runtime is loaded on the model. TensorRT is not built here (that takes minutes):
+    its engine cache is checked instead.
+    """
+    from monitor.inference.backend import (  # noqa: PLC0415
+        BackendUnavailableError,
+        as_backend_config,
+        select_backend,
+    )
+    from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend  # noqa: PLC0415
+    from monitor.inference.tensorrt_backend import probe_tensorrt  # noqa: PLC0415
     from monitor.manifest import ManifestError, load_manifest  # noqa: PLC0415
 
     source = str(model_path) if model_path is not None else "shipped default"
@@ -150,15 +182,86 @@ def check_model_and_backend(model_path: Path | None, backend_type: str) -> list[
         )
     ]
     try:
-        backend = resolve_backend(backend_type, model, threads=1)
-    except (BackendUnavailableError, ImportError) as exc:
+        config = as_backend_config(backend)
+    except BackendUnavailableError as exc:
+        return [*checks, Check("FAIL", f"backend {backend}", str(exc))]
+    backend_type = config.type
+    availability = probe_tensorrt() if backend_type != "onnxruntime" else None
+    try:
+        choice = select_backend(backend_type, availability)
+    except BackendUnavailableError as exc:
+        return [*checks, Check("FAIL", f"backend {backend_type}", str(exc))]
+    if choice.kind == "tensorrt":
+        assert availability is not None
+        checks.append(Check("ok", f"backend {backend_type}", f"TensorRT ({choice.reason})"))
+        checks.append(
+            check_engine_cache(
+                model,
+                config.tensorrt,
+                availability,
+                state_dir=state_dir or DaemonConfig().state_dir,
+                max_batch=max_batch or BatcherConfig().max_batch,
+            )
+        )
+        return checks
+    note = "" if backend_type == "onnxruntime" else f" ({choice.reason})"
+    try:
+        loaded = OnnxRuntimeBackend(model, threads=1)
+    except ImportError as exc:
         checks.append(Check("FAIL", f"backend {backend_type}", str(exc)))
     except Exception as exc:  # a runtime refusing the model: report it, do not crash
         checks.append(Check("FAIL", f"backend {backend_type}", f"cannot load the model: {exc}"))
     else:
-        checks.append(Check("ok", f"backend {backend_type}", f"{backend.name} loads the model"))
-        backend.close()
+        checks.append(
+            Check("ok", f"backend {backend_type}", f"{loaded.name} loads the model{note}")
+        )
+        loaded.close()
     return checks
+
+
+def check_engine_cache(
+    model: LoadedModel,
+    settings: TensorRTConfig,
+    availability: TensorRTAvailability,
+    *,
+    state_dir: Path,
+    max_batch: int,
+) -> Check:
+    """Is the engine this model, GPU and configuration need already built?"""
+    from monitor.inference.calibration import (  # noqa: PLC0415
+        CalibrationError,
+        calibration_files,
+    )
+    from monitor.inference.engine_cache import EngineCache  # noqa: PLC0415
+    from monitor.inference.tensorrt_backend import engine_cache_dir, engine_key  # noqa: PLC0415
+
+    directory = engine_cache_dir(settings, state_dir)
+    try:
+        files = (
+            calibration_files(settings.calibration_dir)
+            if settings.precision == "int8" and settings.calibration_dir is not None
+            else None
+        )
+    except CalibrationError as exc:
+        return Check("FAIL", "engine cache", str(exc))
+    key = engine_key(model, availability, settings, max_batch=max_batch, calibration=files)
+    status = EngineCache(directory).inspect(key)
+    if status.state == "valid":
+        return Check("ok", "engine cache", f"{status.path}: ready ({status.detail})")
+    build = "`crystal-monitor build-engine --config FILE` builds it now"
+    if status.state == "invalid":
+        return Check(
+            "warn",
+            "engine cache",
+            f"{status.path}: unusable ({status.detail}); the daemon rebuilds it at start "
+            f"(minutes); {build}",
+        )
+    return Check(
+        "warn",
+        "engine cache",
+        f"no engine yet in {directory} for {key.describe()}: the daemon builds one at its "
+        f"first start (can take minutes); {build}",
+    )
 
 
 def check_folder_probes(settings: Settings) -> list[Check]:
@@ -263,11 +366,14 @@ def run_checks(config: Path | None) -> list[Check]:
         check_package("onnxruntime", "onnxruntime"),
         check_package("cv2", "opencv-python-headless", label="opencv"),
         *check_onnxruntime_providers(),
-        check_tensorrt(),
-        check_gpu(),
+    ]
+    gpu = check_gpu()
+    checks += [
+        check_tensorrt(gpu_present=gpu.status == "ok"),
+        gpu,
     ]
     if config is None:
-        return [*checks, *check_model_and_backend(None, "onnxruntime")]
+        return [*checks, *check_model_and_backend(None, "auto")]
     try:
         settings = load_settings(config)
     except ConfigError as exc:
@@ -276,7 +382,12 @@ def run_checks(config: Path | None) -> list[Check]:
     checks += [Check("FAIL", "config", problem) for problem in problems]
     if not problems:
         checks.append(Check("ok", "config", f"{config}: valid ({len(settings.probes)} probe(s))"))
-    checks += check_model_and_backend(settings.model.path, settings.backend.type)
+    checks += check_model_and_backend(
+        settings.model.path,
+        settings.backend,
+        state_dir=settings.daemon.state_dir,
+        max_batch=settings.batcher.max_batch,
+    )
     checks += check_folder_probes(settings)
     checks.append(check_state_dir(settings.daemon.state_dir))
     if settings.mqtt.enabled:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -20,6 +22,25 @@ from monitor.pipeline import FrameOutcome
 from monitor.store import FrameRow, Store
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RecordedCounts:
+    """Everything recorded since start, for /metrics and the dashboard (copies)."""
+
+    frames: dict[tuple[str, str], int]
+    """(probe, status) -> frames; status ok, rejected or error."""
+    problems: dict[tuple[str, str, str], int]
+    """(probe, status, reason) -> rejected and failed frames."""
+    particles: dict[tuple[str, str], int]
+    """(probe, class) -> confidently classified particles."""
+    uncertain: dict[str, int]
+    """probe -> particles below the model's confidence threshold."""
+
+
+def reason_label(reason: str | None) -> str:
+    """A bounded label for a rejection or error reason: 'internal: <message>' -> 'internal'."""
+    return (reason or "unknown").split(":", 1)[0].strip() or "unknown"
 
 
 class Recorder:
@@ -44,6 +65,11 @@ class Recorder:
         self._queue: queue.SimpleQueue[FrameOutcome | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self.recorded = 0
+        self._counts_lock = threading.Lock()
+        self._frames: Counter[tuple[str, str]] = Counter()
+        self._problems: Counter[tuple[str, str, str]] = Counter()
+        self._particles: Counter[tuple[str, str]] = Counter()
+        self._uncertain: Counter[str] = Counter()
 
     def start(self) -> None:
         self._thread.start()
@@ -104,6 +130,7 @@ class Recorder:
             if not added.get((row.probe, row.key), False):
                 continue  # already journaled: seen twice, counted once
             self.recorded += 1
+            self._count(outcome)
             record = FrameRecord(
                 ts=outcome.item.ts,
                 class_counts=outcome.class_counts,
@@ -115,3 +142,23 @@ class Recorder:
             self._on_recorded(outcome.item.probe, record, outcome)
             if outcome.item.after_store is not None:
                 outcome.item.after_store()
+
+    def _count(self, outcome: FrameOutcome) -> None:
+        probe = outcome.item.probe
+        with self._counts_lock:
+            self._frames[(probe, outcome.status)] += 1
+            if outcome.status != "ok":
+                self._problems[(probe, outcome.status, reason_label(outcome.reason))] += 1
+            for name, count in zip(self._classes, outcome.class_counts, strict=True):
+                self._particles[(probe, name)] += count
+            self._uncertain[probe] += outcome.n_uncertain
+
+    def counts(self) -> RecordedCounts:
+        """Frames by status and reason, particles by class, since this recorder started."""
+        with self._counts_lock:
+            return RecordedCounts(
+                frames=dict(self._frames),
+                problems=dict(self._problems),
+                particles=dict(self._particles),
+                uncertain=dict(self._uncertain),
+            )

@@ -270,6 +270,54 @@ class Store:
             ).fetchall()
         return ((probe, ts, batch, json.loads(snapshot)) for probe, ts, batch, snapshot in rows)
 
+    def probe_snapshots(
+        self, probe: str, since: float, max_rows: int | None = None
+    ) -> list[tuple[float, str | None, dict[str, Any]]]:
+        """One probe's window snapshots from `since` on, oldest first (the dashboard trend).
+
+        With `max_rows`, a long span is thinned evenly (always keeping the newest) before
+        any snapshot is read: the ids come from the (probe, ts) index alone, so a day of
+        snapshots costs a few hundred JSON documents, not thousands.
+        """
+        with self._lock:
+            if max_rows is None:
+                rows = self._db.execute(
+                    "SELECT ts, batch, snapshot FROM windows WHERE probe = ? AND ts >= ?"
+                    " ORDER BY ts",
+                    (probe, since),
+                ).fetchall()
+            else:
+                ids = [
+                    row_id
+                    for (row_id,) in self._db.execute(
+                        "SELECT id FROM windows WHERE probe = ? AND ts >= ? ORDER BY ts",
+                        (probe, since),
+                    )
+                ]
+                if len(ids) > max_rows > 1:
+                    step = (len(ids) - 1) / (max_rows - 1)
+                    ids = [ids[round(i * step)] for i in range(max_rows)]
+                marks = ",".join("?" * len(ids))
+                rows = self._db.execute(
+                    f"SELECT ts, batch, snapshot FROM windows WHERE id IN ({marks}) ORDER BY ts",
+                    ids,
+                ).fetchall()
+        return [(ts, batch, json.loads(snapshot)) for ts, batch, snapshot in rows]
+
+    def recent_alarm_journal(self, limit: int, probe: str | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` journal entries (of one probe, or all), newest first."""
+        with self._lock:
+            if probe is None:
+                rows = self._db.execute(
+                    "SELECT entry FROM alarm_journal ORDER BY id DESC LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT entry FROM alarm_journal WHERE probe = ? ORDER BY id DESC LIMIT ?",
+                    (probe, limit),
+                ).fetchall()
+        return [json.loads(entry) for (entry,) in rows]
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 

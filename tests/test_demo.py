@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,8 +37,6 @@ def _pg_fractions(state: Path) -> list[float]:
     )
     if result.returncode != 0:
         return []
-    import json
-
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     return [
         r["fraction"]
@@ -51,6 +51,7 @@ def _pg_fractions(state: Path) -> list[float]:
 @pytest.mark.slow
 def test_demo_shows_a_rising_pg_fraction(tmp_path: Path) -> None:
     state = tmp_path / "state"
+    http_port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -65,6 +66,8 @@ def test_demo_shows_a_rising_pg_fraction(tmp_path: Path) -> None:
             str(free_port()),  # no broker there: the daemon must run on regardless
             "--opcua-port",
             str(free_port()),
+            "--http-port",
+            str(http_port),
         ],
         # A file, not a pipe: nobody reads a pipe while the demo runs, and a full pipe
         # would block the daemon's logging.
@@ -80,10 +83,13 @@ def test_demo_shows_a_rising_pg_fraction(tmp_path: Path) -> None:
         ), _pg_fractions(state)
         assert time.monotonic() - started < 120
         assert process.poll() is None
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/state", timeout=10) as r:
+            assert json.load(r)["probes"][0]["id"] == "demo"
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
     output = (tmp_path / "demo.log").read_text()
     assert process.returncode == 0, output[-2000:]
     assert "crystal-monitor export --state-dir" in output
+    assert f"dashboard: http://127.0.0.1:{http_port}/" in output
     assert (state / "probe-demo").is_dir()

@@ -1,6 +1,19 @@
-"""Inference: the Backend protocol and its implementations."""
+"""Inference: the Backend protocol, its implementations and the choice between them."""
 
-from monitor.inference.backend import Backend, BackendUnavailableError, resolve_backend
+from monitor.inference.backend import (
+    Backend,
+    BackendUnavailableError,
+    PipelinedBackend,
+    resolve_backend,
+    select_backend,
+)
 from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
 
-__all__ = ["Backend", "BackendUnavailableError", "OnnxRuntimeBackend", "resolve_backend"]
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "OnnxRuntimeBackend",
+    "PipelinedBackend",
+    "resolve_backend",
+    "select_backend",
+]

@@ -1,0 +1,576 @@
+"""`crystal-monitor replay FOLDER`: run a recorded batch through the live pipeline.
+
+A process engineer tuning alarm limits wants to know how the limits would have behaved
+on a batch that already ran. Replay answers with the daemon itself, not a model of it:
+a `Daemon` built from the same configuration, with its own throw-away store, an
+injected clock that follows the recording's timestamps, and an in-memory publisher that
+collects the window snapshots and alarm events exactly as MQTT would receive them.
+
+Frames are fed in timestamp order straight into the daemon's frame queue, read and
+decoded the way the folder source reads and decodes them. The daemon's publish loop is
+off; replay steps it instead. At every publish interval of recorded time it waits until
+every frame fed so far (all frames stamped at or before the tick) has been recorded,
+sets the clock to the tick and calls `publish_once`. The windows, the CUSUM, the
+on/off-delays and the stale-probe check therefore see exactly what a live daemon
+publishing at that tick would have seen, and the result does not depend on how fast
+the replay runs. `--speed N` only paces the feed (N x recorded time), e.g. to leave
+CPU to a live daemon on the same host; the default runs as fast as the host allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import functools
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from monitor.alarms import AlarmDefinition
+from monitor.config import (
+    EX_CONFIG,
+    ConfigError,
+    FolderSourceConfig,
+    ProbeConfig,
+    Settings,
+    check_environment,
+    load_settings,
+)
+from monitor.logs import configure_logging
+from monitor.publishers.base import CommandHandler, ProbeUpdate
+from monitor.replay_report import batch_time, clock_text, duration_text, render_report
+from monitor.sources.base import FrameItem
+from monitor.systemd_notify import SystemdNotifier
+
+if TYPE_CHECKING:
+    from monitor.daemon import Daemon
+    from monitor.pipeline import FrameQueue
+
+# The folder source, the decoder and the daemon load OpenCV and ONNX Runtime: imported
+# where a replay runs, so registering the command costs every other command nothing.
+
+log = structlog.get_logger(__name__)
+
+EX_USAGE = 64  # sysexits.h: a bad option value (unknown probe id)
+EX_NOINPUT = 66  # no such folder, or no frames in it
+EX_CANTCREAT = 73  # the report cannot be written
+
+_IDLE_SETTLE_S = 2.0  # pipeline idle this long with frames unrecorded: they failed inference
+
+
+class ReplayError(Exception):
+    """A replay that cannot run; the message names the fix, `exit_code` the sysexits code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class RecordedFrame:
+    """One file of the recorded batch and the time it was taken."""
+
+    path: str
+    key: str  # path relative to the batch folder, as the folder source keys files
+    ts: float
+    ts_from_name: bool  # False: the file's mtime stood in for a stamp in its name
+
+
+def find_recorded_frames(
+    folder: Path, patterns: Sequence[str], *, recursive: bool
+) -> list[RecordedFrame]:
+    """The frame files of a recorded batch in time order (name stamp, else mtime).
+
+    Hidden files (the `.name.part` of a half-written file) are skipped, as the folder
+    source skips them. Raises ReplayError when the folder is missing or holds no frame.
+    """
+    from monitor.sources.folder import frame_time_from_name  # noqa: PLC0415
+
+    if not folder.exists():
+        raise ReplayError(f"recorded batch folder not found: {folder}", EX_NOINPUT)
+    if not folder.is_dir():
+        raise ReplayError(f"not a folder: {folder} (give the folder of frame files)", EX_NOINPUT)
+    lowered = [pattern.lower() for pattern in patterns]
+    frames: list[RecordedFrame] = []
+    stack = [str(folder)]
+    while stack:
+        current = stack.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    if recursive:
+                        stack.append(entry.path)
+                    continue
+                name = entry.name.lower()
+                if not any(fnmatch.fnmatchcase(name, pattern) for pattern in lowered):
+                    continue
+                stamp = frame_time_from_name(entry.name)
+                ts = stamp if stamp is not None else entry.stat().st_mtime
+                key = Path(os.path.relpath(entry.path, folder)).as_posix()
+                frames.append(RecordedFrame(entry.path, key, ts, stamp is not None))
+    if not frames:
+        shown = ", ".join(patterns)
+        where = "or its sub-folders " if recursive else ""
+        hint = "" if recursive else "; add --recursive if the frames are in sub-folders"
+        raise ReplayError(f"no frame files in {folder} {where}matching {shown}{hint}", EX_NOINPUT)
+    frames.sort(key=lambda frame: (frame.ts, frame.key))
+    return frames
+
+
+class SimulatedClock:
+    """The daemon's clock during a replay: recorded time, moved on by the replay only."""
+
+    def __init__(self, now: float) -> None:
+        self._now = now
+
+    def __call__(self) -> float:
+        return self._now
+
+    def set(self, now: float) -> None:
+        self._now = now
+
+
+class CollectingPublisher:
+    """Receives what MQTT would: per-frame results, window updates and alarm events.
+
+    Also the replay's barrier: `wait_results` blocks until a number of frames has been
+    recorded (the daemon calls `publish_result` for every recorded frame).
+    """
+
+    name = "replay"
+
+    def __init__(self) -> None:
+        self.results: list[dict[str, Any]] = []
+        self.updates: list[ProbeUpdate] = []
+        self.events: list[dict[str, Any]] = []
+        self._recorded = threading.Condition()
+
+    def start(self, commands: CommandHandler) -> None:
+        """Nothing to connect: replay takes no operator commands."""
+
+    def publish_update(self, update: ProbeUpdate) -> None:
+        self.updates.append(update)
+
+    def publish_event(self, probe: str, event: dict[str, Any]) -> None:
+        self.events.append({"probe": probe, **event})
+
+    def publish_result(self, probe: str, result: dict[str, Any]) -> None:
+        with self._recorded:
+            self.results.append(result)
+            self._recorded.notify_all()
+
+    def wait_results(self, count: int, timeout: float) -> bool:
+        """True once `count` frames have been recorded; False after `timeout` seconds."""
+        with self._recorded:
+            return self._recorded.wait_for(lambda: len(self.results) >= count, timeout)
+
+    def health(self) -> tuple[bool, str]:
+        return True, "collecting"
+
+    def stop(self) -> None:
+        """Nothing to flush: everything is already in memory."""
+
+
+@dataclass
+class ReplayResult:
+    """Everything the report needs: what went in, what the daemon published, how long."""
+
+    folder: Path
+    probe: ProbeConfig
+    settings: Settings
+    definitions: tuple[AlarmDefinition, ...]  # the alarms that watch this probe
+    model_name: str
+    model_sha256: str
+    classes: tuple[str, ...]
+    frames: int
+    frames_without_stamp: int
+    first_ts: float
+    last_ts: float
+    results: list[dict[str, Any]]
+    updates: list[ProbeUpdate]
+    events: list[dict[str, Any]]
+    lost_frames: int  # fed but never recorded (inference failed; the daemon logged why)
+    speed: float | None  # None: as fast as possible
+    wall_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def alarm_events(self) -> list[dict[str, Any]]:
+        """The announced alarm transitions, in time order."""
+        return [event for event in self.events if event.get("type") == "alarm"]
+
+
+def replay_settings(settings: Settings, probe_id: str, state_dir: Path) -> Settings:
+    """The live configuration narrowed to one probe, for a replay.
+
+    Same model, backend, quality gate, sampling, windows and alarms; a private store
+    under `state_dir`; no MQTT or OPC UA; the probe's source swapped for an empty folder,
+    because replay feeds the frames itself; and `batcher.max_wait` 0: replay waits for
+    the last frame of every publish interval anyway, so holding a batch open for more
+    crops only adds that wait to every tick (it changes timing, never a result).
+    """
+    probe = next(p for p in settings.probes if p.id == probe_id)
+    idle = state_dir / "no-live-source"
+    idle.mkdir(parents=True, exist_ok=True)
+    source = FolderSourceConfig(type="folder", path=idle, backlog="none")
+    return settings.model_copy(
+        update={
+            "daemon": settings.daemon.model_copy(update={"state_dir": state_dir}),
+            "batcher": settings.batcher.model_copy(update={"max_wait": 0.0}),
+            "mqtt": settings.mqtt.model_copy(update={"enabled": False}),
+            "opcua": settings.opcua.model_copy(update={"enabled": False}),
+            "probes": (probe.model_copy(update={"source": source}),),
+        }
+    )
+
+
+def frame_patterns(probe: ProbeConfig) -> tuple[tuple[str, ...], bool]:
+    """File patterns and recursion of the probe's folder source, or the folder defaults."""
+    if isinstance(probe.source, FolderSourceConfig):
+        return probe.source.patterns, probe.source.recursive
+    defaults = FolderSourceConfig.model_fields
+    patterns: tuple[str, ...] = defaults["patterns"].default
+    return patterns, False
+
+
+class _Pacer:
+    """Holds the feed to `speed` x recorded time (None: no holding)."""
+
+    def __init__(self, origin_ts: float, speed: float | None) -> None:
+        self._origin_ts = origin_ts
+        self._speed = speed
+        self._started = time.monotonic()
+
+    def wait_until(self, ts: float) -> None:
+        if self._speed is None:
+            return
+        due = self._started + (ts - self._origin_ts) / self._speed
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+def replay_frames(
+    settings: Settings,
+    probe_id: str,
+    frames: Sequence[RecordedFrame],
+    *,
+    folder: Path,
+    speed: float | None = None,
+    progress: Callable[[float, int], None] | None = None,
+) -> ReplayResult:
+    """Run `frames` through a daemon built from `settings` and collect what it published.
+
+    `settings` must already be narrowed by `replay_settings` (private store, no
+    publishers, idle source). `progress(ts, frames_recorded)` is called after each tick.
+    """
+    from monitor.daemon import Daemon  # noqa: PLC0415
+    from monitor.decode import DecodeLimits  # noqa: PLC0415
+    from monitor.sources.folder import _read_regular_file  # noqa: PLC0415
+
+    if not frames:
+        raise ReplayError(f"no frames to replay in {folder}", EX_NOINPUT)
+    probe = next(p for p in settings.probes if p.id == probe_id)
+    interval = settings.aggregation.publish_interval
+    origin = frames[0].ts
+    end = frames[-1].ts
+    clock = SimulatedClock(origin)
+    collector = CollectingPublisher()
+    daemon = Daemon(
+        settings,
+        clock=clock,
+        publishers=[collector],
+        notifier=SystemdNotifier(None),
+        publish_loop=False,
+    )
+    started = time.monotonic()
+    daemon.start()
+    # The folder source's own reader: open once, refuse non-files, decode with the
+    # probe's pixel limit.
+    read_file = functools.partial(
+        _read_regular_file, limits=DecodeLimits(max_pixels=probe.max_pixels)
+    )
+    pacer = _Pacer(origin, speed)
+    fed = 0
+    lost = 0
+    published = 0
+    try:
+        index = 0
+        tick = origin + interval
+        while True:
+            while index < len(frames) and frames[index].ts <= tick:
+                frame = frames[index]
+                pacer.wait_until(frame.ts)
+                _feed(
+                    daemon.frames,
+                    FrameItem(
+                        probe_id, frame.key, frame.ts, read=functools.partial(read_file, frame.path)
+                    ),
+                )
+                index += 1
+                fed += 1
+            pacer.wait_until(tick)
+            lost += _wait_recorded(daemon, collector, fed - lost)
+            clock.set(tick)
+            daemon.publish_once()
+            published = len(collector.updates)
+            if progress is not None:
+                progress(tick, len(collector.results))
+            if tick >= end:
+                break
+            tick = origin + (round((tick - origin) / interval) + 1) * interval
+    finally:
+        daemon.stop()
+    # stop() publishes once more at the last tick; that repeat adds nothing to the trend.
+    del collector.updates[published:]
+    wall_s = time.monotonic() - started
+    manifest = daemon.model.manifest
+    return ReplayResult(
+        folder=folder,
+        probe=probe,
+        settings=settings,
+        definitions=tuple(d for d in settings.alarms.definitions if d.applies_to(probe_id)),
+        model_name=manifest.name,
+        model_sha256=manifest.onnx_sha256,
+        classes=manifest.classes,
+        frames=len(frames),
+        frames_without_stamp=sum(1 for f in frames if not f.ts_from_name),
+        first_ts=origin,
+        last_ts=end,
+        results=list(collector.results),
+        updates=list(collector.updates),
+        events=list(collector.events),
+        lost_frames=lost,
+        speed=speed,
+        wall_s=wall_s,
+    )
+
+
+def _feed(queue: FrameQueue, item: FrameItem) -> None:
+    while not queue.put(item, block=True):  # full: wait for the workers, like the source
+        pass
+
+
+def _wait_recorded(daemon: Daemon, collector: CollectingPublisher, expected: int) -> int:
+    """Block until `expected` frames are recorded; return how many never will be.
+
+    A frame whose inference failed is dropped by the pipeline without a record (a live
+    daemon retries it after a restart); once the pipeline has been idle for a while with
+    frames still missing, those frames are counted as lost instead of waited for.
+    """
+    idle_since: float | None = None
+    while not collector.wait_results(expected, timeout=0.25):
+        if daemon.frames.qsize() or daemon.pipeline.in_flight:
+            idle_since = None
+            continue
+        now = time.monotonic()
+        idle_since = idle_since or now
+        if now - idle_since >= _IDLE_SETTLE_S:
+            missing = expected - len(collector.results)
+            log.warning("replay_frames_not_recorded", frames=missing)
+            return missing
+    return 0
+
+
+# -- command line -------------------------------------------------------------------
+
+
+def _speed(text: str) -> float | None:
+    if text.strip().lower() in {"max", "0"}:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a factor such as 50 or 'max', got {text!r}"
+        ) from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be > 0 or 'max', got {text!r}")
+    return value
+
+
+def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `replay` options to a (sub)parser."""
+    parser.add_argument("folder", type=Path, help="folder of recorded probe frames")
+    parser.add_argument(
+        "--config", type=Path, required=True, help="the daemon's TOML configuration file"
+    )
+    parser.add_argument(
+        "--report", type=Path, required=True, help="HTML report to write (one self-contained file)"
+    )
+    parser.add_argument(
+        "--probe",
+        help="probe id whose sampling, quality gate and alarms apply (default: the first probe)",
+    )
+    parser.add_argument(
+        "--speed",
+        type=_speed,
+        default=None,
+        metavar="N|max",
+        help="feed at N x recorded time, e.g. 50 to leave CPU to a live daemon on this host; "
+        "'max' (the default) runs as fast as the host allows. The result does not depend on it",
+    )
+    parser.add_argument(
+        "--recursive",
+        action="store_true",
+        default=None,
+        help="also take frames from sub-folders (default: the probe source's `recursive`)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="warning",
+        help="daemon log lines on stderr (default: warning)",
+    )
+
+
+def _load_settings(path: Path) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        raise ReplayError(
+            "\n".join(f"config error: {problem}" for problem in exc.problems), EX_CONFIG
+        ) from exc
+
+
+def _check_report_path(report: Path) -> None:
+    parent = report.parent if str(report.parent) else Path(".")
+    if report.is_dir():
+        raise ReplayError(f"--report {report} is a folder; name the HTML file", EX_CANTCREAT)
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ReplayError(
+            f"cannot write the report {report}: folder {parent} is missing or not writable",
+            EX_CANTCREAT,
+        )
+
+
+def run_replay_command(args: argparse.Namespace) -> int:
+    """The `replay` command: exit 0, 78 (configuration), 64, 66 or 73 with a message."""
+    try:
+        return _run(args)
+    except ReplayError as exc:
+        message = str(exc)
+        prefix = "" if message.startswith("config error:") else "replay: error: "
+        print(f"{prefix}{message}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _load_settings(args.config)
+    probe_ids = [p.id for p in settings.probes]
+    probe_id = args.probe or probe_ids[0]
+    if probe_id not in probe_ids:
+        raise ReplayError(
+            f"--probe {probe_id!r} is not in {args.config} (probes: {', '.join(probe_ids)})",
+            EX_USAGE,
+        )
+    probe = settings.probes[probe_ids.index(probe_id)]
+    patterns, recursive = frame_patterns(probe)
+    if args.recursive is not None:
+        recursive = args.recursive
+    frames = find_recorded_frames(args.folder, patterns, recursive=recursive)
+    _check_report_path(args.report)
+    configure_logging(args.log_level, settings.daemon.log_format)
+
+    with tempfile.TemporaryDirectory(prefix="crystal-monitor-replay-") as scratch:
+        narrowed = replay_settings(settings, probe_id, Path(scratch) / "state")
+        problems = check_environment(narrowed)
+        if problems:
+            raise ReplayError(
+                "\n".join(f"config error: {problem}" for problem in problems), EX_CONFIG
+            )
+        span = frames[-1].ts - frames[0].ts
+        speed = "as fast as possible" if args.speed is None else f"at {args.speed:g}x"
+        print(
+            f"replaying {len(frames)} frames ({duration_text(span)} recorded, from "
+            f"{clock_text(frames[0].ts)}) for probe {probe_id}, {speed}",
+            file=sys.stderr,
+        )
+        progress = _ProgressLine(frames[0].ts, span) if sys.stderr.isatty() else None
+        result = replay_frames(
+            narrowed, probe_id, frames, folder=args.folder, speed=args.speed, progress=progress
+        )
+        if progress is not None:
+            progress.close()
+    result.extra["config"] = str(args.config)
+    html = render_report(result)
+    try:
+        args.report.write_text(html, encoding="utf-8")
+    except OSError as exc:
+        raise ReplayError(f"cannot write the report {args.report}: {exc}", EX_CANTCREAT) from exc
+    sys.stdout.write(summarize(result, args.report))
+    return 0
+
+
+class _ProgressLine:
+    """Recorded time replayed so far, rewritten in place on a terminal twice a second."""
+
+    def __init__(self, origin: float, span: float) -> None:
+        self._origin = origin
+        self._span = span
+        self._shown = 0.0
+
+    def __call__(self, ts: float, recorded: int) -> None:
+        now = time.monotonic()
+        if now - self._shown < 0.5:
+            return
+        self._shown = now
+        done = f"{duration_text(ts - self._origin)} of {duration_text(self._span)}"
+        print(f"\r  {done} recorded time, {recorded} frames", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        print(file=sys.stderr)
+
+
+_STATUS_WORDS = {
+    "ok": "classified",
+    "rejected": "rejected by the quality gate",
+    "error": "unreadable",
+}
+
+
+def summarize(result: ReplayResult, report: Path) -> str:
+    """The short stdout summary: frames, alarms raised and when, where the report is."""
+    statuses: dict[str, int] = {}
+    for row in result.results:
+        status = str(row["status"])
+        statuses[status] = statuses.get(status, 0) + 1
+    counted = [
+        f"{statuses.pop(status)} {word}"
+        for status, word in _STATUS_WORDS.items()
+        if status in statuses
+    ]
+    counted += [f"{count} {status}" for status, count in sorted(statuses.items())]
+    if result.lost_frames:
+        counted.append(f"{result.lost_frames} not classified (inference failed)")
+    first = clock_text(result.first_ts)
+    last = clock_text(result.last_ts).split(" ")[1]
+    lines = [
+        f"replayed {result.frames} frames of probe {result.probe.id} ({first} to {last} UTC, "
+        f"{duration_text(result.last_ts - result.first_ts)} recorded) in {result.wall_s:.1f} s",
+        "  frames: " + ", ".join(counted),
+    ]
+    raised = [e for e in result.alarm_events if e["to_state"] == "active_unacknowledged"]
+    if raised:
+        lines.append(f"  alarms raised: {len(raised)}")
+        for event in raised:
+            when = clock_text(event["ts"]).split(" ")[1]
+            lines.append(
+                f"    {when} UTC ({batch_time(event['ts'], result.first_ts)})  "
+                f"{event['alarm_id']} [{event['priority']}]  {event['message']}"
+            )
+    else:
+        lines.append("  alarms raised: none")
+    lines.append(f"  report: {report}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,258 @@
+"""/metrics: the daemon's own counters in Prometheus form, read at scrape time.
+
+A custom collector in a registry of its own (no process-global state, so two daemons in
+one test process never mix): the hot path keeps its plain counters and fixed-bucket
+histograms (`monitor.batcher.BucketCounts`), and a scrape turns them into metric
+families. Nothing here is updated per frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from monitor import __version__
+from monitor.batcher import BucketCounts
+from monitor.web.views import readiness_checks
+
+if TYPE_CHECKING:
+    from monitor.daemon import Daemon
+
+PREFIX = "crystal_monitor"
+
+
+def _histogram(name: str, documentation: str, counts: BucketCounts) -> HistogramMetricFamily:
+    per_bucket, total = counts.read()
+    cumulative = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, count in zip(counts.bounds, per_bucket, strict=False):
+        cumulative += count
+        buckets.append((repr(float(bound)), cumulative))  # le="0.005", "2.0"
+    cumulative += per_bucket[-1]
+    buckets.append(("+Inf", cumulative))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=total)
+
+
+class DaemonCollector(Collector):
+    """Frames, particles, rejects, queues, batches, inference latency, publishers, alarms."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        daemon = self._daemon
+        yield from self._info(daemon)
+        yield from self._recorded(daemon)
+        yield from self._queues(daemon)
+        yield from self._inference(daemon)
+        yield from self._publishers(daemon)
+        yield from self._probes(daemon)
+
+    def _info(self, daemon: Daemon) -> Iterator[Metric]:
+        manifest = daemon.model.manifest
+        info = InfoMetricFamily(f"{PREFIX}_build", "Daemon version and the model it runs.")
+        info.add_metric(
+            [],
+            {
+                "version": __version__,
+                "model": manifest.name,
+                "model_version": manifest.version,
+                "model_sha256": manifest.onnx_sha256,
+                "backend": daemon.backend.name,
+            },
+        )
+        yield info
+        ready = GaugeMetricFamily(
+            f"{PREFIX}_ready", "1 when the model is loaded, sources alive, publishers connected."
+        )
+        ready.add_metric([], float(all(check.ok for check in readiness_checks(daemon))))
+        yield ready
+
+    def _recorded(self, daemon: Daemon) -> Iterator[Metric]:
+        counts = daemon.recorder.counts()
+        frames = CounterMetricFamily(
+            f"{PREFIX}_frames",
+            "Frames recorded, by probe and status (ok, rejected by the quality gate, error).",
+            labels=["probe", "status"],
+        )
+        for probe in daemon.probes:
+            for status in ("ok", "rejected", "error"):
+                frames.add_metric([probe, status], counts.frames.get((probe, status), 0))
+        yield frames
+        rejects = CounterMetricFamily(
+            f"{PREFIX}_frame_rejects",
+            "Frames not classified, by probe, status and reason (empty, out_of_focus, ...).",
+            labels=["probe", "status", "reason"],
+        )
+        for (probe, status, reason), count in sorted(counts.problems.items()):
+            rejects.add_metric([probe, status, reason], count)
+        yield rejects
+        particles = CounterMetricFamily(
+            f"{PREFIX}_particles",
+            "Particles classified with confidence, by probe and class.",
+            labels=["probe", "class"],
+        )
+        for probe in daemon.probes:
+            for name in daemon.model.manifest.classes:
+                particles.add_metric([probe, name], counts.particles.get((probe, name), 0))
+        yield particles
+        uncertain = CounterMetricFamily(
+            f"{PREFIX}_uncertain_particles",
+            "Particles below the model's confidence threshold, by probe.",
+            labels=["probe"],
+        )
+        for probe in daemon.probes:
+            uncertain.add_metric([probe], counts.uncertain.get(probe, 0))
+        yield uncertain
+
+    def _queues(self, daemon: Daemon) -> Iterator[Metric]:
+        batcher_config = daemon.settings.batcher
+        gauges: list[tuple[str, str, float]] = [
+            ("frame_queue_depth", "Frames waiting for a decode worker.", daemon.frames.qsize()),
+            (
+                "frame_queue_capacity",
+                "Most frames the frame queue holds.",
+                batcher_config.frame_queue_size,
+            ),
+            (
+                "frames_in_flight",
+                "Frames taken by a worker and not yet recorded.",
+                daemon.pipeline.in_flight,
+            ),
+            (
+                "batcher_queue_crops",
+                "Crops waiting for inference in the micro-batcher.",
+                daemon.batcher.queued_crops,
+            ),
+            (
+                "batcher_queue_capacity",
+                "Most crops the micro-batcher queue holds.",
+                max(batcher_config.queue_size, batcher_config.max_batch),
+            ),
+        ]
+        for name, documentation, value in gauges:
+            gauge = GaugeMetricFamily(f"{PREFIX}_{name}", documentation)
+            gauge.add_metric([], float(value))
+            yield gauge
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_frames_dropped",
+            "Stream frames dropped because the frame queue was full.",
+        )
+        dropped.add_metric([], daemon.frames.dropped)
+        yield dropped
+
+    def _inference(self, daemon: Daemon) -> Iterator[Metric]:
+        batcher = daemon.batcher
+        yield _histogram(
+            f"{PREFIX}_inference_batch_size",
+            "Crops per inference batch.",
+            batcher.batch_size_histogram,
+        )
+        yield _histogram(
+            f"{PREFIX}_inference_seconds",
+            "Time the backend took per inference batch.",
+            batcher.latency_histogram,
+        )
+        stats = batcher.stats
+        for name, documentation, value in (
+            ("inference_crops", "Crops run through the backend.", stats.crops),
+            ("inference_failures", "Inference batches that raised.", stats.failures),
+        ):
+            counter = CounterMetricFamily(f"{PREFIX}_{name}", documentation)
+            counter.add_metric([], value)
+            yield counter
+
+    def _publishers(self, daemon: Daemon) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            f"{PREFIX}_publisher_connected",
+            "1 when the publisher is connected.",
+            labels=["publisher"],
+        )
+        backlog = GaugeMetricFamily(
+            f"{PREFIX}_publish_backlog",
+            "Messages waiting for the broker's acknowledgement.",
+            labels=["publisher"],
+        )
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_publish_dropped",
+            "Messages dropped because the bounded outbox was full.",
+            labels=["publisher"],
+        )
+        for publisher in daemon.publishers:
+            connected, _detail = publisher.health()
+            up.add_metric([publisher.name], float(connected))
+            diagnostics = getattr(publisher, "diagnostics", None)
+            if diagnostics is None:
+                continue
+            numbers: dict[str, Any] = diagnostics()
+            backlog.add_metric([publisher.name], float(numbers.get("backlog", 0)))
+            dropped.add_metric([publisher.name], float(numbers.get("dropped_total", 0)))
+        yield up
+        yield backlog
+        yield dropped
+
+    def _probes(self, daemon: Daemon) -> Iterator[Metric]:
+        now = daemon.clock()
+        age = GaugeMetricFamily(
+            f"{PREFIX}_last_frame_age_seconds",
+            "Seconds since the probe's newest frame (absent before the first).",
+            labels=["probe"],
+        )
+        fraction = GaugeMetricFamily(
+            f"{PREFIX}_class_fraction",
+            "Share of a class among confident particles in a window (absent without particles).",
+            labels=["probe", "class", "window"],
+        )
+        window_n = GaugeMetricFamily(
+            f"{PREFIX}_window_particles",
+            "Confident particles in a window.",
+            labels=["probe", "window"],
+        )
+        alarm_active = GaugeMetricFamily(
+            f"{PREFIX}_alarm_active",
+            "1 while the alarm is active (acknowledged or not).",
+            labels=["probe", "alarm", "priority"],
+        )
+        alarm_unacked = GaugeMetricFamily(
+            f"{PREFIX}_alarm_unacknowledged",
+            "1 while the alarm waits for an operator's acknowledgement.",
+            labels=["probe", "alarm", "priority"],
+        )
+        for probe, state in daemon.probes.items():
+            with state.lock:
+                snapshot = state.aggregator.snapshot(now).to_json()
+                last = state.last_frame_ts
+            if last is not None:
+                age.add_metric([probe], max(0.0, now - last))
+            for window, stats in snapshot["windows"].items():
+                window_n.add_metric([probe, window], stats["n"])
+                for name, cls in stats["classes"].items():
+                    if cls["fraction"] is not None:
+                        fraction.add_metric([probe, name, window], cls["fraction"])
+            for alarm in daemon.alarm_states(probe):
+                labels = [probe, alarm["alarm_id"], alarm["priority"]]
+                alarm_active.add_metric(labels, float(alarm["active"]))
+                alarm_unacked.add_metric(labels, float(not alarm["acknowledged"]))
+        yield from (age, fraction, window_n, alarm_active, alarm_unacked)
+
+
+def create_registry(daemon: Daemon) -> CollectorRegistry:
+    """A registry holding only this daemon's collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(daemon))
+    return registry
+
+
+def render_metrics(registry: CollectorRegistry) -> bytes:
+    """The Prometheus text exposition of `registry`."""
+    return generate_latest(registry)

@@ -1,0 +1,539 @@
+"""The HTTP server: one aiohttp application on its own thread and event loop.
+
+Routes: /healthz (alive, never behind the token), /readyz, /metrics, the JSON API under
+/api/ and the dashboard (/, /static/...). Handlers copy what they need from the daemon
+under its locks; store queries, JPEG encoding and operator actions run on a small
+worker pool so the event loop never waits on SQLite or OpenCV.
+
+Security: bound to loopback by default. With a token (`http.token_env` or
+`http.token_credential`; required beyond loopback) every path but /healthz and /login
+needs `Authorization: Bearer TOKEN` or the session cookie that /login sets. POSTs must
+be JSON with an `X-Requested-By` header, which a cross-site form or simple request
+cannot send, and a present Origin must be this server. Without a token the Host header
+must name this server (loopback), so a DNS-rebinding page cannot reach it either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import hmac
+import json
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+import structlog
+from aiohttp import web
+
+from monitor import __version__
+from monitor.publishers.opcua_config import is_loopback_host
+from monitor.web import views
+from monitor.web.config import HttpConfig, resolve_token
+from monitor.web.metrics import create_registry, render_metrics
+
+if TYPE_CHECKING:
+    from monitor.daemon import Daemon
+
+log = structlog.get_logger(__name__)
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 5.0
+SESSION_COOKIE = "crystal_monitor_session"
+SESSION_MAX_AGE_S = 30 * 86400
+CSRF_HEADER = "X-Requested-By"
+OPEN_PATHS = frozenset({"/healthz", "/login", "/logout"})
+MAX_WHO_CHARS = 64
+MAX_COMMENT_CHARS = 500
+JOURNAL_LIMIT = 200
+
+_STATIC_TYPES = {
+    ".html": "text/html",
+    ".css": "text/css",
+    ".js": "text/javascript",
+    ".svg": "image/svg+xml",
+}
+_PAGE_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+)
+_LOGIN_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class WebStartError(RuntimeError):
+    """The HTTP server could not start; the message names the cause and the fix."""
+
+
+def session_value(token: str) -> str:
+    """The login cookie: derived from the token, so the cookie never holds the token."""
+    digest = hmac.new(token.encode(), b"crystal-monitor dashboard session", hashlib.sha256)
+    return digest.hexdigest()
+
+
+def _load_static() -> dict[str, tuple[bytes, str]]:
+    folder = resources.files("monitor.web") / "static"
+    files: dict[str, tuple[bytes, str]] = {}
+    for entry in folder.iterdir():
+        suffix = "." + entry.name.rsplit(".", 1)[-1]
+        if entry.is_file() and suffix in _STATIC_TYPES:
+            files[entry.name] = (entry.read_bytes(), _STATIC_TYPES[suffix])
+    return files
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: such numbers become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False)
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.json_response(value, status=status, dumps=_dumps)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status=status)
+
+
+class WebServer:
+    """Health, metrics, API and dashboard of one daemon; `start` returns once it listens."""
+
+    def __init__(self, config: HttpConfig, daemon: Daemon, *, token: str | None = None) -> None:
+        self.config = config
+        self._daemon = daemon
+        self._token = token if token is not None else resolve_token(config)
+        self._session = None if self._token is None else session_value(self._token)
+        self._static = _load_static()
+        self._registry = create_registry(daemon)
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="http-worker")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = time.monotonic()
+        self._frame_cache: dict[tuple[str, int], tuple[float, bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        shown = "127.0.0.1" if host in {"0.0.0.0", ""} else host
+        if ":" in shown:
+            shown = f"[{shown}]"
+        return f"http://{shown}:{self.config.port}/"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="http", daemon=True)
+        self._thread.start()
+        where = f"{self.config.host}:{self.config.port}"
+        try:
+            ready.result(timeout=START_TIMEOUT_S)
+        except concurrent.futures.TimeoutError as exc:
+            self.stop()
+            raise WebStartError(
+                f"HTTP server did not start within {START_TIMEOUT_S:.0f} s ({where})"
+            ) from exc
+        except OSError as exc:
+            self._thread.join(timeout=STOP_TIMEOUT_S)
+            self._pool.shutdown(wait=False)
+            raise WebStartError(
+                f"HTTP server cannot listen on {where}: {exc.strerror or exc} (is another "
+                "program using the port? change http.port, or set http.enabled = false)"
+            ) from exc
+        log.info("http_started", url=self.url, token=self._token is not None)
+
+    def _run(self, ready: concurrent.futures.Future[None]) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        runner = web.AppRunner(self._application(), access_log=None, shutdown_timeout=1.0)
+        try:
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True)
+            loop.run_until_complete(site.start())
+        except BaseException as exc:  # reported to start(), which raises it
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(runner.cleanup())
+            loop.close()
+            ready.set_exception(exc)
+            return
+        self._loop = loop
+        ready.set_result(None)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+    def stop(self) -> None:
+        """Close the listener and open connections, then the worker pool."""
+        loop, thread = self._loop, self._thread
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=STOP_TIMEOUT_S)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._loop = None
+        log.info("http_stopped")
+
+    # -- application ----------------------------------------------------------------------
+
+    def _application(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._headers, self._guard],
+            client_max_size=64 * 1024,
+        )
+        get = app.router.add_get
+        get("/healthz", self._healthz)
+        get("/readyz", self._readyz)
+        get("/metrics", self._metrics)
+        get("/", self._index)
+        get("/static/{name}", self._static_file)
+        get("/login", self._login)
+        app.router.add_post("/login", self._login)
+        get("/logout", self._logout)
+        get("/api/state", self._state)
+        get("/api/alarms", self._alarms)
+        get("/api/probes/{probe}/history", self._history)
+        get("/api/probes/{probe}/frame", self._frame)
+        get("/api/probes/{probe}/frame.jpg", self._frame_jpeg)
+        post = app.router.add_post
+        post("/api/probes/{probe}/alarms/{alarm_id}/acknowledge", self._acknowledge)
+        post("/api/probes/{probe}/alarms/{alarm_id}/shelve", self._shelve)
+        return app
+
+    async def _work(self, function: Callable[..., T], *args: Any) -> T:
+        """Run `function` on the worker pool (store reads, encoding, operator actions)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, function, *args)
+
+    # -- middlewares ----------------------------------------------------------------------
+
+    @web.middleware
+    async def _headers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status >= 400 and request.path.startswith("/api/"):
+                response = _error(exc.status, exc.reason)
+            else:
+                raise
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Content-Security-Policy", _PAGE_CSP)
+        if "Cache-Control" not in response.headers and not request.path.startswith("/static/"):
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._token is None and not self._host_allowed(request.host):
+            return _error(
+                403,
+                f"Host {request.host!r} is not this server: without a token the server "
+                "answers only to its loopback address (DNS-rebinding protection)",
+            )
+        if request.method == "POST":
+            refusal = self._cross_site_refusal(request)
+            if refusal is not None:
+                return _error(403, refusal)
+        needs_token = self._token is not None and request.path not in OPEN_PATHS
+        if needs_token and not self._authorised(request):
+            if request.path == "/" and request.method == "GET":
+                raise web.HTTPSeeOther("/login")
+            response = _error(
+                401,
+                "authentication required: send 'Authorization: Bearer TOKEN' or log in at /login",
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="crystal-monitor"'
+            return response
+        return await handler(request)
+
+    def _host_allowed(self, host_header: str) -> bool:
+        host = urlsplit(f"//{host_header}").hostname or ""
+        return is_loopback_host(host) or host == self.config.host.lower()
+
+    def _cross_site_refusal(self, request: web.Request) -> str | None:
+        origin = request.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc != request.host:
+            return f"cross-site request refused (Origin {origin!r} is not this server)"
+        if request.path == "/login":
+            return None  # the login form: a plain form post, nothing to forge with it
+        if request.content_type != "application/json" or not request.headers.get(CSRF_HEADER):
+            return (
+                f"a POST needs 'Content-Type: application/json' and an '{CSRF_HEADER}' "
+                "header (cross-site request protection)"
+            )
+        return None
+
+    def _authorised(self, request: web.Request) -> bool:
+        assert self._token is not None and self._session is not None
+        header = request.headers.get("Authorization", "")
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.strip().encode(), self._token.encode()
+        ):
+            return True
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        return hmac.compare_digest(cookie.encode(), self._session.encode())
+
+    # -- health and metrics ---------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                "status": "alive",
+                "version": __version__,
+                "uptime_s": round(time.monotonic() - self._started, 3),
+            }
+        )
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        checks = await self._work(views.readiness_checks, self._daemon)
+        reasons = [f"{check.name}: {check.detail}" for check in checks if not check.ok]
+        return _json(
+            {
+                "ready": not reasons,
+                "reasons": reasons,
+                "checks": [check.to_json() for check in checks],
+            },
+            status=200 if not reasons else 503,
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = await self._work(render_metrics, self._registry)
+        return web.Response(
+            body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
+
+    # -- pages ----------------------------------------------------------------------------
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return self._static_response("index.html", cache=False)
+
+    async def _static_file(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self._static or name == "login.html":
+            raise web.HTTPNotFound()
+        return self._static_response(name, cache=True)
+
+    def _static_response(self, name: str, *, cache: bool) -> web.Response:
+        body, content_type = self._static[name]
+        response = web.Response(body=body, content_type=content_type)
+        if cache:
+            response.headers["Cache-Control"] = "max-age=300"
+        return response
+
+    async def _login(self, request: web.Request) -> web.StreamResponse:
+        if self._token is None:
+            raise web.HTTPSeeOther("/")
+        if request.method == "POST":
+            form = await request.post()
+            offered = str(form.get("token", ""))
+        else:
+            offered = request.query.get("token", "")
+        if offered:
+            if hmac.compare_digest(offered.strip().encode(), self._token.encode()):
+                response = web.HTTPSeeOther("/")
+                assert self._session is not None
+                response.set_cookie(
+                    SESSION_COOKIE,
+                    self._session,
+                    max_age=SESSION_MAX_AGE_S,
+                    httponly=True,
+                    samesite="Strict",
+                    path="/",
+                )
+                log.info("http_login", remote=request.remote)
+                raise response
+            log.warning("http_login_refused", remote=request.remote)
+            return self._login_page("That token is not valid.", status=401)
+        return self._login_page("")
+
+    def _login_page(self, message: str, status: int = 200) -> web.Response:
+        body, _ = self._static["login.html"]
+        text = body.decode().replace("{{message}}", message)
+        response = web.Response(text=text, content_type="text/html", status=status)
+        response.headers["Content-Security-Policy"] = _LOGIN_CSP
+        return response
+
+    async def _logout(self, request: web.Request) -> web.StreamResponse:
+        response = web.HTTPSeeOther("/login" if self._token is not None else "/")
+        response.del_cookie(SESSION_COOKIE, path="/")
+        raise response
+
+    # -- JSON API -------------------------------------------------------------------------
+
+    def _probe(self, request: web.Request) -> str:
+        probe = request.match_info["probe"]
+        if probe not in self._daemon.probes:
+            raise web.HTTPNotFound(reason=f"unknown probe {probe!r}")
+        return probe
+
+    async def _state(self, request: web.Request) -> web.Response:
+        state = await self._work(views.daemon_state, self._daemon, self.config.refresh)
+        return _json(state)
+
+    async def _alarms(self, request: web.Request) -> web.Response:
+        probe = request.query.get("probe")
+        if probe is not None and probe not in self._daemon.probes:
+            return _error(404, f"unknown probe {probe!r}")
+        try:
+            limit = max(1, min(int(request.query.get("limit", JOURNAL_LIMIT)), 5000))
+        except ValueError:
+            return _error(400, "limit must be a whole number")
+        probes = [probe] if probe is not None else list(self._daemon.probes)
+
+        def collect() -> dict[str, Any]:
+            return {
+                "states": {p: self._daemon.alarm_states(p) for p in probes},
+                "journal": self._daemon.store.recent_alarm_journal(limit, probe),
+            }
+
+        return _json(await self._work(collect))
+
+    async def _history(self, request: web.Request) -> web.Response:
+        probe = self._probe(request)
+        windows = [int(w) for w in self._daemon.settings.aggregation.windows]
+        try:
+            window = int(request.query.get("window", views.default_window(self._daemon, probe)))
+        except ValueError:
+            window = -1
+        if window not in windows:
+            return _error(400, f"window must be one of the aggregation windows {windows}")
+        span = views.SPANS.get(request.query.get("span", "auto"))
+        if span is None:
+            return _error(400, "span must be auto, hour or batch")
+        history = await self._work(
+            lambda: views.probe_history(
+                self._daemon,
+                probe,
+                window=window,
+                span=span,
+                history_s=self.config.history,
+                history_max_s=self.config.history_max,
+            )
+        )
+        return _json(history)
+
+    async def _frame(self, request: web.Request) -> web.Response:
+        probe = self._probe(request)
+        boxes = await self._work(views.frame_boxes, self._daemon, probe)
+        if boxes is None:
+            return _error(404, f"no classified frame from probe {probe!r} yet")
+        return _json(boxes)
+
+    async def _frame_jpeg(self, request: web.Request) -> web.Response:
+        probe = self._probe(request)
+        try:
+            width = int(request.query.get("width", self.config.frame_width))
+        except ValueError:
+            return _error(400, "width must be a whole number of pixels")
+        width = max(64, min(width, self.config.frame_width))
+        state = self._daemon.probes[probe]
+        with state.lock:
+            latest = state.latest_frame
+        if latest is None:
+            return _error(404, f"no classified frame from probe {probe!r} yet")
+        cached = self._frame_cache.get((probe, width))
+        if cached is not None and cached[0] == latest.ts:
+            data = cached[1]
+        else:
+            data = await self._work(views.encode_frame, latest.image, width)
+            self._frame_cache[(probe, width)] = (latest.ts, data)
+        return web.Response(
+            body=data,
+            content_type="image/jpeg",
+            headers={"X-Frame-Ts": repr(latest.ts), "X-Frame-Key": latest.key},
+        )
+
+    async def _action_body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            raise web.HTTPBadRequest(reason="the body is not valid JSON") from exc
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(reason="the body must be a JSON object")
+        who = body.get("who")
+        if not isinstance(who, str) or not who.strip() or len(who) > MAX_WHO_CHARS:
+            raise web.HTTPBadRequest(
+                reason=f"'who' (the operator) must be 1 to {MAX_WHO_CHARS} characters"
+            )
+        comment = body.get("comment", "")
+        if not isinstance(comment, str) or len(comment) > MAX_COMMENT_CHARS:
+            raise web.HTTPBadRequest(
+                reason=f"'comment' must be text of at most {MAX_COMMENT_CHARS} characters"
+            )
+        return {**body, "who": who.strip(), "comment": comment.strip()}
+
+    async def _acknowledge(self, request: web.Request) -> web.Response:
+        probe = self._probe(request)
+        alarm_id = request.match_info["alarm_id"]
+        body = await self._action_body(request)
+        result = await self._work(
+            self._daemon.acknowledge, probe, alarm_id, body["who"], body["comment"]
+        )
+        log.info(
+            "http_acknowledge",
+            probe=probe,
+            alarm_id=alarm_id,
+            who=body["who"],
+            accepted=result.accepted,
+            reason=result.reason,
+        )
+        return _json(
+            {"accepted": result.accepted, "reason": result.reason},
+            status=200 if result.accepted else 409,
+        )
+
+    async def _shelve(self, request: web.Request) -> web.Response:
+        probe = self._probe(request)
+        alarm_id = request.match_info["alarm_id"]
+        body = await self._action_body(request)
+        minutes = body.get("minutes")
+        if (
+            isinstance(minutes, bool)
+            or not isinstance(minutes, int | float)
+            or not math.isfinite(minutes)
+            or minutes <= 0
+        ):
+            return _error(400, "'minutes' must be a number of minutes above 0")
+        result = await self._work(
+            self._daemon.shelve, probe, alarm_id, float(minutes), body["who"], body["comment"]
+        )
+        log.info(
+            "http_shelve",
+            probe=probe,
+            alarm_id=alarm_id,
+            minutes=minutes,
+            who=body["who"],
+            accepted=result.accepted,
+            reason=result.reason,
+        )
+        return _json(
+            {"accepted": result.accepted, "reason": result.reason},
+            status=200 if result.accepted else 409,
+        )

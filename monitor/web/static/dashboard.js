@@ -1,0 +1,555 @@
+// crystal-monitor dashboard: polls the daemon's JSON API and draws every probe.
+// Plain JavaScript and SVG; no library, nothing loaded from outside this server.
+"use strict";
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+// Class colours stay clear of the alarm colours (red, amber, yellow, magenta), which
+// mean only one thing on this page.
+const CLASS_COLOURS = ["#4ea1ff", "#d29bff", "#2ec4b6", "#e6e9ec", "#8fd16a", "#a0785a"];
+const UNCERTAIN_COLOUR = "#9aa5b1";
+const PRIORITY_COLOURS = { critical: "#d1006b", high: "#e5383b", medium: "#f6a01a", low: "#f2d024" };
+const SHELVE_MINUTES = [15, 30, 60, 120, 240, 480];
+const OPERATOR_KEY = "crystal-monitor.operator";
+const TREND_HEIGHT = 340;
+
+const views = new Map();  // probe id -> view state
+let classes = [];
+let refreshMs = 2000;
+let timer = null;
+let refreshing = false;
+let daemonOffsetS = 0;  // daemon clock minus browser clock
+
+// -- small helpers ------------------------------------------------------------------
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function svg(tag, attributes, text) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attributes || {})) node.setAttribute(key, value);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function pct(value, digits = 1) {
+  return value === null || value === undefined ? "–" : `${(value * 100).toFixed(digits)} %`;
+}
+
+function windowLabel(seconds) {
+  if (seconds < 60) return `${seconds} s`;
+  if (seconds % 3600 === 0) return `${seconds / 3600} h`;
+  return `${+(seconds / 60).toFixed(1)} min`;
+}
+
+function clockText(ts, seconds = true) {
+  const date = new Date(ts * 1000);
+  const pad = (n) => String(n).padStart(2, "0");
+  const hm = `${pad(date.getHours())}:${pad(date.getMinutes())}`;
+  return seconds ? `${hm}:${pad(date.getSeconds())}` : hm;
+}
+
+function ageText(seconds) {
+  if (seconds === null || seconds === undefined) return "no frame yet";
+  if (seconds < 90) return `last frame ${seconds.toFixed(1)} s ago`;
+  if (seconds < 5400) return `last frame ${(seconds / 60).toFixed(1)} min ago`;
+  return `last frame ${(seconds / 3600).toFixed(1)} h ago`;
+}
+
+function classColour(name) {
+  const index = classes.indexOf(name);
+  return CLASS_COLOURS[(index < 0 ? 0 : index) % CLASS_COLOURS.length];
+}
+
+function notice(message, isError = false) {
+  const box = document.getElementById("notice");
+  box.textContent = message;
+  box.className = isError ? "notice error" : "notice";
+  box.hidden = false;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { credentials: "same-origin", ...options });
+  if (response.status === 401) {
+    window.location.assign("/login");
+    throw new Error("not logged in");
+  }
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok && !("accepted" in body)) {
+    throw new Error(body.error || `${response.status} ${response.statusText}`);
+  }
+  return { status: response.status, body };
+}
+
+// -- one probe's view ---------------------------------------------------------------
+
+function createView(probe) {
+  const section = el("section", "probe");
+  section.dataset.probe = probe.id;
+
+  const head = el("div", "probe-head");
+  const title = el("h2", "", probe.id);
+  const batch = el("span", "batch");
+  const quality = el("span", "quality");
+  const age = el("span", "age");
+  head.append(title, batch, quality, age);
+
+  const alarms = el("div", "alarms");
+
+  const trendPanel = el("div", "trend-panel");
+  const figures = el("div", "figures");
+  const windows = el("div", "windows");
+  const trend = svg("svg", { class: "trend", role: "img" });
+  const legend = el("div", "legend");
+  trendPanel.append(figures, trend, legend);
+
+  const framePanel = el("div", "frame-panel");
+  const frameWrap = el("div", "frame-wrap");
+  const image = el("img");
+  image.alt = `latest frame of ${probe.id}`;
+  image.hidden = true;
+  const boxes = svg("svg", { class: "frame-boxes", preserveAspectRatio: "none" });
+  const nothing = el("div", "nothing", "no classified frame yet");
+  frameWrap.append(image, boxes, nothing);
+  const caption = el("div", "frame-caption");
+  framePanel.append(frameWrap, caption);
+
+  const countsPanel = el("div", "counts-panel");
+  const counts = el("table", "counts");
+  countsPanel.append(counts);
+
+  const grid = el("div", "grid");
+  grid.append(trendPanel, framePanel, countsPanel);
+  section.append(head, alarms, grid);
+
+  const view = {
+    id: probe.id,
+    section, batch, quality, age, alarms, figures, windows, trend, legend,
+    image, boxes, nothing, caption, counts,
+    window: probe.default_window,
+    state: probe,
+    history: null,
+    frameTs: null,
+    frameBoxes: null,
+    alarmRows: new Map(),
+  };
+  image.addEventListener("load", () => drawBoxes(view));
+  return view;
+}
+
+function plottedClasses(probe) {
+  const watched = [...new Set(probe.limits.map((limit) => limit.class_name))];
+  return watched.length ? watched.filter((name) => classes.includes(name)) : classes.slice();
+}
+
+function renderHead(view, probe) {
+  view.batch.textContent = probe.batch ? `batch ${probe.batch}` : "no batch running";
+  view.quality.textContent = probe.quality;
+  view.quality.className = `quality q-${probe.quality}`;
+  view.age.textContent = ageText(probe.last_frame_age_s);
+  view.age.classList.toggle("stale", probe.quality === "BAD" && !probe.source.alive);
+  const unacked = probe.active_alarms.some((alarm) => !alarm.acknowledged && !alarm.shelved);
+  view.section.classList.toggle("alarmed", unacked);
+}
+
+function renderFigures(view, probe, allWindows) {
+  const stats = probe.snapshot.windows[String(view.window)];
+  view.figures.replaceChildren();
+  for (const name of plottedClasses(probe)) {
+    const cls = stats ? stats.classes[name] : null;
+    const figure = el("div", "figure");
+    figure.dataset.class = name;
+    const label = el("div", "name", `${name} · ${windowLabel(view.window)} window`);
+    const value = el("div", "value", pct(cls ? cls.fraction : null));
+    value.style.color = classColour(name);
+    const ci = cls && cls.ci95 ? `95 %: ${pct(cls.ci95[0])} – ${pct(cls.ci95[1])}` : "95 %: –";
+    const adjusted = cls && cls.adjusted !== null ? ` · adjusted ${pct(cls.adjusted)}` : "";
+    figure.append(label, value, el("div", "ci", ci + adjusted));
+    view.figures.append(figure);
+  }
+  view.windows.replaceChildren();
+  for (const seconds of allWindows) {
+    const button = el("button", seconds === view.window ? "selected" : "", windowLabel(seconds));
+    button.type = "button";
+    button.addEventListener("click", () => {
+      view.window = seconds;
+      renderFigures(view, view.state, allWindows);
+      loadHistory(view).then(() => drawTrend(view)).catch(() => {});
+    });
+    view.windows.append(button);
+  }
+  view.figures.append(view.windows);
+}
+
+function renderCounts(view, probe) {
+  const stats = probe.snapshot.windows[String(view.window)];
+  const rows = [];
+  const w = windowLabel(view.window);
+  if (stats) {
+    rows.push([`particles (${w})`, String(stats.n)]);
+    rows.push([`uncertain particles (${w})`, pct(stats.uncertain_share), stats.uncertain_share > 0.3]);
+    rows.push([`frames (${w})`, `${stats.frames} accepted, ${stats.rejected_frames} rejected`]);
+    rows.push([`rejected frames (${w})`, pct(stats.rejected_share), stats.rejected_share > 0.5]);
+    const reasons = Object.entries(stats.rejected_by_reason).map(([k, v]) => `${k} ${v}`);
+    rows.push([`rejected by reason (${w})`, reasons.length ? reasons.join(", ") : "none"]);
+    rows.push(["particles per minute", stats.particles_per_min.toFixed(0)]);
+  }
+  const total = probe.counts;
+  rows.push([
+    "frames since start",
+    `${total.frames.ok} ok, ${total.frames.rejected} rejected, ${total.frames.error} failed`,
+  ]);
+  const particles = Object.entries(total.particles).map(([k, v]) => `${k} ${v}`);
+  rows.push(["particles since start", `${particles.join(", ")}, uncertain ${total.uncertain}`]);
+  view.counts.replaceChildren();
+  for (const [label, value, bad] of rows) {
+    const tr = el("tr");
+    const td = el("td", bad ? "bad" : "", value);
+    tr.append(el("th", "", label), td);
+    view.counts.append(tr);
+  }
+}
+
+// -- alarms -------------------------------------------------------------------------
+
+function alarmStateText(alarm) {
+  const parts = [];
+  if (alarm.state === "active_unacknowledged") parts.push(alarm.latched ? "LATCHED, UNACKNOWLEDGED" : "ACTIVE, UNACKNOWLEDGED");
+  else if (alarm.state === "active_acknowledged") parts.push("active, acknowledged");
+  else if (alarm.state === "returned_unacknowledged") parts.push("RETURNED, UNACKNOWLEDGED");
+  else parts.push("normal");
+  if (alarm.since) parts.push(`since ${clockText(alarm.since)}`);
+  if (alarm.shelved) {
+    const until = alarm.shelved_until ? ` until ${clockText(alarm.shelved_until, false)}` : "";
+    parts.push(`shelved${until}${alarm.shelved_by ? ` by ${alarm.shelved_by}` : ""}`);
+  }
+  if (alarm.suppressed) parts.push("suppressed (bad input)");
+  return parts.join(" · ");
+}
+
+function createAlarmRow(view, alarm) {
+  const row = el("div", "alarm");
+  row.dataset.alarmId = alarm.alarm_id;
+  const priority = el("div", "priority");
+  const text = el("div");
+  const message = el("div", "message");
+  const state = el("div", "state");
+  text.append(message, state);
+  const actions = el("div", "actions");
+  const comment = el("input", "comment");
+  comment.placeholder = "comment";
+  comment.maxLength = 500;
+  const ack = el("button", "ack", "Acknowledge");
+  ack.type = "button";
+  const minutes = el("select", "minutes");
+  for (const m of SHELVE_MINUTES) {
+    const option = el("option", "", m < 60 ? `${m} min` : `${m / 60} h`);
+    option.value = String(m);
+    minutes.append(option);
+  }
+  minutes.value = "60";
+  const shelve = el("button", "shelve", "Shelve");
+  shelve.type = "button";
+  actions.append(comment, ack, minutes, shelve);
+  row.append(priority, text, actions);
+  ack.addEventListener("click", () => act(view, row, "acknowledge", {}));
+  shelve.addEventListener("click", () => act(view, row, "shelve", { minutes: Number(minutes.value) }));
+  return { row, priority, message, state, ack, shelve };
+}
+
+function renderAlarms(view, probe) {
+  const shown = probe.active_alarms;
+  const keep = new Set(shown.map((alarm) => alarm.alarm_id));
+  for (const [id, parts] of view.alarmRows) {
+    if (!keep.has(id)) {
+      parts.row.remove();
+      view.alarmRows.delete(id);
+    }
+  }
+  let none = view.alarms.querySelector(".none");
+  if (!shown.length) {
+    if (!none) view.alarms.append(el("div", "none", "No active alarms"));
+    return;
+  }
+  if (none) none.remove();
+  for (const alarm of shown) {
+    let parts = view.alarmRows.get(alarm.alarm_id);
+    if (!parts) {
+      parts = createAlarmRow(view, alarm);
+      view.alarmRows.set(alarm.alarm_id, parts);
+    }
+    view.alarms.append(parts.row);  // keeps the engine's order
+    const unacked = !alarm.acknowledged;
+    parts.row.className = `alarm p-${alarm.priority}${unacked ? " unack" : ""}${alarm.shelved ? " shelved" : ""}`;
+    parts.row.dataset.state = alarm.state;
+    parts.priority.textContent = alarm.priority;
+    parts.priority.style.color = PRIORITY_COLOURS[alarm.priority] || "";
+    parts.message.textContent = `${alarm.alarm_id}: ${alarm.message}`;
+    parts.state.textContent = alarmStateText(alarm);
+    parts.ack.disabled = !unacked;
+    parts.shelve.disabled = alarm.shelved;
+  }
+}
+
+async function act(view, row, action, extra) {
+  const operator = document.getElementById("operator");
+  const who = operator.value.trim();
+  const alarmId = row.dataset.alarmId;
+  if (!who) {
+    operator.classList.add("missing");
+    operator.focus();
+    notice("Enter your name under Operator (top right) before acting on an alarm.", true);
+    return;
+  }
+  const comment = row.querySelector(".comment").value.trim();
+  const path = `/api/probes/${encodeURIComponent(view.id)}/alarms/${encodeURIComponent(alarmId)}/${action}`;
+  try {
+    const { body } = await api(path, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-Requested-By": "crystal-monitor-dashboard" },
+      body: JSON.stringify({ who, comment, ...extra }),
+    });
+    if (body.accepted) {
+      const done = action === "acknowledge" ? "acknowledged" : `shelved for ${extra.minutes} min`;
+      notice(`${view.id} ${alarmId}: ${done} by ${who}`);
+      row.querySelector(".comment").value = "";
+    } else {
+      notice(`${view.id} ${alarmId}: refused: ${body.reason}`, true);
+    }
+  } catch (error) {
+    notice(`${view.id} ${alarmId}: ${error.message}`, true);
+  }
+  refreshSoon();
+}
+
+// -- the trend ----------------------------------------------------------------------
+
+async function loadHistory(view) {
+  const path = `/api/probes/${encodeURIComponent(view.id)}/history?window=${view.window}`;
+  const { body } = await api(path);
+  view.history = body;
+}
+
+function niceStep(range, target) {
+  const raw = range / target;
+  const power = Math.pow(10, Math.floor(Math.log10(raw)));
+  for (const m of [1, 2, 2.5, 5, 10]) if (m * power >= raw) return m * power;
+  return 10 * power;
+}
+
+function segments(ts, values) {
+  const runs = [];
+  let run = [];
+  values.forEach((value, i) => {
+    if (value === null || value === undefined) {
+      if (run.length) runs.push(run);
+      run = [];
+    } else run.push([ts[i], value]);
+  });
+  if (run.length) runs.push(run);
+  return runs;
+}
+
+function drawTrend(view) {
+  const probe = view.state;
+  const history = view.history;
+  const chart = view.trend;
+  const width = Math.max(320, chart.clientWidth || 900);
+  const height = TREND_HEIGHT;
+  chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  chart.replaceChildren();
+  const points = history && history.window === view.window ? history.ts.length : 0;
+  chart.dataset.points = String(points);
+  chart.dataset.window = String(view.window);
+  const plotted = plottedClasses(probe);
+  const limits = probe.limits.filter((limit) => plotted.includes(limit.class_name));
+  const margin = { left: 62, right: 190, top: 16, bottom: 34 };
+  const plotW = width - margin.left - margin.right;
+  const plotH = height - margin.top - margin.bottom;
+
+  let top = 0.05;
+  if (points) {
+    for (const name of plotted) {
+      const series = history.series[name];
+      for (const v of [...series.high, ...series.fraction]) if (v !== null && v > top) top = v;
+    }
+  }
+  for (const limit of limits) top = Math.max(top, limit.limit);
+  top = Math.min(1, top * 1.15);
+  const yStep = niceStep(top, 5);
+  top = Math.min(1, Math.ceil(top / yStep - 1e-9) * yStep);
+
+  const t1 = points ? Math.max(history.now, history.ts[points - 1]) : Date.now() / 1000;
+  let t0 = points ? history.ts[0] : t1 - 600;
+  if (t1 - t0 < 60) t0 = t1 - 60;
+  const x = (t) => margin.left + ((t - t0) / (t1 - t0)) * plotW;
+  const y = (v) => margin.top + (1 - v / top) * plotH;
+
+  for (let v = 0; v <= top + 1e-9; v += yStep) {
+    chart.append(svg("line", { class: "gridline", x1: margin.left, x2: margin.left + plotW, y1: y(v), y2: y(v) }));
+    chart.append(svg("text", { x: margin.left - 8, y: y(v) + 5, "text-anchor": "end" }, pct(v, yStep < 0.01 ? 1 : 0)));
+  }
+  const tStep = [30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200].find((s) => (t1 - t0) / s <= 7) || 86400;
+  for (let t = Math.ceil(t0 / tStep) * tStep; t <= t1; t += tStep) {
+    chart.append(svg("line", { class: "gridline", x1: x(t), x2: x(t), y1: margin.top, y2: margin.top + plotH }));
+    chart.append(svg("text", { x: x(t), y: height - 10, "text-anchor": "middle" }, clockText(t, tStep < 60)));
+  }
+
+  for (const limit of limits) {
+    const colour = PRIORITY_COLOURS[limit.priority] || PRIORITY_COLOURS.high;
+    const ly = y(limit.limit);
+    chart.append(svg("line", { class: "limit", x1: margin.left, x2: margin.left + plotW, y1: ly, y2: ly, stroke: colour }));
+    const sign = limit.kind === "fraction_low" ? "<" : ">";
+    const label = svg("text", { class: "limit-label", x: margin.left + plotW + 8, y: ly - 3, fill: colour },
+      `${limit.alarm_id} ${sign} ${pct(limit.limit, 0)}`);
+    const sub = svg("text", { x: margin.left + plotW + 8, y: ly + 15, fill: colour },
+      `${limit.class_name}, ${windowLabel(limit.window)} window`);
+    chart.append(label, sub);
+  }
+
+  if (!points) {
+    chart.append(svg("text", { class: "empty", x: margin.left + plotW / 2, y: margin.top + plotH / 2, "text-anchor": "middle" }, "waiting for data…"));
+    return;
+  }
+  for (const name of plotted) {
+    const series = history.series[name];
+    const colour = classColour(name);
+    const both = series.low.map((low, i) => (low === null || series.high[i] === null ? null : [low, series.high[i]]));
+    for (const run of segments(history.ts, both)) {
+      const upper = run.map(([t, [, high]]) => `${x(t).toFixed(1)},${y(high).toFixed(1)}`);
+      const lower = run.slice().reverse().map(([t, [low]]) => `${x(t).toFixed(1)},${y(low).toFixed(1)}`);
+      chart.append(svg("polygon", { class: "band", points: [...upper, ...lower].join(" "), fill: colour, "fill-opacity": 0.28 }));
+    }
+    for (const run of segments(history.ts, series.fraction)) {
+      const line = run.map(([t, v]) => `${x(t).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+      chart.append(svg("polyline", { class: "series", points: line, stroke: colour, "data-class": name }));
+    }
+    const lastIndex = series.fraction.map((v) => v !== null).lastIndexOf(true);
+    if (lastIndex >= 0) {
+      const v = series.fraction[lastIndex];
+      const cx = x(history.ts[lastIndex]);
+      chart.append(svg("circle", { cx, cy: y(v), r: 5, fill: colour }));
+    }
+  }
+  view.legend.replaceChildren();
+  for (const name of plotted) {
+    const item = el("span");
+    const line = el("span", "swatch");
+    line.style.background = classColour(name);
+    const band = el("span", "swatch band");
+    band.style.background = classColour(name);
+    item.append(line, document.createTextNode(`${name} fraction `), band, document.createTextNode("95 % interval"));
+    view.legend.append(item);
+  }
+  if (limits.length) {
+    const item = el("span");
+    item.append(el("span", "swatch limit"), document.createTextNode("alarm limit"));
+    view.legend.append(item);
+  }
+  const span = history.span === "batch" ? `batch ${history.batch || ""} since ${clockText(history.since, false)}` : "last hour";
+  view.legend.append(el("span", "", `${span} · ${windowLabel(view.window)} window · ${points} points`));
+}
+
+// -- the latest frame ---------------------------------------------------------------
+
+async function loadFrame(view, latest) {
+  if (!latest) return;
+  if (latest.ts === view.frameTs) return;
+  const path = `/api/probes/${encodeURIComponent(view.id)}/frame`;
+  const { body } = await api(path);
+  view.frameTs = latest.ts;
+  view.frameBoxes = body;
+  view.image.src = `/api/probes/${encodeURIComponent(view.id)}/frame.jpg?ts=${encodeURIComponent(body.ts)}`;
+}
+
+function drawBoxes(view) {
+  const frame = view.frameBoxes;
+  if (!frame) return;
+  view.image.hidden = false;
+  view.nothing.hidden = true;
+  view.boxes.setAttribute("viewBox", `0 0 ${frame.width} ${frame.height}`);
+  view.boxes.replaceChildren();
+  const tally = {};
+  for (const box of frame.boxes) {
+    const colour = box.uncertain ? UNCERTAIN_COLOUR : classColour(box.label);
+    const name = box.uncertain ? "uncertain" : box.label;
+    tally[name] = (tally[name] || 0) + 1;
+    const rect = svg("rect", {
+      x: box.x, y: box.y, width: box.w, height: box.h, stroke: colour,
+      class: box.uncertain ? "uncertain" : "", "data-label": name,
+    });
+    rect.append(svg("title", {}, `${name} ${(box.confidence * 100).toFixed(0)} %`));
+    view.boxes.append(rect);
+  }
+  const parts = Object.entries(tally).map(([name, n]) => `${name} ${n}`);
+  view.caption.textContent = `frame ${clockText(frame.ts)} · ${frame.boxes.length} particles: ${parts.join(", ") || "none"} · boxes coloured by class, grey dashed = uncertain`;
+}
+
+// -- the refresh loop ---------------------------------------------------------------
+
+async function refresh() {
+  if (refreshing) return;
+  refreshing = true;
+  const connection = document.getElementById("connection");
+  try {
+    const { body: state } = await api("/api/state");
+    classes = state.classes;
+    refreshMs = Math.max(500, state.refresh_s * 1000);
+    daemonOffsetS = state.ts - Date.now() / 1000;
+    tickClock();
+    document.getElementById("model").textContent = `model ${state.model.name} ${state.model.version} · v${state.version}`;
+    const main = document.getElementById("probes");
+    for (const probe of state.probes) {
+      let view = views.get(probe.id);
+      if (!view) {
+        view = createView(probe);
+        views.set(probe.id, view);
+        main.append(view.section);
+      }
+      view.state = probe;
+      renderHead(view, probe);
+      renderAlarms(view, probe);
+      renderFigures(view, probe, state.windows);
+      renderCounts(view, probe);
+    }
+    await Promise.all([...views.values()].map(async (view) => {
+      await loadHistory(view);
+      drawTrend(view);
+      await loadFrame(view, view.state.latest_frame);
+    }));
+    connection.textContent = "live";
+    connection.className = "connection live";
+    document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
+  } catch (error) {
+    connection.textContent = `connection lost: ${error.message}`;
+    connection.className = "connection lost";
+  } finally {
+    refreshing = false;
+    clearTimeout(timer);
+    timer = setTimeout(refresh, refreshMs);
+  }
+}
+
+function refreshSoon() {
+  clearTimeout(timer);
+  timer = setTimeout(refresh, 50);
+}
+
+function tickClock() {
+  document.getElementById("clock").textContent = clockText(Date.now() / 1000 + daemonOffsetS);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const operator = document.getElementById("operator");
+  operator.value = window.localStorage.getItem(OPERATOR_KEY) || "";
+  operator.addEventListener("input", () => {
+    operator.classList.remove("missing");
+    window.localStorage.setItem(OPERATOR_KEY, operator.value.trim());
+  });
+  window.addEventListener("resize", () => views.forEach((view) => view.history && drawTrend(view)));
+  setInterval(tickClock, 1000);
+  refresh();
+});

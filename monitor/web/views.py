@@ -1,0 +1,302 @@
+"""What the HTTP server shows, built from the running daemon: readiness, state, history.
+
+Plain functions over the daemon's public state; they take its locks only as long as a
+copy takes and never touch the network, so the server runs the slow ones (store
+queries, JPEG encoding) on a worker thread and keeps its event loop free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import cv2
+import numpy as np
+
+from monitor import __version__
+from monitor.alarms import FractionHighAlarm, FractionLowAlarm, quality_of
+from monitor.recorder import RecordedCounts
+
+if TYPE_CHECKING:
+    from monitor.daemon import Daemon
+
+MAX_TREND_POINTS = 720
+JPEG_QUALITY = 80
+Span = Literal["auto", "hour", "batch"]
+SPANS: dict[str, Span] = {"auto": "auto", "hour": "hour", "batch": "batch"}
+
+
+class UnknownProbeError(LookupError):
+    """A probe id that this daemon does not read."""
+
+
+# -- readiness ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail}
+
+
+def readiness_checks(daemon: Daemon) -> list[Check]:
+    """Model loaded, every probe's source alive, every publisher connected."""
+    checks: list[Check] = []
+    model = getattr(daemon, "model", None)
+    backend = getattr(daemon, "backend", None)
+    if model is None or backend is None:
+        checks.append(Check("model", False, "model not loaded yet"))
+    else:
+        manifest = model.manifest
+        checks.append(Check("model", True, f"{manifest.name} {manifest.version} on {backend.name}"))
+    sources = {source.probe_id: source for source in list(daemon.sources)}
+    for probe in daemon.settings.probes:
+        source = sources.get(probe.id)
+        if source is None:
+            checks.append(Check(f"source {probe.id}", False, "source not started yet"))
+        else:
+            alive, detail = source.health()
+            checks.append(Check(f"source {probe.id}", alive, detail))
+    for publisher in daemon.publishers:
+        connected, detail = publisher.health()
+        checks.append(Check(f"publisher {publisher.name}", connected, detail))
+    return checks
+
+
+# -- current state --------------------------------------------------------------------
+
+
+def fraction_limits(daemon: Daemon, probe: str) -> list[dict[str, Any]]:
+    """The class-fraction alarm limits of `probe`, to draw on its trend (live after a reload)."""
+    limits = []
+    for definition in daemon.settings.alarms.definitions:
+        if not isinstance(definition, FractionHighAlarm | FractionLowAlarm):
+            continue
+        if not definition.applies_to(probe):
+            continue
+        limits.append(
+            {
+                "alarm_id": definition.id,
+                "kind": definition.kind,
+                "class_name": definition.class_name,
+                "window": int(definition.window),
+                "limit": definition.limit,
+                "deadband": definition.deadband,
+                "priority": definition.priority,
+                "use_adjusted": definition.use_adjusted,
+            }
+        )
+    return limits
+
+
+def default_window(daemon: Daemon, probe: str) -> int:
+    """The window the trend opens on: the first fraction alarm's, else the middle one."""
+    for limit in fraction_limits(daemon, probe):
+        return int(limit["window"])
+    windows = daemon.settings.aggregation.windows
+    return int(windows[len(windows) // 2])
+
+
+def _counts_of(counts: RecordedCounts, probe: str, classes: Sequence[str]) -> dict[str, Any]:
+    return {
+        "frames": {
+            status: counts.frames.get((probe, status), 0) for status in ("ok", "rejected", "error")
+        },
+        "particles": {name: counts.particles.get((probe, name), 0) for name in classes},
+        "uncertain": counts.uncertain.get(probe, 0),
+        "problems": {
+            f"{status}:{reason}": n
+            for (p, status, reason), n in sorted(counts.problems.items())
+            if p == probe
+        },
+    }
+
+
+def probe_state(daemon: Daemon, probe: str, counts: RecordedCounts, now: float) -> dict[str, Any]:
+    """One probe as the dashboard shows it."""
+    state = daemon.probes.get(probe)
+    if state is None:
+        raise UnknownProbeError(probe)
+    with state.lock:
+        snapshot = state.aggregator.snapshot(now).to_json()
+        last_frame_ts = state.last_frame_ts
+        latest = state.latest_frame
+    definitions = [d for d in daemon.settings.alarms.definitions if d.applies_to(probe)]
+    quality = quality_of(
+        snapshot, now, last_frame_ts, definitions, watching_since=daemon.started_at
+    )
+    alarms = daemon.alarm_states(probe)
+    source = next((s for s in list(daemon.sources) if s.probe_id == probe), None)
+    alive, detail = source.health() if source is not None else (False, "not started")
+    return {
+        "id": probe,
+        "batch": snapshot["batch"],
+        "quality": quality,
+        "last_frame_ts": last_frame_ts,
+        "last_frame_age_s": None if last_frame_ts is None else max(0.0, now - last_frame_ts),
+        "source": {"alive": alive, "detail": detail},
+        "snapshot": snapshot,
+        "counts": _counts_of(counts, probe, daemon.model.manifest.classes),
+        "alarms": alarms,
+        "active_alarms": [
+            alarm for alarm in alarms if alarm["state"] != "normal" or alarm["shelved"]
+        ],
+        "limits": fraction_limits(daemon, probe),
+        "default_window": default_window(daemon, probe),
+        "latest_frame": None if latest is None else {"ts": latest.ts, "key": latest.key},
+    }
+
+
+def daemon_state(daemon: Daemon, refresh_s: float) -> dict[str, Any]:
+    """Every probe's current state plus what the page needs to draw it."""
+    now = daemon.clock()
+    manifest = daemon.model.manifest
+    counts = daemon.recorder.counts()
+    return {
+        "ts": now,
+        "version": __version__,
+        "model": {
+            "name": manifest.name,
+            "version": manifest.version,
+            "sha256": manifest.onnx_sha256,
+        },
+        "classes": list(manifest.classes),
+        "windows": [int(w) for w in daemon.settings.aggregation.windows],
+        "refresh_s": refresh_s,
+        "probes": [probe_state(daemon, probe, counts, now) for probe in daemon.probes],
+    }
+
+
+# -- history --------------------------------------------------------------------------
+
+
+def history_since(
+    daemon: Daemon, probe: str, span: Span, history_s: float, history_max_s: float
+) -> tuple[float, str]:
+    """Where the trend starts: the running batch's start (auto, batch) or `history_s` ago."""
+    now = daemon.clock()
+    if span != "hour":
+        current = daemon.store.current_batch(probe)
+        if current is not None:
+            return max(current[1], now - history_max_s), "batch"
+    return now - history_s, "hour"
+
+
+def trend_series(
+    rows: Sequence[tuple[float, str | None, dict[str, Any]]],
+    classes: Sequence[str],
+    window: int,
+) -> dict[str, Any]:
+    """Stored snapshots as columns for one window: time, particle count and per class the
+    fraction, its 95 % interval and the adjusted share."""
+    key = str(window)
+    ts: list[float] = []
+    n: list[int] = []
+    series: dict[str, dict[str, list[float | None]]] = {
+        name: {"fraction": [], "low": [], "high": [], "adjusted": []} for name in classes
+    }
+    for row_ts, _batch, snapshot in rows:
+        stats = snapshot.get("windows", {}).get(key)
+        if stats is None:
+            continue  # stored before the window was configured
+        ts.append(row_ts)
+        n.append(int(stats.get("n", 0)))
+        for name in classes:
+            cls = stats.get("classes", {}).get(name, {})
+            ci = cls.get("ci95") or (None, None)
+            column = series[name]
+            column["fraction"].append(cls.get("fraction"))
+            column["low"].append(ci[0])
+            column["high"].append(ci[1])
+            column["adjusted"].append(cls.get("adjusted"))
+    return {"ts": ts, "n": n, "series": series}
+
+
+def probe_history(
+    daemon: Daemon,
+    probe: str,
+    *,
+    window: int,
+    span: Span,
+    history_s: float,
+    history_max_s: float,
+) -> dict[str, Any]:
+    """The trend of one probe in one window, from the store (runs on a worker thread)."""
+    if probe not in daemon.probes:
+        raise UnknownProbeError(probe)
+    since, shown = history_since(daemon, probe, span, history_s, history_max_s)
+    rows = daemon.store.probe_snapshots(probe, since, max_rows=MAX_TREND_POINTS)
+    classes = daemon.model.manifest.classes
+    return {
+        "probe": probe,
+        "window": window,
+        "span": shown,
+        "since": since,
+        "now": daemon.clock(),
+        "batch": rows[-1][1] if rows else None,
+        "classes": list(classes),
+        **trend_series(rows, classes, window),
+    }
+
+
+# -- the latest frame -----------------------------------------------------------------
+
+
+def frame_boxes(daemon: Daemon, probe: str) -> dict[str, Any] | None:
+    """The latest classified frame's size and particle boxes (image pixels), or None."""
+    state = daemon.probes.get(probe)
+    if state is None:
+        raise UnknownProbeError(probe)
+    with state.lock:
+        latest = state.latest_frame
+    if latest is None:
+        return None
+    height, width = latest.image.shape[:2]
+    return {
+        "probe": probe,
+        "ts": latest.ts,
+        "key": latest.key,
+        "width": int(width),
+        "height": int(height),
+        "boxes": [
+            {
+                "x": box.x,
+                "y": box.y,
+                "w": box.w,
+                "h": box.h,
+                "label": box.label,
+                "confidence": box.confidence,
+                "uncertain": box.uncertain,
+            }
+            for box in latest.boxes
+        ],
+    }
+
+
+def encode_frame(image: np.ndarray, max_width: int) -> bytes:
+    """JPEG of a greyscale frame scaled down (never up) to `max_width` pixels wide."""
+    height, width = image.shape[:2]
+    if width > max_width:
+        size = (max_width, max(1, round(height * max_width / width)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return bytes(data.tobytes())
+
+
+def latest_jpeg(daemon: Daemon, probe: str, max_width: int) -> tuple[float, bytes] | None:
+    """(frame time, JPEG) of the probe's latest classified frame, or None before the first."""
+    state = daemon.probes.get(probe)
+    if state is None:
+        raise UnknownProbeError(probe)
+    with state.lock:
+        latest = state.latest_frame
+    if latest is None:
+        return None
+    return latest.ts, encode_frame(latest.image, max_width)
