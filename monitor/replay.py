@@ -11,10 +11,13 @@ decoded the way the folder source reads and decodes them. The daemon's publish l
 off; replay steps it instead. At every publish interval of recorded time it waits until
 every frame fed so far (all frames stamped at or before the tick) has been recorded,
 sets the clock to the tick and calls `publish_once`. The windows, the CUSUM, the
-on/off-delays and the stale-probe check therefore see exactly what a live daemon
-publishing at that tick would have seen, and the result does not depend on how fast
-the replay runs. `--speed N` only paces the feed (N x recorded time), e.g. to leave
-CPU to a live daemon on the same host; the default runs as fast as the host allows.
+on/off-delays and the stale-probe check therefore see what a live daemon publishing at
+that tick would have seen, and the result does not depend on how fast the replay runs.
+(Frames of one interval are recorded in the order the workers finish them, as in the
+live daemon; that can move the EWMA in its last digit, and the CUSUM by one frame's
+step while it sits at its floor of 0, never the windows.) `--speed N` only paces the
+feed (N x recorded time), e.g. to leave CPU to a live daemon on
+the same host; the default runs as fast as the host allows.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,21 +107,28 @@ def find_recorded_frames(
     stack = [str(folder)]
     while stack:
         current = stack.pop()
-        with os.scandir(current) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    if recursive:
-                        stack.append(entry.path)
-                    continue
-                name = entry.name.lower()
-                if not any(fnmatch.fnmatchcase(name, pattern) for pattern in lowered):
-                    continue
-                stamp = frame_time_from_name(entry.name)
+        try:
+            entries = list(os.scandir(current))
+        except OSError as exc:
+            raise ReplayError(f"cannot list {current}: {exc.strerror or exc}", EX_NOINPUT) from exc
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if recursive:
+                    stack.append(entry.path)
+                continue
+            name = entry.name.lower()
+            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in lowered):
+                continue
+            stamp = frame_time_from_name(entry.name)
+            try:
                 ts = stamp if stamp is not None else entry.stat().st_mtime
-                key = Path(os.path.relpath(entry.path, folder)).as_posix()
-                frames.append(RecordedFrame(entry.path, key, ts, stamp is not None))
+            except OSError as exc:  # a dangling link: no time, and nothing to read either
+                log.warning("replay_file_skipped", path=entry.path, error=str(exc))
+                continue
+            key = Path(os.path.relpath(entry.path, folder)).as_posix()
+            frames.append(RecordedFrame(entry.path, key, ts, stamp is not None))
     if not frames:
         shown = ", ".join(patterns)
         where = "or its sub-folders " if recursive else ""
@@ -203,7 +213,7 @@ class ReplayResult:
     lost_frames: int  # fed but never recorded (inference failed; the daemon logged why)
     speed: float | None  # None: as fast as possible
     wall_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    config_path: Path | None = None  # shown in the report
 
     @property
     def alarm_events(self) -> list[dict[str, Any]]:
@@ -387,7 +397,7 @@ def _wait_recorded(daemon: Daemon, collector: CollectingPublisher, expected: int
 
 
 def _speed(text: str) -> float | None:
-    if text.strip().lower() in {"max", "0"}:
+    if text.strip().lower() == "max":
         return None
     try:
         value = float(text)
@@ -503,7 +513,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         if progress is not None:
             progress.close()
-    result.extra["config"] = str(args.config)
+    result.config_path = args.config
     html = render_report(result)
     try:
         args.report.write_text(html, encoding="utf-8")

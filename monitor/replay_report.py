@@ -1,6 +1,6 @@
 """The replay report: one self-contained HTML file a process engineer can open anywhere.
 
-Inline SVG and CSS only (no script, no web font, no CDN), so it can be mailed, archived
+Inline SVG and CSS only (no code runs, no web font, no CDN), so it can be mailed, archived
 with the batch record and opened on a plant PC without network. It shows, in recorded
 time: each watched class's share in its alarm window with the 95 % band and the alarm
 limits, the probe's input quality, the frame quality (rejected share by reason and the
@@ -173,7 +173,7 @@ def _header(result: ReplayResult) -> str:
             ", ".join(_seconds(w) for w in settings.aggregation.windows)
             + f"; alarms evaluated every {_seconds(settings.aggregation.publish_interval)}",
         ),
-        ("Configuration", str(result.extra.get("config", "(given in code)"))),
+        ("Configuration", str(result.config_path or "(given in code)")),
         ("Replay", f"{speed}, took {result.wall_s:.1f} s"),
     ]
     if result.lost_frames:
@@ -576,6 +576,8 @@ class _Chart:
             dash = "" if raised else ' stroke-dasharray="4 3"'
             what = "raised" if raised else "cleared"
             tip = f"{marker.alarm_id} {what} at {clock_text(marker.ts)} UTC: {marker.message}"
+            _, _, anchor = _label_place(x, marker)
+            text_x = x + 3 if anchor == "start" else x - 3
             parts.append(
                 f'<g class="alarm-marker {marker.transition}" data-alarm={_q(marker.alarm_id)} '
                 f'data-transition="{marker.transition}" data-ts="{marker.ts:.3f}" '
@@ -583,8 +585,8 @@ class _Chart:
                 f"<title>{_e(tip)}</title>"
                 f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{12 + 14 * row + 4}" y2="{self.bottom}" '
                 f'stroke="{colour}"{dash}/>'
-                f'<text class="marker-label" x="{x + 3:.1f}" y="{12 + 14 * row + 10}" '
-                f'fill="{colour}">{_e(label)}</text></g>'
+                f'<text class="marker-label" x="{text_x:.1f}" y="{12 + 14 * row + 10}" '
+                f'text-anchor="{anchor}" fill="{colour}">{_e(label)}</text></g>'
             )
         return "".join(parts)
 
@@ -604,14 +606,22 @@ def _label_rows(markers: Sequence[Marker], chart: _Chart) -> dict[tuple[str, str
     ends: list[float] = []
     rows: dict[tuple[str, str, float], int] = {}
     for marker in sorted(markers, key=lambda m: m.ts):
-        x = chart.x(marker.ts)
-        width = 7.0 * (len(marker.alarm_id) + 12)
-        row = next((i for i, end in enumerate(ends) if end < x), len(ends))
+        start, end, _ = _label_place(chart.x(marker.ts), marker)
+        row = next((i for i, taken in enumerate(ends) if taken < start), len(ends))
         if row == len(ends):
             ends.append(0.0)
-        ends[row] = x + width
+        ends[row] = end
         rows[_marker_key(marker)] = row
     return rows
+
+
+def _label_place(x: float, marker: Marker) -> tuple[float, float, str]:
+    """(left, right, text-anchor) of a marker's label: right of its line, or left of it
+    where it would run off the chart."""
+    width = 6.6 * (len(marker.alarm_id) + 11)  # "▲ id hh:mm:ss" at 11 px, bold
+    if x + 3 + width <= WIDTH - 2:
+        return x, x + 3 + width, "start"
+    return x - 3 - width, x, "end"
 
 
 def _segments(
