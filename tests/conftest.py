@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import socket
+from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.notify_listener import Listener
+
 GPU_PASSED = pytest.StashKey[int]()
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[Listener]:
+    """A real unix datagram socket where the daemon's sd_notify messages arrive."""
+    path = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    yield Listener(sock, str(path))
+    sock.close()
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -166,15 +164,6 @@ rescan_interval = "2s"
 """
     )
     return path
-
-
-@pytest.fixture
-def listener(tmp_path: Path) -> Iterator[Listener]:
-    path = tmp_path / "notify"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    yield Listener(sock, str(path))
-    sock.close()
 
 
 def _log_events(daemon: DaemonProcess, event: str) -> list[dict[str, object]]:

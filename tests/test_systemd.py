@@ -30,15 +30,6 @@ HAVE_ANALYZE = os.access(SYSTEMD_ANALYZE, os.X_OK)
 
 
 @pytest.fixture
-def listener(tmp_path: Path) -> Iterator[Listener]:
-    path = tmp_path / "notify"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    yield Listener(sock, str(path))
-    sock.close()
-
-
-@pytest.fixture
 def abstract_listener() -> Iterator[Listener]:
     name = f"crystal-monitor-test-{uuid.uuid4().hex}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -19,7 +19,7 @@ from monitor.alarms import FractionHighAlarm, FractionLowAlarm, quality_of
 from monitor.recorder import RecordedCounts
 
 if TYPE_CHECKING:
-    from monitor.daemon import Daemon
+    from monitor.daemon import Daemon, LatestFrame
 
 MAX_TREND_POINTS = 720
 JPEG_QUALITY = 80
@@ -247,13 +247,17 @@ def probe_history(
 # -- the latest frame -----------------------------------------------------------------
 
 
-def frame_boxes(daemon: Daemon, probe: str) -> dict[str, Any] | None:
-    """The latest classified frame's size and particle boxes (image pixels), or None."""
+def _latest_frame(daemon: Daemon, probe: str) -> LatestFrame | None:
     state = daemon.probes.get(probe)
     if state is None:
         raise UnknownProbeError(probe)
     with state.lock:
-        latest = state.latest_frame
+        return state.latest_frame
+
+
+def frame_boxes(daemon: Daemon, probe: str) -> dict[str, Any] | None:
+    """The latest classified frame's size and particle boxes (image pixels), or None."""
+    latest = _latest_frame(daemon, probe)
     if latest is None:
         return None
     height, width = latest.image.shape[:2]
@@ -292,11 +296,7 @@ def encode_frame(image: np.ndarray, max_width: int) -> bytes:
 
 def latest_jpeg(daemon: Daemon, probe: str, max_width: int) -> tuple[float, bytes] | None:
     """(frame time, JPEG) of the probe's latest classified frame, or None before the first."""
-    state = daemon.probes.get(probe)
-    if state is None:
-        raise UnknownProbeError(probe)
-    with state.lock:
-        latest = state.latest_frame
+    latest = _latest_frame(daemon, probe)
     if latest is None:
         return None
     return latest.ts, encode_frame(latest.image, max_width)
