@@ -67,6 +67,37 @@ def onnxruntime_only(crops: list[np.ndarray], batch: int) -> float:
     return len(tensors) / (time.perf_counter() - started)
 
 
+def crop_stage_costs(crops: list[np.ndarray], encoded: list[bytes], batch: int) -> dict[str, float]:
+    """Per-crop cost of each stage on one thread, in ms: what a crop costs a core whatever
+    the daemon's threading does. Their sum bounds the end-to-end rate from above."""
+    model = load_manifest(MODEL_DIR)
+    spec = model.manifest.input
+    backend = resolve_backend("onnxruntime", model, threads=1)
+    quality = QualityConfig()
+    count = len(encoded)
+    t0 = time.perf_counter()
+    for data in encoded:
+        decode_image(data)
+    t1 = time.perf_counter()
+    for crop in crops:
+        assess_frame(crop, quality)
+    t2 = time.perf_counter()
+    tensors = np.concatenate([prepare_batch([crop], spec) for crop in crops])
+    t3 = time.perf_counter()
+    backend.infer(tensors[:batch])
+    t4 = time.perf_counter()
+    for offset in range(0, count, batch):
+        backend.infer(tensors[offset : offset + batch])
+    t5 = time.perf_counter()
+    backend.close()
+    return {
+        "decode (PNG)": (t1 - t0) * 1000 / count,
+        "quality gate": (t2 - t1) * 1000 / count,
+        "preprocess": (t3 - t2) * 1000 / count,
+        "inference, one thread": (t5 - t4) * 1000 / count,
+    }
+
+
 def _stage_files(folder: Path, encoded: list[bytes], prefix: str) -> list[tuple[Path, Path]]:
     pairs = []
     for index, data in enumerate(encoded):
@@ -221,6 +252,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ort = onnxruntime_only(crops, args.batch)
+        stage_ms = crop_stage_costs(crops[:1000], encoded[:1000], args.batch)
         e2e = daemon_crops_per_s(root, encoded, args.batch)
         latencies = (
             None
@@ -236,6 +268,13 @@ def main() -> int:
         f"| daemon end to end, {args.crops} crop files renamed in | {e2e:.0f} crops/s |",
         f"| **ratio end-to-end / ONNX Runtime alone** | **{e2e / ort:.2f}** |",
     ]
+    lines += [f"| crop mode, {name} per crop | {ms:.3f} ms |" for name, ms in stage_ms.items()]
+    cores = os.cpu_count() or 1
+    ceiling = cores * 1000 / sum(stage_ms.values())
+    lines.append(
+        f"| ceiling: {cores} cores / sum of the stages above | {ceiling:.0f} crops/s "
+        f"(ratio {ceiling / ort:.2f}) |"
+    )
     if latencies is not None:
         lines += [
             f"| latency rename -> stored, {rate}, p50 | {_ms(latencies, 50)} |",
