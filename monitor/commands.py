@@ -110,6 +110,7 @@ class_name = "PG"
 limit_per_min = 0.01
 deadband = 0.002
 min_count = 100
+min_span = "2m"                          # trend data needed first: no alarm on start-up noise
 
 [[alarms.definitions]]
 id = "pg_shift"

@@ -90,9 +90,12 @@ class Daemon:
         publishers: Sequence[Publisher] = (),
         notifier: SystemdNotifier | None = None,
         publish_loop: bool = True,
+        record_delay_s: float = 0.02,
     ) -> None:
         """`publish_loop=False` leaves publish_once to the caller (replay steps it in
-        simulated time)."""
+        simulated time); `record_delay_s` is how long the recorder gathers rows into one
+        transaction (replay, which waits for every frame at each step, uses 0)."""
+        self._record_delay_s = record_delay_s
         self.settings = settings
         self._run_publish_loop = publish_loop
         self.notifier = notifier if notifier is not None else SystemdNotifier.from_environment()
@@ -167,6 +170,7 @@ class Daemon:
             batch_of=lambda probe: self.probes[probe].aggregator.batch,
             on_recorded=self._on_recorded,
             clock=self.clock,
+            max_delay_s=self._record_delay_s,
         )
         workers = batcher_config.workers or max(1, os.cpu_count() or 1)
         self.pipeline = Pipeline(

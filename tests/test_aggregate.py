@@ -412,7 +412,18 @@ def test_snapshot_json_has_the_published_shape_and_survives_json_dumps() -> None
     assert set(pg) == {"n", "fraction", "ci95", "adjusted", "effective_n"}
     assert pg["fraction"] == 0.1
     assert len(pg["ci95"]) == 2
-    assert set(document["trend"]["PG"]) == {"ewma", "slope_per_min"}
+    assert set(document["trend"]["PG"]) == {"ewma", "slope_per_min", "span_s"}
+    assert document["trend"]["PG"]["span_s"] == 0.0  # one frame with particles: no span yet
+
+
+def test_trend_span_is_the_time_between_the_first_and_last_frame_with_particles() -> None:
+    agg = WindowAggregator(CLASSES)
+    agg.add(_frame(10.0, cex=9, pg=1))
+    agg.add(_rejected(20.0, "out_of_focus"))
+    agg.add(_frame(70.0, cex=8, pg=2))
+    trend = agg.snapshot(80.0).trend["PG"]
+    assert trend.span_s == 60.0
+    assert trend.slope_per_min == pytest.approx(0.1)
 
 
 def test_records_must_match_the_class_list_and_rejected_frames_carry_no_particles() -> None:

@@ -369,6 +369,28 @@ def test_rate_of_change_follows_the_trend_slope() -> None:
     assert out[0].message == "PG rising 0.012/min"
 
 
+def test_rate_of_change_waits_until_the_trend_spans_min_span() -> None:
+    """A steep slope fitted on the first seconds of a batch is noise: held as no data."""
+    rate = RateOfChangeAlarm(
+        kind="rate_of_change",
+        id="pg_rising",
+        priority="medium",
+        message="PG rising {value:.3f}/min",
+        class_name="PG",
+        limit_per_min=0.01,
+        min_count=100,
+        min_span=120.0,
+    )
+    engine = AlarmEngine([rate])
+    out = []
+    for i, span_s in enumerate([10.0, 60.0, 119.0, 120.0]):
+        now = T0 + 10 * i
+        steep = snapshot(0.1, slope=0.16)
+        steep["trend"]["PG"]["span_s"] = span_s
+        out += engine.evaluate(PROBE, steep, now, last_frame_ts=now)
+    assert [(t.to_state, t.ts) for t in out] == [(UNACK, T0 + 30)]
+
+
 def test_definition_limited_to_probes_applies_only_there() -> None:
     engine = AlarmEngine([high(probes=("R101",)), stale(probes=())])
     engine.evaluate("R102", snapshot(0.5), T0, last_frame_ts=T0)

@@ -134,6 +134,9 @@ class ClassTrend:
     """Exponentially weighted fraction; None before any particle in the batch."""
     slope_per_min: float | None
     """Least-squares change of the fraction per minute over the trend window."""
+    span_s: float = 0.0
+    """Seconds between the first and last frame the slope rests on: a slope over a few
+    seconds (a batch that just started) is noise, and rate alarms wait for enough span."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,11 @@ class ProbeSnapshot:
             "batch": self.batch,
             "windows": {str(seconds): stats.to_json() for seconds, stats in self.windows.items()},
             "trend": {
-                name: {"ewma": trend.ewma, "slope_per_min": trend.slope_per_min}
+                name: {
+                    "ewma": trend.ewma,
+                    "slope_per_min": trend.slope_per_min,
+                    "span_s": trend.span_s,
+                }
                 for name, trend in self.trend.items()
             },
         }
@@ -398,10 +405,12 @@ class WindowAggregator:
         weights = trend_totals[occupied].astype(np.float64)
         trend_fractions = trend_counts[:, occupied] / weights
         ewma = self._ewma.fractions()
+        span_s = float(trend_times[-1] - trend_times[0]) if trend_times.size else 0.0
         trend = {
             name: ClassTrend(
                 ewma=ewma[j],
                 slope_per_min=slope_per_minute(trend_times, trend_fractions[j], weights),
+                span_s=span_s,
             )
             for j, name in enumerate(self.classes)
         }

@@ -167,6 +167,12 @@ class RateOfChangeAlarm(_Definition):
     deadband: float = Field(
         default=0.002, ge=0, description="Hysteresis on the slope, fraction per minute."
     )
+    min_span: Duration = Field(
+        default=120.0,
+        ge=0,
+        description="Time the trend's frames must span before the slope may alarm: a slope "
+        "fitted on the first seconds of a batch is noise.",
+    )
     min_count: int = Field(
         default=100,
         ge=0,

@@ -145,6 +145,9 @@ def _read_rate(definition: RateOfChangeAlarm, snapshot: Mapping[str, Any]) -> Re
     slope = trend.get("slope_per_min")
     if slope is None or int(stats.get("n", 0)) < definition.min_count:
         return _no_data(limit)
+    span_s = trend.get("span_s")
+    if span_s is not None and float(span_s) < definition.min_span:
+        return _no_data(limit)
     slope = float(slope)
     if definition.direction == "rising":
         moving = slope
