@@ -114,7 +114,6 @@ class MicroBatcher:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self.stats = BatcherStats()
-        self.batch_sizes: deque[int] = deque(maxlen=1000)
         self.batch_size_histogram = BucketCounts(batch_size_buckets(max_batch))
         self.latency_histogram = BucketCounts(LATENCY_BUCKETS_S)
 
@@ -250,7 +249,6 @@ class MicroBatcher:
         self.stats.infer_seconds += elapsed
         self.stats.batches += 1
         self.stats.crops += size
-        self.batch_sizes.append(size)
         self.latency_histogram.observe(elapsed)
         self.batch_size_histogram.observe(size)
         offset = 0
