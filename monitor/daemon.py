@@ -10,8 +10,9 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -54,9 +55,16 @@ log = structlog.get_logger(__name__)
 Clock = Callable[[], float]
 
 
+# Classified frames kept per probe for the dashboard's strip of recent frames. Each is a
+# reference to the array the worker already decoded (nothing is copied or encoded on the
+# hot path), so a probe holds up to RECENT_FRAMES x one frame in memory: 8 x 1.4 MB for
+# 1360 x 1024 8-bit frames. JPEGs are encoded only when the dashboard asks for them.
+RECENT_FRAMES = 8
+
+
 @dataclass(frozen=True)
 class LatestFrame:
-    """The probe's most recent classified frame, for the dashboard."""
+    """One of the probe's recent classified frames, for the dashboard."""
 
     ts: float
     key: str
@@ -72,7 +80,13 @@ class ProbeState:
     aggregator: WindowAggregator
     lock: threading.Lock
     last_frame_ts: float | None = None
-    latest_frame: LatestFrame | None = None
+    # The last RECENT_FRAMES classified frames, oldest first (see RECENT_FRAMES for memory).
+    recent_frames: deque[LatestFrame] = field(default_factory=lambda: deque(maxlen=RECENT_FRAMES))
+
+    @property
+    def latest_frame(self) -> LatestFrame | None:
+        """The most recently classified frame, or None before the first (read under `lock`)."""
+        return self.recent_frames[-1] if self.recent_frames else None
 
 
 ALARM_STATE = "alarm_engine"
@@ -319,9 +333,9 @@ class Daemon:
         with state.lock:
             state.aggregator.add(record)
             state.last_frame_ts = max(state.last_frame_ts or record.ts, record.ts)
-            if outcome.image is not None:
-                state.latest_frame = LatestFrame(
-                    record.ts, outcome.item.key, outcome.image, outcome.boxes
+            if outcome.image is not None:  # a reference; the deque drops the oldest
+                state.recent_frames.append(
+                    LatestFrame(record.ts, outcome.item.key, outcome.image, outcome.boxes)
                 )
         if record.accepted and any(record.class_counts):
             counts = dict(zip(self.model.manifest.classes, record.class_counts, strict=True))

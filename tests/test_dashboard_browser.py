@@ -1,6 +1,8 @@
 """The dashboard in a real browser: Debian's headless Chromium driven by Selenium against
 the real server of a real daemon. The page loads, the trend grows as frames arrive, the
-latest frame shows its particle boxes, and an Acknowledge click reaches the alarm engine.
+latest frame shows its particle boxes, the strip of recent frames shows thumbnails with
+theirs and a click on one holds it in the large view until Live is clicked, and an
+Acknowledge click reaches the alarm engine.
 
 Screenshots land in the test's folder; with CRYSTAL_MONITOR_SCREENSHOTS=docs they are
 also written to docs/ (dashboard.png, dashboard-acknowledged.png), which is how the
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 import pytest
 
 from monitor.config import load_settings
-from monitor.daemon import Daemon
+from monitor.daemon import RECENT_FRAMES, Daemon
 from tests.daemon_process import wait_for
 from tests.mosquitto import free_port
 
@@ -27,6 +30,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SPEED = 20.0  # simulated seconds per real second: minutes of trend in a short test
 SCREENSHOTS = os.environ.get("CRYSTAL_MONITOR_SCREENSHOTS")
+THUMB_WIDTH = 160  # dashboard.js asks for strip thumbnails this wide (the frames are 800)
 
 
 def _require_browser() -> None:
@@ -160,6 +164,56 @@ def _alarm_state(daemon: Daemon, alarm_id: str) -> str:
     return str(next(a for a in daemon.alarm_states("R1") if a["alarm_id"] == alarm_id)["state"])
 
 
+# What the page shows of the recent frames, read in one go (the strip is redrawn as
+# frames arrive, so element handles go stale).
+_FRAMES_JS = """
+const section = arguments[0];
+const rects = (root) => [...root.querySelectorAll("rect")].map((r) => r.dataset.label);
+const wrap = section.querySelector(".frame-wrap");
+const live = section.querySelector(".live-toggle");
+return {
+  large: {
+    key: wrap.dataset.key || null, ts: Number(wrap.dataset.ts), loaded: wrap.dataset.loaded,
+    width: wrap.querySelector("img").naturalWidth, labels: rects(wrap),
+  },
+  live: live.getAttribute("aria-pressed") === "true",
+  refreshes: Number(document.body.dataset.refreshes || 0),
+  thumbs: [...section.querySelectorAll(".strip .thumb")].map((thumb) => ({
+    key: thumb.dataset.key, ts: Number(thumb.dataset.ts), index: Number(thumb.dataset.index),
+    selected: thumb.classList.contains("selected"),
+    width: thumb.querySelector("img").naturalWidth, labels: rects(thumb),
+  })),
+};
+"""
+
+
+def _stored_labels(daemon: Daemon) -> dict[str, Counter[str]]:
+    """Per stored frame key, its particles by class, uncertain apart (what the boxes say)."""
+    labels: dict[str, Counter[str]] = {}
+    for row in daemon.store.frames_since("R1", 0.0):
+        counted = Counter({name: n for name, n in row.counts.items() if n})
+        if row.n_uncertain:
+            counted["uncertain"] = row.n_uncertain
+        labels[row.key] = counted
+    return labels
+
+
+def _click_thumb(browser: Any, probe: Any, index: int) -> tuple[str, float]:
+    """Click the strip's thumbnail at `index` (newest is 0); (key, ts) of its frame."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    for _ in range(20):
+        try:
+            thumb = probe.find_element(By.CSS_SELECTOR, f'.strip .thumb[data-index="{index}"]')
+            key, ts = thumb.get_attribute("data-key"), float(thumb.get_attribute("data-ts"))
+            thumb.click()
+            return str(key), ts
+        except StaleElementReferenceException:
+            time.sleep(0.05)  # redrawn just then: the next refresh is a second away
+    raise AssertionError("the strip kept changing under the click")
+
+
 def test_dashboard_trend_grows_and_an_acknowledge_click_reaches_the_engine(
     daemon: Daemon, browser: Any, tmp_path: Path
 ) -> None:
@@ -181,14 +235,85 @@ def test_dashboard_trend_grows_and_an_acknowledge_click_reaches_the_engine(
     assert trend.get_attribute("data-window") == "300"  # the first fraction alarm's window
 
     # The latest frame with its particles boxed and coloured by class.
-    wait.until(lambda _: probe.find_elements(By.CSS_SELECTOR, "svg.frame-boxes rect"))
+    boxes_css = ".frame-wrap svg.frame-boxes rect"
+    wait.until(lambda _: probe.find_elements(By.CSS_SELECTOR, boxes_css))
     labels = {
-        rect.get_attribute("data-label")
-        for rect in probe.find_elements(By.CSS_SELECTOR, "svg.frame-boxes rect")
+        rect.get_attribute("data-label") for rect in probe.find_elements(By.CSS_SELECTOR, boxes_css)
     }
     assert labels and labels <= {"CEX", "PG", "uncertain"}
     image = probe.find_element(By.CSS_SELECTOR, ".frame-wrap img")
     assert browser.execute_script("return arguments[0].naturalWidth", image) == 800
+
+    # The strip: the last RECENT_FRAMES frames as thumbnails, newest first, each with its
+    # particles boxed as classified; live, the large view shows the newest.
+    def shown() -> dict[str, Any]:
+        return dict(browser.execute_script(_FRAMES_JS, probe))
+
+    def strip_ready(page: dict[str, Any]) -> bool:
+        thumbs = page["thumbs"]
+        return (
+            len(thumbs) == RECENT_FRAMES
+            and all(thumb["width"] == THUMB_WIDTH and thumb["labels"] for thumb in thumbs)
+            and page["large"]["loaded"] == "true"
+            and page["large"]["key"] == thumbs[0]["key"]
+        )
+
+    def page_when(condition: Any) -> dict[str, Any]:
+        """The page as `shown` says, once `condition` holds for it."""
+        return dict(wait.until(lambda _: page if condition(page := shown()) else None))
+
+    page = page_when(strip_ready)
+    stored = _stored_labels(daemon)
+    thumbs = page["thumbs"]
+    assert [thumb["index"] for thumb in thumbs] == list(range(RECENT_FRAMES))
+    assert [thumb["ts"] for thumb in thumbs] == sorted((t["ts"] for t in thumbs), reverse=True)
+    for thumb in thumbs:
+        assert Counter(thumb["labels"]) == stored[thumb["key"]], thumb
+    assert page["live"]
+    assert [thumb["selected"] for thumb in thumbs] == [True] + [False] * (RECENT_FRAMES - 1)
+    assert Counter(page["large"]["labels"]) == stored[page["large"]["key"]]
+
+    # A click on an older thumbnail holds it in the large view, with its boxes, and holds
+    # the strip, while the daemon goes on.
+    held_key, held_ts = _click_thumb(browser, probe, 4)
+    page = page_when(
+        lambda page: page["large"]["key"] == held_key and page["large"]["loaded"] == "true"
+    )
+    assert page["large"]["ts"] == held_ts and not page["live"]
+    assert Counter(page["large"]["labels"]) == stored[held_key]
+    assert page["large"]["width"] == 800  # the full-size frame, not the thumbnail
+    assert [t["key"] for t in page["thumbs"] if t["selected"]] == [held_key]
+    held_strip = [thumb["key"] for thumb in page["thumbs"]]
+    caption = probe.find_element(By.CSS_SELECTOR, ".frame-caption").text
+    assert caption.startswith("HELD") and "Live" in caption
+    recorded = daemon.recorder.recorded
+    refreshes = page["refreshes"]
+    # Until the daemon has dropped every frame of the held strip, and the page refreshed.
+    assert wait_for(lambda: daemon.recorder.recorded >= recorded + RECENT_FRAMES + 1, 60)
+    wait.until(lambda _: shown()["refreshes"] >= refreshes + 2)
+    held_frames = {frame.key for frame in daemon.probes["R1"].recent_frames}
+    assert not held_frames & set(held_strip)
+    page = shown()
+    assert page["large"]["key"] == held_key and not page["live"]
+    assert [thumb["key"] for thumb in page["thumbs"]] == held_strip
+    # Another held frame the daemon no longer has: fetched when the strip was held.
+    other_key, _ = _click_thumb(browser, probe, 2)
+    page = page_when(
+        lambda page: page["large"]["key"] == other_key and page["large"]["loaded"] == "true"
+    )
+    assert page["large"]["width"] == 800
+    assert Counter(page["large"]["labels"]) == stored[other_key]
+
+    # Live again: the large view and the strip follow the newest frame.
+    probe.find_element(By.CSS_SELECTOR, ".live-toggle").click()
+    page = page_when(
+        lambda page: (
+            page["live"] and strip_ready(page) and page["thumbs"][0]["key"] not in held_strip
+        )
+    )
+    assert page["thumbs"][0]["selected"]
+    stored = _stored_labels(daemon)
+    assert Counter(page["large"]["labels"]) == stored[page["large"]["key"]]
 
     # The ramp crosses the limit; the alarm comes up on the page, unacknowledged.
     row_css = '.alarm[data-alarm-id="pg_high"]'
@@ -226,6 +351,13 @@ def test_dashboard_trend_grows_and_an_acknowledge_click_reaches_the_engine(
     assert not row.find_element(By.CSS_SELECTOR, "button.ack").is_enabled()
     assert "acknowledged by op-anna" in notice.text
     _save(browser, tmp_path, "dashboard-acknowledged.png")
-    # No script error, no blocked resource (the page's CSP allows only this server).
-    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    # No script error, no blocked resource (the page's CSP allows only this server). A held
+    # frame the daemon dropped before the page fetched it full-size is a 404 the page
+    # expects (it shows the thumbnail instead).
+    errors = [
+        entry
+        for entry in browser.get_log("browser")
+        if entry["level"] == "SEVERE"
+        and not ("/frame.jpg?key=" in entry["message"] and "404" in entry["message"])
+    ]
     assert errors == []

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,9 +26,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config import EX_CONFIG, load_settings
-from monitor.daemon import Daemon
+from monitor.daemon import RECENT_FRAMES, Daemon
 from monitor.publishers.base import CommandHandler, ProbeUpdate
 from monitor.simulator import CropSimulator
+from monitor.web import views
 from monitor.web.config import HttpConfig
 from monitor.web.server import SESSION_COOKIE, WebServer, WebStartError
 from tests.daemon_process import wait_for, write_like_probe
@@ -66,6 +68,19 @@ class SwitchPublisher:
 
     def stop(self) -> None:
         pass
+
+
+class ResultsPublisher(SwitchPublisher):
+    """Remembers (key, status) of every per-frame result, in the order the daemon sent them."""
+
+    name = "results"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statuses: list[tuple[str, str]] = []
+
+    def publish_result(self, probe: str, result: dict[str, Any]) -> None:
+        self.statuses.append((result["key"], result["status"]))
 
 
 class NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -347,6 +362,161 @@ def test_latest_frame_comes_as_boxes_and_a_scaled_jpeg(running: Running) -> None
     status, _, body = call(f"{running.base}/api/probes/R1/frame.jpg?width=64")
     small = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_GRAYSCALE)
     assert small.shape[1] == 64 and small.shape[0] == round(height * 64 / width)
+
+
+def _jpeg(body: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert image is not None
+    return image
+
+
+def test_the_recent_frames_are_the_last_classified_ones(running: Running) -> None:
+    status, listing = get_json(f"{running.base}/api/probes/R1/frames")
+    assert status == 200 and RECENT_FRAMES == 8
+    assert listing["capacity"] == RECENT_FRAMES and listing["classes"] == ["CEX", "PG"]
+    frames = listing["frames"]
+    # 36 crops and frames went in, 32 were classified: only the last 8 of those are held.
+    stored = [
+        row
+        for row in running.daemon.store.iter_frames()
+        if row.probe == "R1" and row.status == "ok"
+    ]
+    assert len(stored) == N_CEX + N_PG
+    held = {row.key: row for row in stored[-RECENT_FRAMES:]}
+    by_key = {frame.key: frame for frame in running.daemon.probes["R1"].recent_frames}
+    assert len(frames) == RECENT_FRAMES
+    assert {frame["key"] for frame in frames} == set(held)
+    assert [frame["index"] for frame in frames] == list(range(RECENT_FRAMES))
+    times = [frame["ts"] for frame in frames]
+    assert times == sorted(times, reverse=True)  # newest first
+    for frame in frames:
+        row = held[frame["key"]]
+        assert frame["ts"] == row.ts
+        assert frame["counts"] == row.counts
+        assert frame["uncertain"] == row.n_uncertain
+        assert frame["particles"] == 1  # a crop file is one particle
+        height, width = by_key[frame["key"]].image.shape
+        assert (frame["width"], frame["height"]) == (width, height)
+        assert "boxes" not in frame  # only with ?boxes=1
+    status, with_boxes = get_json(f"{running.base}/api/probes/R1/frames?boxes=1")
+    assert status == 200
+    for frame, boxed in zip(frames, with_boxes["frames"], strict=True):
+        assert boxed["key"] == frame["key"] and len(boxed["boxes"]) == 1
+        (box,) = boxed["boxes"]
+        assert frame["counts"].get(box["label"], 0) == (0 if box["uncertain"] else 1)
+
+    # The newest frame is what the old endpoints show, and index 0 of the new ones.
+    status, newest = get_json(f"{running.base}/api/probes/R1/frame")
+    assert status == 200 and newest == get_json(f"{running.base}/api/probes/R1/frame?index=0")[1]
+    assert {k: v for k, v in newest.items() if k != "boxes"} == frames[0]
+    for frame in frames:
+        status, chosen = get_json(f"{running.base}/api/probes/R1/frame?key={frame['key']}")
+        assert status == 200 and chosen["index"] == frame["index"]
+        assert chosen["ts"] == frame["ts"] and len(chosen["boxes"]) == 1
+        box = by_key[frame["key"]].boxes[0]
+        assert (chosen["boxes"][0]["x"], chosen["boxes"][0]["label"]) == (box.x, box.label)
+
+    # The JPEG of a chosen frame, by index or by key (and time), at a chosen width.
+    third = frames[3]
+    status, headers, body = call(f"{running.base}/api/probes/R1/frame.jpg?index=3")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg"
+    assert (headers["X-Frame-Key"], headers["X-Frame-Index"]) == (third["key"], "3")
+    assert float(headers["X-Frame-Ts"]) == third["ts"]
+    assert headers["Cache-Control"] == "no-store"  # index 3 is another frame tomorrow
+    image = by_key[third["key"]].image
+    assert body == views.encode_frame(image, 960)
+    assert _jpeg(body).shape == image.shape
+    url = f"{running.base}/api/probes/R1/frame.jpg?key={third['key']}&ts={third['ts']!r}&width=64"
+    status, headers, body = call(url)
+    assert status == 200 and headers["X-Frame-Key"] == third["key"]
+    assert "immutable" in headers["Cache-Control"]  # key and time name it for good
+    assert body == views.encode_frame(image, 64)
+    assert _jpeg(body).shape == (round(image.shape[0] * 64 / image.shape[1]), 64)
+    assert call(url)[2] == body  # the second time from the server's cache
+    status, headers, body = call(f"{running.base}/api/probes/R1/frame.jpg")
+    assert status == 200 and headers["X-Frame-Key"] == frames[0]["key"]
+
+    # What is not held, or not a selection, is said so.
+    gone = stored[0].key
+    for query, expected in (
+        (f"key={gone}", 404),
+        (f"key={third['key']}&ts={third['ts'] + 1}", 404),
+        (f"index={RECENT_FRAMES}", 404),
+        ("index=-1", 400),
+        ("index=two", 400),
+        (f"index=0&key={third['key']}", 400),
+        ("ts=12.5", 400),
+        (f"key={third['key']}&ts=soon", 400),
+    ):
+        for path in ("frame", "frame.jpg"):
+            status, _, body = call(f"{running.base}/api/probes/R1/{path}?{query}")
+            assert status == expected, (path, query, body)
+            assert json.loads(body)["error"]
+    assert (
+        "not among the recent frames"
+        in get_json(f"{running.base}/api/probes/R1/frame?key={gone}")[1]["error"]
+    )
+    assert get_json(f"{running.base}/api/probes/R9/frames")[0] == 404
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(ts)) + f".{round(ts % 1 * 1000):03d}Z"
+
+
+def test_the_recent_frames_grow_to_their_bound_and_stay_there(tmp_path: Path) -> None:
+    """Files one at a time, each named with its time: the list grows by one per classified
+    frame, never past RECENT_FRAMES, a rejected frame never enters it, and it lists the
+    frames newest first even when one arrives late."""
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    port = free_port()
+    results = ResultsPublisher()
+    daemon = Daemon(settings_for(tmp_path / "state", folder, port, {}), publishers=[results])
+    daemon.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        status, listing = get_json(f"{base}/api/probes/R1/frames")
+        assert (status, listing["frames"], listing["capacity"]) == (200, [], RECENT_FRAMES)
+        assert get_json(f"{base}/api/probes/R1/frame")[0] == 404
+        assert call(f"{base}/api/probes/R1/frame.jpg?index=0")[0] == 404
+
+        simulator = CropSimulator(seed=21)  # the crops of write_probe_files: all classified
+        start = float(int(time.time()) - 600)
+        # Seconds after start, in the order the files are written: the 9th file is older
+        # than the two before it, the 6th is blank (rejected, never listed).
+        offsets = [0, 1, 2, 3, 4, 5, 6, 7, 8.5, 8.25, 10, 11, 12]
+        classified: list[tuple[str, float]] = []
+        for count, offset in enumerate(offsets, start=1):
+            ts = start + offset
+            name = f"{_stamp(ts)}_{count:02d}.png"
+            if count == 6:
+                write_like_probe(folder, name, np.full((151, 151), 128, np.uint8))
+            else:
+                label = "PG" if len(classified) < N_PG else "CEX"
+                write_like_probe(folder, name, simulator.render(label))
+                classified.append((name, ts))
+            # Results are published after the frame is added to the recent frames.
+            assert wait_for(lambda n=count: len(results.statuses) == n, timeout=60)
+            status, listing = get_json(f"{base}/api/probes/R1/frames")
+            assert status == 200
+            held = classified[-RECENT_FRAMES:]
+            expected = sorted(held, key=lambda item: item[1], reverse=True)
+            got = [(frame["key"], frame["ts"]) for frame in listing["frames"]]
+            assert len(got) == min(len(classified), RECENT_FRAMES), results.statuses
+            assert got == expected
+        statuses = [status for _, status in results.statuses]
+        assert statuses == ["ok"] * 5 + ["rejected"] + ["ok"] * (len(offsets) - 6)
+        assert len(classified) == len(offsets) - 1 > RECENT_FRAMES
+        assert len(daemon.probes["R1"].recent_frames) == RECENT_FRAMES
+        # The newest by time is index 0 of every frame endpoint.
+        status, headers, _ = call(f"{base}/api/probes/R1/frame.jpg")
+        assert status == 200 and headers["X-Frame-Key"] == classified[-1][0]
+        rows = {row.key: row for row in daemon.store.iter_frames() if row.status == "ok"}
+        for frame in get_json(f"{base}/api/probes/R1/frames")[1]["frames"]:
+            assert frame["counts"] == rows[frame["key"]].counts
+            assert frame["uncertain"] == rows[frame["key"]].n_uncertain
+    finally:
+        daemon.stop()
 
 
 def test_acknowledge_and_shelve_reach_the_alarm_engine(running: Running) -> None:

@@ -52,6 +52,10 @@ OPEN_PATHS = frozenset({"/healthz", "/login", "/logout"})
 MAX_WHO_CHARS = 64
 MAX_COMMENT_CHARS = 500
 JOURNAL_LIMIT = 200
+# Encoded JPEGs kept per recent frame the daemon holds: a thumbnail and a full-size view,
+# plus slack for the frames that just left its deque.
+FRAME_CACHE_PER_FRAME = 3
+FRAME_MAX_AGE_S = 600
 
 _STATIC_TYPES = {
     ".html": "text/html",
@@ -132,7 +136,8 @@ class WebServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
-        self._frame_cache: dict[tuple[str, int], tuple[float, bytes]] = {}
+        # (probe, key, ts, width) -> JPEG, oldest first; only the event loop touches it.
+        self._frame_cache: dict[tuple[str, str, float, int], bytes] = {}
 
     @property
     def url(self) -> str:
@@ -217,6 +222,7 @@ class WebServer:
         get("/api/state", self._state)
         get("/api/alarms", self._alarms)
         get("/api/probes/{probe}/history", self._history)
+        get("/api/probes/{probe}/frames", self._frames)
         get("/api/probes/{probe}/frame", self._frame)
         get("/api/probes/{probe}/frame.jpg", self._frame_jpeg)
         post = app.router.add_post
@@ -439,36 +445,72 @@ class WebServer:
         )
         return _json(history)
 
+    def _selection(self, request: web.Request) -> views.FrameSelection:
+        try:
+            return views.FrameSelection.from_query(request.query)
+        except views.BadFrameSelectionError as exc:
+            raise web.HTTPBadRequest(reason=str(exc)) from exc
+
+    @staticmethod
+    def _no_frame(probe: str, selection: views.FrameSelection) -> web.Response:
+        if selection == views.FrameSelection():
+            return _error(404, f"no classified frame from probe {probe!r} yet")
+        return _error(
+            404,
+            f"{selection.describe()} is not among the recent frames of probe {probe!r} "
+            f"(see /api/probes/{probe}/frames)",
+        )
+
+    async def _frames(self, request: web.Request) -> web.Response:
+        probe = self._probe(request)
+        boxes = request.query.get("boxes", "0") not in {"0", "false", "no", ""}
+        listing = await self._work(lambda: views.frames_list(self._daemon, probe, boxes=boxes))
+        return _json(listing)
+
     async def _frame(self, request: web.Request) -> web.Response:
         probe = self._probe(request)
-        boxes = await self._work(views.frame_boxes, self._daemon, probe)
+        selection = self._selection(request)
+        boxes = await self._work(views.frame_boxes, self._daemon, probe, selection)
         if boxes is None:
-            return _error(404, f"no classified frame from probe {probe!r} yet")
+            return self._no_frame(probe, selection)
         return _json(boxes)
 
     async def _frame_jpeg(self, request: web.Request) -> web.Response:
         probe = self._probe(request)
+        selection = self._selection(request)
         try:
             width = int(request.query.get("width", self.config.frame_width))
         except ValueError:
             return _error(400, "width must be a whole number of pixels")
         width = max(64, min(width, self.config.frame_width))
-        state = self._daemon.probes[probe]
-        with state.lock:
-            latest = state.latest_frame
-        if latest is None:
-            return _error(404, f"no classified frame from probe {probe!r} yet")
-        cached = self._frame_cache.get((probe, width))
-        if cached is not None and cached[0] == latest.ts:
-            data = cached[1]
-        else:
-            data = await self._work(views.encode_frame, latest.image, width)
-            self._frame_cache[(probe, width)] = (latest.ts, data)
-        return web.Response(
-            body=data,
-            content_type="image/jpeg",
-            headers={"X-Frame-Ts": repr(latest.ts), "X-Frame-Key": latest.key},
-        )
+        found = views.select_frame(views.recent_frames(self._daemon, probe), selection)
+        if found is None:
+            return self._no_frame(probe, selection)
+        index, frame = found
+        cache_key = (probe, frame.key, frame.ts, width)
+        data = self._frame_cache.get(cache_key)
+        if data is None:
+            data = await self._work(views.encode_frame, frame.image, width)
+            self._remember_jpeg(cache_key, data)
+        headers = {
+            "X-Frame-Ts": repr(frame.ts),
+            "X-Frame-Key": frame.key,
+            "X-Frame-Index": str(index),
+        }
+        if selection.exact:
+            # Key and time name one frame for good: the browser may keep it, so a frame the
+            # operator holds on the dashboard stays viewable after the daemon drops it.
+            headers["Cache-Control"] = f"private, max-age={FRAME_MAX_AGE_S}, immutable"
+        return web.Response(body=data, content_type="image/jpeg", headers=headers)
+
+    def _remember_jpeg(self, cache_key: tuple[str, str, float, int], data: bytes) -> None:
+        """Keep encoded JPEGs of recent frames (each size asked for), the oldest dropped
+        first: every dashboard asks for the same frames, each is encoded once."""
+        self._frame_cache[cache_key] = data
+        held = sum(state.recent_frames.maxlen or 0 for state in self._daemon.probes.values())
+        limit = FRAME_CACHE_PER_FRAME * max(1, held)
+        while len(self._frame_cache) > limit:
+            self._frame_cache.pop(next(iter(self._frame_cache)))
 
     async def _action_body(self, request: web.Request) -> dict[str, Any]:
         try:

@@ -7,7 +7,8 @@ queries, JPEG encoding) on a worker thread and keeps its event loop free.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -244,30 +245,125 @@ def probe_history(
     }
 
 
-# -- the latest frame -----------------------------------------------------------------
+# -- the recent frames ----------------------------------------------------------------
 
 
-def _latest_frame(daemon: Daemon, probe: str) -> LatestFrame | None:
+class BadFrameSelectionError(ValueError):
+    """A frame selection the API cannot read (a malformed index or time)."""
+
+
+@dataclass(frozen=True)
+class FrameSelection:
+    """Which recent frame a request means: `index` counts back from the newest (0), or
+    `key` (with `ts` when a key can repeat). Nothing selected means the newest."""
+
+    index: int | None = None
+    key: str | None = None
+    ts: float | None = None
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> FrameSelection:
+        index_text, key, ts_text = query.get("index"), query.get("key"), query.get("ts")
+        if index_text is not None and key is not None:
+            raise BadFrameSelectionError("select a frame by index or by key, not both")
+        if ts_text is not None and key is None:
+            raise BadFrameSelectionError("ts selects among frames of one key: give key too")
+        index = None
+        if index_text is not None:
+            try:
+                index = int(index_text)
+            except ValueError:
+                index = -1
+            if index < 0:
+                raise BadFrameSelectionError(
+                    "index must be a whole number from 0 (the newest frame) up"
+                )
+        ts = None
+        if ts_text is not None:
+            try:
+                ts = float(ts_text)
+            except ValueError:
+                ts = math.nan
+            if not math.isfinite(ts):
+                raise BadFrameSelectionError("ts must be a frame time in seconds")
+        return cls(index=index, key=key, ts=ts)
+
+    @property
+    def exact(self) -> bool:
+        """Names one frame for good (its content never changes): key and time."""
+        return self.key is not None and self.ts is not None
+
+    def describe(self) -> str:
+        if self.key is not None:
+            return f"frame {self.key!r}" + ("" if self.ts is None else f" at {self.ts!r}")
+        return f"frame index {self.index or 0}"
+
+
+def recent_frames(daemon: Daemon, probe: str) -> list[LatestFrame]:
+    """The probe's recent classified frames, newest first (by frame time; a copy of the
+    references, taken under the probe's lock)."""
     state = daemon.probes.get(probe)
     if state is None:
         raise UnknownProbeError(probe)
     with state.lock:
-        return state.latest_frame
+        frames = list(state.recent_frames)
+    frames.reverse()  # the newest recorded first; the stable sort keeps that among equal times
+    frames.sort(key=lambda frame: frame.ts, reverse=True)
+    return frames
 
 
-def frame_boxes(daemon: Daemon, probe: str) -> dict[str, Any] | None:
-    """The latest classified frame's size and particle boxes (image pixels), or None."""
-    latest = _latest_frame(daemon, probe)
-    if latest is None:
+def recent_capacity(daemon: Daemon, probe: str) -> int:
+    """How many recent frames the daemon keeps for `probe`."""
+    state = daemon.probes.get(probe)
+    if state is None:
+        raise UnknownProbeError(probe)
+    return int(state.recent_frames.maxlen or 0)
+
+
+def select_frame(
+    frames: Sequence[LatestFrame], selection: FrameSelection
+) -> tuple[int, LatestFrame] | None:
+    """(index, frame) of the selected frame among `frames` (newest first), or None."""
+    if selection.key is not None:
+        for index, frame in enumerate(frames):
+            if frame.key == selection.key and (selection.ts is None or frame.ts == selection.ts):
+                return index, frame
         return None
-    height, width = latest.image.shape[:2]
-    return {
+    index = selection.index or 0
+    return (index, frames[index]) if index < len(frames) else None
+
+
+def _box_counts(frame: LatestFrame, classes: Sequence[str]) -> tuple[dict[str, int], int]:
+    counts = dict.fromkeys(classes, 0)
+    uncertain = 0
+    for box in frame.boxes:
+        if box.uncertain:
+            uncertain += 1
+        else:
+            counts[box.label] = counts.get(box.label, 0) + 1
+    return counts, uncertain
+
+
+def frame_json(
+    probe: str, index: int, frame: LatestFrame, classes: Sequence[str], *, boxes: bool
+) -> dict[str, Any]:
+    """One recent frame: time, key, size, particles per class (uncertain apart) and,
+    with `boxes`, every particle's box in image pixels."""
+    height, width = frame.image.shape[:2]
+    counts, uncertain = _box_counts(frame, classes)
+    body: dict[str, Any] = {
         "probe": probe,
-        "ts": latest.ts,
-        "key": latest.key,
+        "index": index,
+        "ts": frame.ts,
+        "key": frame.key,
         "width": int(width),
         "height": int(height),
-        "boxes": [
+        "particles": len(frame.boxes),
+        "counts": counts,
+        "uncertain": uncertain,
+    }
+    if boxes:
+        body["boxes"] = [
             {
                 "x": box.x,
                 "y": box.y,
@@ -277,9 +373,36 @@ def frame_boxes(daemon: Daemon, probe: str) -> dict[str, Any] | None:
                 "confidence": box.confidence,
                 "uncertain": box.uncertain,
             }
-            for box in latest.boxes
+            for box in frame.boxes
+        ]
+    return body
+
+
+def frames_list(daemon: Daemon, probe: str, *, boxes: bool) -> dict[str, Any]:
+    """The recent frames of `probe`, newest first, each as frame_json."""
+    frames = recent_frames(daemon, probe)
+    classes = daemon.model.manifest.classes
+    return {
+        "probe": probe,
+        "capacity": recent_capacity(daemon, probe),
+        "classes": list(classes),
+        "frames": [
+            frame_json(probe, index, frame, classes, boxes=boxes)
+            for index, frame in enumerate(frames)
         ],
     }
+
+
+def frame_boxes(
+    daemon: Daemon, probe: str, selection: FrameSelection | None = None
+) -> dict[str, Any] | None:
+    """The selected recent frame (the newest by default) with its size and particle
+    boxes (image pixels), or None when the daemon holds no such frame."""
+    found = select_frame(recent_frames(daemon, probe), selection or FrameSelection())
+    if found is None:
+        return None
+    index, frame = found
+    return frame_json(probe, index, frame, daemon.model.manifest.classes, boxes=True)
 
 
 def encode_frame(image: np.ndarray, max_width: int) -> bytes:
@@ -295,8 +418,8 @@ def encode_frame(image: np.ndarray, max_width: int) -> bytes:
 
 
 def latest_jpeg(daemon: Daemon, probe: str, max_width: int) -> tuple[float, bytes] | None:
-    """(frame time, JPEG) of the probe's latest classified frame, or None before the first."""
-    latest = _latest_frame(daemon, probe)
-    if latest is None:
+    """(frame time, JPEG) of the probe's newest classified frame, or None before the first."""
+    frames = recent_frames(daemon, probe)
+    if not frames:
         return None
-    return latest.ts, encode_frame(latest.image, max_width)
+    return frames[0].ts, encode_frame(frames[0].image, max_width)

@@ -11,6 +11,7 @@ const PRIORITY_COLOURS = { critical: "#d1006b", high: "#e5383b", medium: "#f6a01
 const SHELVE_MINUTES = [15, 30, 60, 120, 240, 480];
 const OPERATOR_KEY = "crystal-monitor.operator";
 const TREND_HEIGHT = 340;
+const THUMB_WIDTH = 160;  // px asked of the server for a strip thumbnail (sharp at 2x)
 
 const views = new Map();  // probe id -> view state
 let classes = [];
@@ -115,7 +116,14 @@ function createView(probe) {
   const nothing = el("div", "nothing", "no classified frame yet");
   frameWrap.append(image, boxes, nothing);
   const caption = el("div", "frame-caption");
-  framePanel.append(frameWrap, caption);
+  const stripHead = el("div", "strip-head");
+  const stripTitle = el("span", "strip-title", "Recent frames");
+  const live = el("button", "live-toggle", "Live");
+  live.type = "button";
+  live.title = "Follow the newest frame";
+  stripHead.append(stripTitle, live);
+  const strip = el("div", "strip");
+  framePanel.append(frameWrap, caption, stripHead, strip);
 
   const countsPanel = el("div", "counts-panel");
   const counts = el("table", "counts");
@@ -128,15 +136,22 @@ function createView(probe) {
   const view = {
     id: probe.id,
     section, batch, quality, age, alarms, figures, windows, trend, legend,
-    image, boxes, nothing, caption, counts,
+    image, boxes, nothing, caption, counts, frameWrap, strip, stripTitle, live,
     window: probe.default_window,
     state: probe,
     history: null,
-    frameTs: null,
-    frameBoxes: null,
+    framesSeen: null,   // "key@ts" of the newest frame the strip was loaded for
+    recent: [],         // the strip's frames, newest first, as /frames?boxes=1 lists them
+    following: true,    // live: the large view follows the newest frame
+    shown: null,        // the frame in the large view
+    thumbs: new Map(),  // frame id -> its thumbnail button
+    preloads: [],       // full-size images of a held strip, fetched when it was held
     alarmRows: new Map(),
   };
-  image.addEventListener("load", () => drawBoxes(view));
+  image.addEventListener("load", () => drawFrame(view));
+  image.addEventListener("error", () => frameMissing(view));
+  live.addEventListener("click", () => goLive(view));
+  renderLive(view);
   return view;
 }
 
@@ -453,39 +468,183 @@ function drawTrend(view) {
   view.legend.append(el("span", "", `${span} · ${windowLabel(view.window)} window · ${points} points`));
 }
 
-// -- the latest frame ---------------------------------------------------------------
+// -- the recent frames -------------------------------------------------------------
+// A strip of the daemon's last few classified frames (newest first) under the large view,
+// each with its particles boxed in class colours. Live, the large view follows the
+// newest frame; a click on a thumbnail holds the strip and shows that frame large until
+// Live is clicked again.
 
-async function loadFrame(view, latest) {
-  if (!latest) return;
-  if (latest.ts === view.frameTs) return;
-  const path = `/api/probes/${encodeURIComponent(view.id)}/frame`;
-  const { body } = await api(path);
-  view.frameTs = latest.ts;
-  view.frameBoxes = body;
-  view.image.src = `/api/probes/${encodeURIComponent(view.id)}/frame.jpg?ts=${encodeURIComponent(body.ts)}`;
+function frameId(frame) {
+  return `${frame.key}@${frame.ts}`;
 }
 
-function drawBoxes(view) {
-  const frame = view.frameBoxes;
-  if (!frame) return;
-  view.image.hidden = false;
-  view.nothing.hidden = true;
-  view.boxes.setAttribute("viewBox", `0 0 ${frame.width} ${frame.height}`);
-  view.boxes.replaceChildren();
-  const tally = {};
+function jpegUrl(view, frame, width) {
+  const query = `key=${encodeURIComponent(frame.key)}&ts=${encodeURIComponent(frame.ts)}`;
+  return `/api/probes/${encodeURIComponent(view.id)}/frame.jpg?${query}${width ? `&width=${width}` : ""}`;
+}
+
+async function loadFrames(view, latest) {
+  if (!view.following || !latest) return;  // held: the strip and the large view stay put
+  const seen = frameId(latest);
+  if (seen === view.framesSeen) return;
+  const { body } = await api(`/api/probes/${encodeURIComponent(view.id)}/frames?boxes=1`);
+  if (!view.following) return;  // the operator clicked a thumbnail meanwhile
+  view.framesSeen = seen;
+  view.recent = body.frames;
+  view.stripTitle.textContent = `Recent frames (last ${body.capacity}, newest first)`;
+  if (view.recent.length) showFrame(view, view.recent[0]);
+  renderStrip(view);
+}
+
+function showFrame(view, frame) {
+  if (view.shown && frameId(view.shown) === frameId(frame)) {
+    if (view.frameWrap.dataset.loaded === "true") drawFrame(view);  // live or held changed
+    return;
+  }
+  view.shown = frame;
+  view.frameWrap.dataset.key = frame.key;
+  view.frameWrap.dataset.ts = String(frame.ts);
+  view.frameWrap.dataset.loaded = "false";
+  view.image.dataset.fallback = "";
+  view.image.src = jpegUrl(view, frame, null);
+}
+
+function drawBoxesInto(target, frame) {
+  target.setAttribute("viewBox", `0 0 ${frame.width} ${frame.height}`);
+  target.replaceChildren();
   for (const box of frame.boxes) {
-    const colour = box.uncertain ? UNCERTAIN_COLOUR : classColour(box.label);
     const name = box.uncertain ? "uncertain" : box.label;
-    tally[name] = (tally[name] || 0) + 1;
     const rect = svg("rect", {
-      x: box.x, y: box.y, width: box.w, height: box.h, stroke: colour,
+      x: box.x, y: box.y, width: box.w, height: box.h,
+      stroke: box.uncertain ? UNCERTAIN_COLOUR : classColour(box.label),
       class: box.uncertain ? "uncertain" : "", "data-label": name,
     });
     rect.append(svg("title", {}, `${name} ${(box.confidence * 100).toFixed(0)} %`));
-    view.boxes.append(rect);
+    target.append(rect);
   }
-  const parts = Object.entries(tally).map(([name, n]) => `${name} ${n}`);
-  view.caption.textContent = `frame ${clockText(frame.ts)} · ${frame.boxes.length} particles: ${parts.join(", ") || "none"} · boxes coloured by class, grey dashed = uncertain`;
+}
+
+function countsText(frame) {
+  const parts = Object.entries(frame.counts).map(([name, n]) => `${name} ${n}`);
+  if (frame.uncertain) parts.push(`uncertain ${frame.uncertain}`);
+  return parts.join(", ") || "none";
+}
+
+function drawFrame(view) {
+  const frame = view.shown;
+  if (!frame) return;
+  view.image.hidden = false;
+  view.nothing.hidden = true;
+  view.frameWrap.dataset.loaded = "true";
+  drawBoxesInto(view.boxes, frame);
+  const held = view.following ? "" : "HELD · ";
+  const thumbnailOnly = view.image.dataset.fallback ? " (thumbnail: the daemon no longer holds this frame)" : "";
+  const end = view.following ? "boxes coloured by class, grey dashed = uncertain" : "click Live to follow the newest frame";
+  view.caption.textContent = `${held}frame ${clockText(frame.ts)}${thumbnailOnly} · ${frame.particles} particles: ${countsText(frame)} · ${end}`;
+  view.caption.classList.toggle("held", !view.following);
+}
+
+function frameMissing(view) {
+  // The daemon dropped a held frame before its full-size JPEG was fetched: show the
+  // thumbnail the browser already has, scaled up, rather than nothing.
+  const frame = view.shown;
+  if (!frame || view.image.dataset.fallback) return;
+  view.image.dataset.fallback = "thumbnail";
+  view.image.src = jpegUrl(view, frame, THUMB_WIDTH);
+}
+
+function createThumb(view, frame) {
+  const button = el("button", "thumb");
+  button.type = "button";
+  button.dataset.key = frame.key;
+  button.dataset.ts = String(frame.ts);
+  const wrap = el("div", "thumb-wrap");
+  wrap.style.aspectRatio = `${frame.width} / ${frame.height}`;
+  const image = el("img");
+  image.alt = `frame ${frame.key}`;
+  image.src = jpegUrl(view, frame, THUMB_WIDTH);
+  const boxes = svg("svg", { class: "thumb-boxes", preserveAspectRatio: "none" });
+  drawBoxesInto(boxes, frame);
+  wrap.append(image, boxes);
+  // Under each thumbnail its particles per class, in the class colours (the time and the
+  // names are in the tooltip and, once clicked, under the large view).
+  const label = el("div", "thumb-label");
+  for (const [name, n] of Object.entries(frame.counts)) {
+    const count = el("span", "", String(n));
+    count.style.color = classColour(name);
+    count.dataset.class = name;
+    label.append(count);
+  }
+  if (frame.uncertain) {
+    const count = el("span", "", String(frame.uncertain));
+    count.style.color = UNCERTAIN_COLOUR;
+    count.dataset.class = "uncertain";
+    label.append(count);
+  }
+  button.title = `${frame.key} · ${clockText(frame.ts)} · ${countsText(frame)}`;
+  button.append(wrap, label);
+  button.addEventListener("click", () => hold(view, frame));
+  return button;
+}
+
+function renderStrip(view) {
+  const keep = new Set(view.recent.map(frameId));
+  for (const [id, button] of view.thumbs) {
+    if (!keep.has(id)) {
+      button.remove();
+      view.thumbs.delete(id);
+    }
+  }
+  view.recent.forEach((frame, index) => {
+    const id = frameId(frame);
+    let button = view.thumbs.get(id);
+    if (!button) {
+      button = createThumb(view, frame);
+      view.thumbs.set(id, button);
+    }
+    button.dataset.index = String(index);
+    view.strip.append(button);  // in the listing's order, newest first
+  });
+  markShown(view);
+}
+
+function markShown(view) {
+  const shown = view.shown ? frameId(view.shown) : null;
+  for (const [id, button] of view.thumbs) {
+    const selected = id === shown;
+    button.classList.toggle("selected", selected);
+    button.setAttribute("aria-pressed", selected ? "true" : "false");
+  }
+  renderLive(view);
+}
+
+function renderLive(view) {
+  view.live.classList.toggle("on", view.following);
+  view.live.setAttribute("aria-pressed", view.following ? "true" : "false");
+  view.live.textContent = view.following ? "● Live" : "▶ Back to live";
+  view.strip.classList.toggle("held", !view.following);
+}
+
+function hold(view, frame) {
+  view.following = false;
+  // Fetch the other held frames at full size now, while the daemon still has them (the
+  // browser keeps them: key and time name a frame for good).
+  view.preloads = view.recent.filter((other) => frameId(other) !== frameId(frame)).map((other) => {
+    const image = new Image();
+    image.src = jpegUrl(view, other, null);
+    return image;
+  });
+  showFrame(view, frame);
+  markShown(view);
+}
+
+function goLive(view) {
+  if (view.following) return;
+  view.following = true;
+  view.preloads = [];
+  view.framesSeen = null;  // reload the strip at once
+  markShown(view);
+  loadFrames(view, view.state.latest_frame).catch(() => {});
 }
 
 // -- the refresh loop ---------------------------------------------------------------
@@ -518,7 +677,7 @@ async function refresh() {
     await Promise.all([...views.values()].map(async (view) => {
       await loadHistory(view);
       drawTrend(view);
-      await loadFrame(view, view.state.latest_frame);
+      await loadFrames(view, view.state.latest_frame);
     }));
     connection.textContent = "live";
     connection.className = "connection live";
