@@ -78,8 +78,11 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.part")
 
 
-def write_png_atomically(path: Path, image: npt.NDArray[np.uint8]) -> None:
-    """Write a PNG so that `path` either does not exist or holds the whole file."""
+def write_png_atomically(path: Path, image: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]) -> None:
+    """Write a PNG so that `path` either does not exist or holds the whole file.
+
+    A uint16 image becomes a 16-bit greyscale PNG, as 16-bit probe cameras write.
+    """
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"could not encode a PNG for {path}")
