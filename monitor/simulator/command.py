@@ -4,6 +4,12 @@ Crop mode writes an ImageFolder (OUTDIR/CEX/*.png, OUTDIR/PG/*.png) that the
 model zoo trains on directly; frame mode writes full probe frames into OUTDIR,
 optionally in real time (write-then-rename at a fixed rate) to stand in for a
 live probe. Without --realtime the output is deterministic under --seed.
+
+Looks and sites: without --look-mix or a site option the images are the classic
+simulator's (what the shipped model was trained on). --look-mix slurry draws the
+particle looks of a working slurry through per-site optics; --site, --sites and
+--site-style choose the site(s). ground_truth.jsonl then records each image's
+site and the look of each particle.
 """
 
 from __future__ import annotations
@@ -19,9 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from monitor.simulator.crops import CropSimulator
-from monitor.simulator.frames import FrameConfig, FrameSimulator
+from monitor.simulator.frames import SLURRY_PG_DIAMETER_PX, FrameConfig, FrameSimulator
 from monitor.simulator.labels import CEX, LABELS, PG
+from monitor.simulator.looks import LOOK_MIXES, SLURRY_MIX, look_names
 from monitor.simulator.profiles import PROFILE_FORMS, ConstantProfile, PgProfile, parse_profile
+from monitor.simulator.sites import (
+    DEFAULT_TRAINING_SITES,
+    Site,
+    get_site_style,
+    parse_site_range,
+    site_style_names,
+)
 from monitor.simulator.writer import (
     FramePacer,
     GroundTruthLog,
@@ -33,7 +47,15 @@ from monitor.simulator.writer import (
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
 DEFAULT_PG_FRACTION = {"crop": 0.5, "frame": 0.05}
 # Options that only mean something for full frames.
-FRAME_ONLY_OPTIONS = ("width", "height", "particles", "bubbles", "empty_share", "fouling")
+FRAME_ONLY_OPTIONS = (
+    "width",
+    "height",
+    "particles",
+    "bubbles",
+    "empty_share",
+    "fouling",
+    "density",
+)
 
 
 def _fraction(text: str) -> float:
@@ -69,6 +91,20 @@ def _positive_float(text: str) -> float:
     if not value > 0.0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def _site_range(text: str) -> range:
+    try:
+        return parse_site_range(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _site_style(text: str) -> Site:
+    try:
+        return get_site_style(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _profile(text: str) -> PgProfile:
@@ -167,6 +203,49 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.2,
         help="share of particles out of focus (default: 0.2)",
     )
+    parser.add_argument(
+        "--look-mix",
+        choices=tuple(LOOK_MIXES),
+        default=None,
+        help="particle looks: classic = the original granular PG and needle-bundle CEX "
+        "(what the shipped model was trained on); slurry = a working slurry's looks "
+        f"(PG: {', '.join(look_names('PG'))}; CEX: {', '.join(look_names('CEX'))}) seen "
+        "through per-site optics. Default: classic, or each site's own mix when a site "
+        "option is given. slurry without a site option: crops from sites "
+        f"{DEFAULT_TRAINING_SITES.start}-{DEFAULT_TRAINING_SITES.stop - 1}, frames from "
+        "the site drawn from --seed",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--site",
+        type=_int_at_least(0),
+        default=None,
+        metavar="N",
+        help="one site drawn from seed N: its optics (exposure, gamma, contrast, "
+        "vignetting, noise, blur, 8/16-bit, JPEG, fouling) and its look mix",
+    )
+    where.add_argument(
+        "--sites",
+        type=_site_range,
+        default=None,
+        metavar="A-B",
+        help="each image from one of the sites A..B (inclusive), e.g. 0-199 for training "
+        "so that no single site's optics dominates",
+    )
+    where.add_argument(
+        "--site-style",
+        type=_site_style,
+        default=None,
+        metavar="NAME",
+        help=f"a named site: one of {', '.join(site_style_names())}",
+    )
+    parser.add_argument(
+        "--density",
+        type=_fraction,
+        default=None,
+        help="frame mode: slurry density, 0 = sparse separate particles (default) .. "
+        "1 = dense, needles cover most of the frame and particles touch and overlap",
+    )
 
 
 def _fail(message: str) -> int:
@@ -205,6 +284,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     pacer = FramePacer(args.realtime) if realtime else None
     indices = itertools.count() if args.count == 0 else range(args.count)
 
+    sites: Site | range | None = args.site_style or args.sites
+    if args.site is not None:
+        sites = range(args.site, args.site + 1)
+    look_mix = args.look_mix
+    slurry = sites is not None or look_mix == SLURRY_MIX.name
+
     frame_sim: FrameSimulator | None = None
     crop_sim: CropSimulator | None = None
     label_rng = np.random.default_rng(np.random.SeedSequence(args.seed).spawn(1)[0])
@@ -218,10 +303,14 @@ def run_simulate(args: argparse.Namespace) -> int:
             empty_share=args.empty_share or 0.0,
             bubbles=bool(args.bubbles),
             fouling=bool(args.fouling),
+            density=args.density or 0.0,
+            pg_diameter_px=SLURRY_PG_DIAMETER_PX if slurry else FrameConfig.pg_diameter_px,
         )
-        frame_sim = FrameSimulator(config, seed=args.seed)
+        frame_sim = FrameSimulator(config, seed=args.seed, look_mix=look_mix, sites=sites)
     else:
-        crop_sim = CropSimulator(args.seed, defocus_share=args.defocus_share)
+        crop_sim = CropSimulator(
+            args.seed, defocus_share=args.defocus_share, look_mix=look_mix, sites=sites
+        )
 
     written = 0
     counts = {CEX: 0, PG: 0}
@@ -234,18 +323,33 @@ def run_simulate(args: argparse.Namespace) -> int:
                 pg_fraction = profile.fraction_at(elapsed)
                 if frame_sim is not None:
                     image, truths = frame_sim.render(elapsed)
+                    site = frame_sim.last_site
                     name = image_file_name(timestamp, index, prefix="frame")
                     write_png_atomically(outdir / name, image)
                     log.append(
-                        name, timestamp, elapsed, pg_fraction, particles=particle_records(truths)
+                        name,
+                        timestamp,
+                        elapsed,
+                        pg_fraction,
+                        site=None if site is None else site.name,
+                        particles=particle_records(truths),
                     )
                     for truth in truths:
                         counts[truth.label] += 1
                 elif crop_sim is not None:
                     label = PG if label_rng.random() < pg_fraction else CEX
                     name = f"{label}/{image_file_name(timestamp, index, prefix='crop')}"
-                    write_png_atomically(outdir / name, crop_sim.render(label))
-                    log.append(name, timestamp, elapsed, pg_fraction, label=label)
+                    crop, crop_truth = crop_sim.render_with_truth(label)
+                    write_png_atomically(outdir / name, crop)
+                    log.append(
+                        name,
+                        timestamp,
+                        elapsed,
+                        pg_fraction,
+                        label=label,
+                        look=crop_truth.look,
+                        site=crop_truth.site,
+                    )
                     counts[label] += 1
                 written += 1
         except KeyboardInterrupt:

@@ -11,11 +11,18 @@ Particles are placed on a coarse occupancy grid so that they mostly do not pile
 up: a simple segmenter can then find them, as it can in a moderately dense real
 slurry. Lighting, the noise bank and the fouling shape are fixed per simulator,
 like one probe in one batch.
+
+`FrameConfig.density` thickens the slurry: 0 is the sparse placement above, 1 a
+dense slurry where needles cover most of the frame and particles touch and
+overlap. `look_mix` and `sites` work as in crop mode (see `CropSimulator`): with
+neither, frames are the original simulator's; at a site each frame gets that
+site's optics (a range of sites: each frame from one of them).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import cv2
@@ -23,7 +30,6 @@ import numpy as np
 import numpy.typing as npt
 
 from monitor.simulator.background import (
-    BBox,
     FloatImage,
     FoulingSmudge,
     IlluminationModel,
@@ -34,8 +40,15 @@ from monitor.simulator.background import (
     to_uint8,
 )
 from monitor.simulator.labels import CEX, PG
-from monitor.simulator.particles import draw_agglomerate, draw_needle_bundle
+from monitor.simulator.looks import CLASSIC_MIX, Look, LookMix, get_look_mix
 from monitor.simulator.profiles import ConstantProfile, PgProfile
+from monitor.simulator.sites import (
+    Site,
+    apply_site_optics,
+    draw_site,
+    illumination_field,
+    resolve_sites,
+)
 
 # Extra blur sigma (px) for out-of-focus particles; in-focus ones get up to 0.6.
 DEFOCUS_SIGMA_RANGE = (2.5, 6.0)
@@ -44,15 +57,20 @@ IN_FOCUS_SIGMA_MAX = 0.6
 # lies on already occupied cells; after PLACEMENT_TRIES the least crowded wins.
 MAX_OVERLAP = 0.08
 PLACEMENT_TRIES = 30
+# PG sizes of the slurry looks in frames (diameter px), for FrameConfig.pg_diameter_px.
+SLURRY_PG_DIAMETER_PX = (80.0, 400.0)
+# At density 1, extra needle bundles whose footprints add up to this many frames.
+DENSE_COVER_FRAMES = 1.6
 
 
 @dataclass(frozen=True)
 class ParticleTruth:
-    """What was drawn: class label, box (x, y, w, h) clipped to the frame, focus."""
+    """What was drawn: class label, box (x, y, w, h) clipped to the frame, focus, look."""
 
     label: str
     bbox: tuple[int, int, int, int]
     in_focus: bool
+    look: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,13 +89,14 @@ class FrameConfig:
     slurry_haze: float = 0.3
     cex_length_px: tuple[float, float] = (110.0, 260.0)
     pg_diameter_px: tuple[float, float] = (90.0, 190.0)
+    density: float = 0.0
 
     def __post_init__(self) -> None:
         if self.width < 64 or self.height < 64:
             raise ValueError(f"frame must be at least 64 x 64 px, got {self.width} x {self.height}")
         if self.particles < 0:
             raise ValueError(f"particles must be >= 0, got {self.particles}")
-        for name in ("defocus_share", "empty_share"):
+        for name in ("defocus_share", "empty_share", "density"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}")
@@ -101,6 +120,7 @@ class _PlannedParticle:
     angle_deg: float
     defocus: float
     in_focus: bool
+    look: Look
 
 
 class _OccupancyGrid:
@@ -147,6 +167,7 @@ class _OccupancyGrid:
         half_length: float,
         radius: float,
         angle_deg: float,
+        max_overlap: float = MAX_OVERLAP,
     ) -> tuple[float, float]:
         """Pick a centre with little overlap, mark it occupied and return it."""
         height, width = (n * self.CELL for n in self._grid.shape)
@@ -170,7 +191,7 @@ class _OccupancyGrid:
             overlap = np.count_nonzero(window & mask) / max(1, int(np.count_nonzero(mask)))
             if overlap < best[0]:
                 best = (overlap, centre, footprint)
-            if overlap <= MAX_OVERLAP:
+            if overlap <= max_overlap:
                 break
         _, centre, footprint = best
         if footprint is not None:
@@ -184,11 +205,29 @@ class FrameSimulator:
     """Renders probe frames with ground truth, deterministically under a seed.
 
     Successive `render` calls continue one random stream: the same seed and the
-    same sequence of times give byte-identical frames.
+    same sequence of times give byte-identical frames. look_mix and sites as in
+    `CropSimulator`, except that look_mix "slurry" without sites uses one site
+    drawn from the seed (one probe), not a range. Frames are uint16 at a 16-bit site.
     """
 
-    def __init__(self, config: FrameConfig | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        config: FrameConfig | None = None,
+        seed: int = 0,
+        *,
+        look_mix: str | LookMix | None = None,
+        sites: Site | int | Iterable[Site | int] | None = None,
+    ) -> None:
         self.config = config if config is not None else FrameConfig()
+        mix = None if look_mix is None else get_look_mix(look_mix)
+        if sites is None and mix is not None and mix is not CLASSIC_MIX:
+            sites = draw_site(seed)
+        self.sites: tuple[Site, ...] = () if sites is None else resolve_sites(sites)
+        self.look_mix = mix
+        self._site_rng = np.random.default_rng(np.random.SeedSequence([seed, 0x517E]))
+        self._site_fouling: dict[str, FoulingSmudge] = {}
+        # The site of the frame rendered last (None before the first or when classic).
+        self.last_site: Site | None = None
         probe_seed, noise_seed, fouling_seed, frame_seed = np.random.SeedSequence(seed).spawn(4)
         cfg = self.config
         self._lighting = IlluminationModel(
@@ -206,24 +245,46 @@ class FrameSimulator:
         """The profile's expected PG share at this time."""
         return self.config.profile.fraction_at(t_seconds)
 
-    def render(self, t_seconds: float) -> tuple[npt.NDArray[np.uint8], list[ParticleTruth]]:
-        """One frame at t_seconds after the start, and the particles drawn in it."""
+    def render(
+        self, t_seconds: float
+    ) -> tuple[npt.NDArray[np.uint8] | npt.NDArray[np.uint16], list[ParticleTruth]]:
+        """One frame at t_seconds after the start, and the particles drawn in it.
+
+        uint8, except at a 16-bit site (uint16).
+        """
         cfg = self.config
         rng = self._rng
-        canvas: FloatImage = self._lighting * np.float32(rng.uniform(0.97, 1.03))
+        site = self._next_site()
+        self.last_site = site
+        mix = self.look_mix or (site.look_mix if site is not None else CLASSIC_MIX)
+        if site is None:
+            canvas: FloatImage = self._lighting * np.float32(rng.uniform(0.97, 1.03))
+        else:
+            level = site.optics.background_level * float(rng.uniform(0.97, 1.03))
+            canvas = np.full((cfg.height, cfg.width), level, dtype=np.float32)
         grid = _OccupancyGrid(cfg.height, cfg.width)
         truths: list[ParticleTruth] = []
 
         empty = rng.random() < cfg.empty_share
         if not empty:
-            draw_slurry_haze(canvas, rng, cfg.slurry_haze)
-            plan = self._plan_particles(rng, grid, self.pg_fraction_at(t_seconds))
+            haze = cfg.slurry_haze if site is None else site.optics.haze * cfg.slurry_haze / 0.3
+            draw_slurry_haze(canvas, rng, haze + 1.5 * cfg.density)
+            plan = self._plan_particles(rng, grid, self.pg_fraction_at(t_seconds), mix)
             # Out-of-focus particles are farther from the window: draw them
             # first so in-focus ones lie on top.
             for particle in sorted(plan, key=lambda p: p.in_focus):
-                box = self._draw(canvas, rng, particle)
+                box = particle.look.draw(
+                    canvas,
+                    rng,
+                    particle.centre,
+                    particle.size,
+                    particle.angle_deg,
+                    defocus=particle.defocus,
+                )
                 if box is not None:
-                    truths.append(ParticleTruth(particle.label, box, particle.in_focus))
+                    truths.append(
+                        ParticleTruth(particle.label, box, particle.in_focus, particle.look.name)
+                    )
 
         if cfg.bubbles:
             for _ in range(int(rng.poisson(1.5))):
@@ -233,21 +294,75 @@ class FrameSimulator:
 
         if self._fouling is not None:
             self._fouling.apply(canvas, t_seconds / cfg.fouling_full_s)
-        add_sensor_noise(canvas, self._noise.sample(rng))
-        return to_uint8(canvas), truths
+        if site is None:
+            add_sensor_noise(canvas, self._noise.sample(rng))
+            return to_uint8(canvas), truths
+        image = apply_site_optics(
+            canvas,
+            site.optics,
+            rng,
+            self._noise.sample(rng),
+            illumination_field(
+                site.optics,
+                top=0,
+                left=0,
+                height=cfg.height,
+                width=cfg.width,
+                frame=(cfg.height, cfg.width),
+            ),
+            fouling=self._site_smudge(site),
+            fouling_coverage=site.optics.fouling,
+        )
+        return image, truths
+
+    def _next_site(self) -> Site | None:
+        """The site of the next frame (drawn per frame from a range), or None (classic)."""
+        if not self.sites:
+            return None
+        if len(self.sites) == 1:
+            return self.sites[0]
+        return self.sites[int(self._site_rng.integers(0, len(self.sites)))]
+
+    def _site_smudge(self, site: Site) -> FoulingSmudge | None:
+        """The window deposit of a site, fixed per site like the probe's own window."""
+        if site.optics.fouling <= 0.0:
+            return None
+        smudge = self._site_fouling.get(site.name)
+        if smudge is None:
+            seed = np.random.SeedSequence([0xF0, *site.name.encode()])
+            cfg = self.config
+            smudge = FoulingSmudge(np.random.default_rng(seed), cfg.height, cfg.width)
+            self._site_fouling[site.name] = smudge
+        return smudge
 
     def _plan_particles(
-        self, rng: np.random.Generator, grid: _OccupancyGrid, pg_fraction: float
+        self,
+        rng: np.random.Generator,
+        grid: _OccupancyGrid,
+        pg_fraction: float,
+        mix: LookMix,
     ) -> list[_PlannedParticle]:
-        """Labels (binomial PG count), sizes, angles, focus and places for one frame."""
+        """Labels (binomial PG count), looks, sizes, angles, focus and places for one frame.
+
+        Density adds needle bundles enough to cover the frame DENSE_COVER_FRAMES
+        times over at density 1 (the PG share stays the profile's) and lets them
+        overlap more and more.
+        """
         cfg = self.config
         count = cfg.particles
+        max_overlap = MAX_OVERLAP
+        if cfg.density > 0.0 and count > 0:
+            mean_length = sum(cfg.cex_length_px) / 2.0
+            footprint = mean_length * (0.2 * mean_length + 8.0)
+            count += round(cfg.density * DENSE_COVER_FRAMES * cfg.width * cfg.height / footprint)
+            max_overlap = MAX_OVERLAP + (1.0 - MAX_OVERLAP) * cfg.density
         pg_count = int(rng.binomial(count, pg_fraction))
         labels = [PG] * pg_count + [CEX] * (count - pg_count)
         order = rng.permutation(count)
         plan: list[_PlannedParticle] = []
         for index in order.tolist():
             label = labels[index]
+            look = mix.choose(label, rng)
             angle = float(rng.uniform(0.0, 180.0))
             in_focus = bool(rng.random() >= cfg.defocus_share)
             defocus = float(
@@ -257,31 +372,11 @@ class FrameSimulator:
             )
             if label == CEX:
                 size = float(rng.uniform(*cfg.cex_length_px))
-                centre = grid.place(rng, size / 2.0, 0.1 * size + 4.0, angle)
+                radius = size / 2.0 if look.name == "dense" else 0.1 * size + 4.0
+                half_length = 0.0 if look.name == "dense" else size / 2.0
+                centre = grid.place(rng, half_length, radius, angle, max_overlap)
             else:
                 size = float(rng.uniform(*cfg.pg_diameter_px))
-                centre = grid.place(rng, 0.0, size / 2.0, angle)
-            plan.append(_PlannedParticle(label, centre, size, angle, defocus, in_focus))
+                centre = grid.place(rng, 0.0, size / 2.0, angle, max_overlap)
+            plan.append(_PlannedParticle(label, centre, size, angle, defocus, in_focus, look))
         return plan
-
-    @staticmethod
-    def _draw(
-        canvas: FloatImage, rng: np.random.Generator, particle: _PlannedParticle
-    ) -> BBox | None:
-        if particle.label == CEX:
-            return draw_needle_bundle(
-                canvas,
-                rng,
-                particle.centre,
-                particle.size,
-                particle.angle_deg,
-                defocus=particle.defocus,
-            )
-        return draw_agglomerate(
-            canvas,
-            rng,
-            particle.centre,
-            particle.size,
-            particle.angle_deg,
-            defocus=particle.defocus,
-        )

@@ -100,9 +100,14 @@ def write_png_atomically(path: Path, image: npt.NDArray[np.uint8] | npt.NDArray[
 
 
 def particle_records(truths: Iterable[ParticleTruth]) -> list[dict[str, Any]]:
-    """Ground-truth particles as JSON-ready dicts: label, bbox [x, y, w, h], in_focus."""
+    """Ground-truth particles as JSON-ready dicts: label, bbox [x, y, w, h], in_focus, look."""
     return [
-        {"label": truth.label, "bbox": list(truth.bbox), "in_focus": truth.in_focus}
+        {
+            "label": truth.label,
+            "bbox": list(truth.bbox),
+            "in_focus": truth.in_focus,
+            "look": truth.look,
+        }
         for truth in truths
     ]
 
