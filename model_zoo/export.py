@@ -1,8 +1,16 @@
 """Export a run directory to a model directory: `model.onnx` + `manifest.json`.
 
-The ONNX graph outputs softmax probabilities (the manifest promises that) and has
-a dynamic batch axis. Before anything is written under its final name, ONNX
-Runtime, through the daemon's own backend, must reproduce torch's probabilities
+The ONNX graph outputs softmax probabilities followed by the out-of-distribution
+score (`model_zoo.ood`; the manifest says so) and has a dynamic batch axis. Before
+anything is written:
+
+* the guardrails: validation macro-F1 and every class's recall must reach their floors
+  (`--force` writes the model anyway and records that it failed them);
+* an existing model directory is only replaced with `overwrite`;
+* the score is fitted on the run's training crops and its threshold calibrated on its
+  validation crops, both re-read from `splits.json`.
+
+ONNX Runtime, through the daemon's own backend, must then reproduce torch's outputs
 on random inputs of several batch sizes; otherwise the export fails and leaves no
 manifest, so a broken file can never look deployable.
 """
@@ -15,6 +23,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,28 +32,47 @@ from torch import nn
 
 from model_zoo.checkpoint import load_state_dict
 from model_zoo.errors import ModelZooError
+from model_zoo.imagefolder import LabelledFile, load_images
+from model_zoo.ood import (
+    DEFAULT_FALSE_REJECT_RATE,
+    ScoredClassifier,
+    calibrate_threshold,
+    embed_images,
+    fit_mahalanobis,
+)
 from model_zoo.registry import create_model
-from model_zoo.training import ARGS_FILE, CHECKPOINT_FILE, EVALUATION_FILE
+from model_zoo.training import ARGS_FILE, CHECKPOINT_FILE, EVALUATION_FILE, SPLITS_FILE
 from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
 from monitor.manifest import (
     MANIFEST_FILE,
     EvaluationMetrics,
+    Guardrails,
     InputSpec,
     LoadedModel,
     ModelManifest,
+    OodSpec,
+    TrainingData,
     sha256_of_file,
 )
+from monitor.simulator.writer import GROUND_TRUTH_FILE
 
 ONNX_FILE = "model.onnx"
 DEFAULT_OPSET = 17
 # The dynamo exporter's lowest well-supported opset.
 DYNAMO_MIN_OPSET = 18
 PARITY_TOLERANCE = 1e-4
+# The score is a distance of order 10-1000, computed through a whitening matrix whose
+# float32 rounding differs between torch and ONNX Runtime kernels: compared relative to
+# its size. 1 % moves a decision only for a crop within 1 % of the threshold.
+SCORE_PARITY_TOLERANCE = 1e-2
+DEFAULT_MIN_MACRO_F1 = 0.90
+DEFAULT_MIN_CLASS_RECALL = 0.80
 PARITY_BATCH_SIZES = (1, 7)
 # Standard deviations of the random parity inputs (normalised units; real images ~1).
 PARITY_INPUT_SCALES = (1.0, 0.1, 0.01)
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
+SCORED_OUTPUT_NAME = "probabilities_ood_score"
 
 
 class ExportError(ModelZooError):
@@ -69,21 +97,50 @@ def export_model(
     name: str | None = None,
     version: str = "1",
     opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+    force: bool = False,
+    min_macro_f1: float = DEFAULT_MIN_MACRO_F1,
+    min_class_recall: float = DEFAULT_MIN_CLASS_RECALL,
+    ood_false_reject_rate: float | None = DEFAULT_FALSE_REJECT_RATE,
+    data_source: str | None = None,
+    evaluate: dict[str, Path] | None = None,
 ) -> ModelManifest:
-    """Export the run's best checkpoint; return the manifest written beside the ONNX file."""
+    """Export the run's best checkpoint; return the manifest written beside the ONNX file.
+
+    `ood_false_reject_rate` None exports without the out-of-distribution score (plain
+    probabilities); `evaluate` names held-out ImageFolders whose metrics, measured
+    through the exported model, go into the manifest's `evaluations`.
+    """
     args = _read_json(run_dir / ARGS_FILE, "run arguments")
     evaluation = _read_json(run_dir / EVALUATION_FILE, "evaluation")
     checkpoint_path = run_dir / CHECKPOINT_FILE
     classes = tuple(args["classes"])
     spec = InputSpec.model_validate(args["input"])
+    validation = EvaluationMetrics.model_validate(evaluation["validation"])
+    guardrails = check_guardrails(validation, min_macro_f1, min_class_recall, force=force)
+    _check_destination(model_dir, overwrite=overwrite)
     network = create_model(args["arch"], len(classes))
     network.load_state_dict(load_state_dict(checkpoint_path))
-    classifier = SoftmaxClassifier(network).eval()
+    network.eval()
+    splits = _read_json(run_dir / SPLITS_FILE, "splits")
+
+    classifier: nn.Module
+    ood: OodSpec | None = None
+    if ood_false_reject_rate is None:
+        classifier = SoftmaxClassifier(network).eval()
+    else:
+        classifier, ood = _fit_ood(network, splits, spec, ood_false_reject_rate)
 
     model_dir.mkdir(parents=True, exist_ok=True)
     partial = model_dir / (ONNX_FILE + ".partial")
     try:
-        used_opset = write_onnx(classifier, partial, spec.size, opset)
+        used_opset = write_onnx(
+            classifier,
+            partial,
+            spec.size,
+            opset,
+            output_name=OUTPUT_NAME if ood is None else SCORED_OUTPUT_NAME,
+        )
         _check_self_contained(partial)
         manifest = ModelManifest(
             name=name or run_dir.resolve().name,
@@ -91,17 +148,21 @@ def export_model(
             architecture=args["arch"],
             classes=classes,
             input=spec,
+            output="probabilities" if ood is None else "probabilities+ood_score",
             uncertainty_threshold=args["uncertainty_threshold"],
+            ood=ood,
             onnx_file=ONNX_FILE,
             onnx_sha256=sha256_of_file(partial),
             checkpoint_sha256=sha256_of_file(checkpoint_path),
             opset=used_opset,
-            validation=EvaluationMetrics.model_validate(evaluation["validation"]),
+            validation=validation,
             test=(
                 EvaluationMetrics.model_validate(evaluation["test"])
                 if evaluation.get("test")
                 else None
             ),
+            training_data=describe_training_data(splits, data_source),
+            guardrails=guardrails,
             training_command=args.get("command") or args.get("argv", ""),
             created=datetime.now(UTC),
         )
@@ -109,35 +170,180 @@ def export_model(
             classifier,
             LoadedModel(directory=model_dir, onnx_path=partial, manifest=manifest),
         )
-        if parity.max_difference > PARITY_TOLERANCE:
+        if parity.max_difference > PARITY_TOLERANCE or (
+            parity.max_score_difference > SCORE_PARITY_TOLERANCE
+        ):
             raise ExportError(
                 "ONNX Runtime and torch disagree: probabilities differ by up to "
-                f"{parity.max_difference:.3g} "
-                f"(tolerance {PARITY_TOLERANCE:g}); no manifest written. Try another --opset, "
-                "or report the architecture and torch version"
+                f"{parity.max_difference:.3g} (tolerance {PARITY_TOLERANCE:g}), the "
+                f"out-of-distribution score by up to {parity.max_score_difference:.3g} "
+                f"relative (tolerance {SCORE_PARITY_TOLERANCE:g}); no manifest written. Try "
+                "another --opset, or report the architecture and torch version"
             )
         partial.replace(model_dir / ONNX_FILE)
     finally:
         partial.unlink(missing_ok=True)
-    manifest_partial = model_dir / (MANIFEST_FILE + ".partial")
-    manifest_partial.write_text(manifest.model_dump_json(indent=2) + "\n")
-    manifest_partial.replace(model_dir / MANIFEST_FILE)
+    _write_manifest(model_dir, manifest)
     print(
         f"exported {manifest.architecture} ({', '.join(classes)}) at {spec.size} px, opset "
         f"{used_opset}; ONNX Runtime matches torch within {parity.max_difference:.1e} on "
         f"{parity.rows} random inputs ({parity.unsaturated_rows} not saturated) -> {model_dir}",
         file=sys.stderr,
     )
+    if ood is not None:
+        print(
+            f"out-of-distribution score: threshold {ood.threshold:.3f} rejects "
+            f"{ood.validation_false_reject_rate:.2%} of {ood.calibrated_on_images} validation "
+            f"crops (target {ood.target_false_reject_rate:.0%}); fitted on "
+            f"{ood.fitted_on_images} training crops, shrinkage {ood.shrinkage:.3f}",
+            file=sys.stderr,
+        )
+    if not guardrails.passed:
+        print(
+            "warning: exported with --force although: " + "; ".join(guardrails.problems),
+            file=sys.stderr,
+        )
     if parity.unsaturated_rows == 0:
         print(
             "warning: every parity output was saturated (probability ~1), so the check "
             "compared little; evaluate the model on real images before deploying it",
             file=sys.stderr,
         )
+    if evaluate:
+        manifest = _record_evaluations(model_dir, manifest, evaluate)
     return manifest
 
 
-def write_onnx(classifier: nn.Module, path: Path, input_size: int, opset: int) -> int:
+def check_guardrails(
+    validation: EvaluationMetrics,
+    min_macro_f1: float,
+    min_class_recall: float,
+    *,
+    force: bool,
+) -> Guardrails:
+    """The floors a model must reach before it may go live; ExportError names each miss."""
+    problems = []
+    if validation.macro_f1 < min_macro_f1:
+        problems.append(
+            f"validation macro-F1 {validation.macro_f1:.4f} is below the floor {min_macro_f1:.2f}"
+        )
+    for class_name, metrics in validation.per_class.items():
+        if metrics.recall < min_class_recall:
+            problems.append(
+                f"validation recall of {class_name} {metrics.recall:.4f} is below the floor "
+                f"{min_class_recall:.2f}"
+            )
+    if problems and not force:
+        raise ExportError(
+            "refusing to export a model that would mislead the plant: "
+            + "; ".join(problems)
+            + ". Train longer or on more (or better labelled) images; --force exports it "
+            "anyway and records the failure in the manifest"
+        )
+    return Guardrails(
+        min_macro_f1=min_macro_f1,
+        min_class_recall=min_class_recall,
+        passed=not problems,
+        problems=problems,
+    )
+
+
+def describe_training_data(splits: dict[str, Any], source: str | None) -> TrainingData:
+    """Provenance from splits.json: simulated when the simulator's ground truth is there."""
+    data_dir = Path(str(splits["data_dir"]))
+    if source is None:
+        candidates = [data_dir, *(child for child in data_dir.glob("*") if child.is_dir())]
+        simulated = any((folder / GROUND_TRUTH_FILE).is_file() for folder in candidates)
+        source = "simulated" if simulated else "real"
+    counts = splits.get("counts") or {}
+    return TrainingData.model_validate(
+        {
+            "source": source,
+            "data_dir": str(data_dir),
+            "counts": {str(key): list(value) for key, value in dict(counts).items()},
+        }
+    )
+
+
+def _fit_ood(
+    network: nn.Module, splits: dict[str, Any], spec: InputSpec, false_reject_rate: float
+) -> tuple[ScoredClassifier, OodSpec]:
+    """Fit the score on the training crops, set its threshold on the validation crops."""
+    data_dir = Path(str(splits["data_dir"]))
+    classes = list(splits["classes"])
+
+    def files_of(split: str) -> list[LabelledFile]:
+        rows = splits.get(split) or []
+        return [LabelledFile(data_dir / path, classes.index(label)) for path, label in rows]
+
+    train = load_images(files_of("train"), description="decode train (OOD fit)")
+    validation = load_images(files_of("validation"), description="decode validation (OOD)")
+    if not train.files or not validation.files:
+        raise ExportError(
+            f"the run's training or validation crops are gone from {data_dir}: the "
+            "out-of-distribution score is fitted on them (restore the data, or pass "
+            "--no-ood to export without the score)"
+        )
+    fit = fit_mahalanobis(embed_images(network, train.images, spec), train.labels, len(classes))
+    validation_scores = fit.score(embed_images(network, validation.images, spec))
+    threshold = calibrate_threshold(validation_scores, false_reject_rate)
+    spec_ood = OodSpec(
+        method="mahalanobis",
+        embedding_dim=int(fit.centre.shape[0]),
+        threshold=threshold,
+        target_false_reject_rate=false_reject_rate,
+        validation_false_reject_rate=float((validation_scores > threshold).mean()),
+        fitted_on_images=len(train.files),
+        calibrated_on_images=len(validation.files),
+        shrinkage=fit.shrinkage,
+        parameters_sha256=fit.digest(),
+    )
+    return ScoredClassifier(network, fit).eval(), spec_ood
+
+
+def _record_evaluations(
+    model_dir: Path, manifest: ModelManifest, evaluate: dict[str, Path]
+) -> ModelManifest:
+    """Measure each named held-out set through the exported model; store the metrics."""
+    from model_zoo.evaluation import evaluate_model_dir  # noqa: PLC0415 (imports export)
+
+    results = dict(manifest.evaluations)
+    for set_name, data_dir in evaluate.items():
+        report = evaluate_model_dir(model_dir, data_dir)
+        results[set_name] = report.metrics
+        print(
+            f"{set_name} ({data_dir}): accuracy {report.metrics.accuracy:.4f}, macro-F1 "
+            f"{report.metrics.macro_f1:.4f} on {report.images} images",
+            file=sys.stderr,
+        )
+    updated = manifest.model_copy(update={"evaluations": results})
+    _write_manifest(model_dir, ModelManifest.model_validate(updated.model_dump()))
+    return updated
+
+
+def _check_destination(model_dir: Path, *, overwrite: bool) -> None:
+    existing = [p.name for p in (model_dir / MANIFEST_FILE, model_dir / ONNX_FILE) if p.exists()]
+    if existing and not overwrite:
+        raise ExportError(
+            f"{model_dir} already holds a model ({', '.join(existing)}); choose another --out "
+            "or pass --overwrite"
+        )
+
+
+def _write_manifest(model_dir: Path, manifest: ModelManifest) -> None:
+    manifest_partial = model_dir / (MANIFEST_FILE + ".partial")
+    manifest_partial.write_text(manifest.model_dump_json(indent=2) + "\n")
+    manifest_partial.replace(model_dir / MANIFEST_FILE)
+
+
+def write_onnx(
+    classifier: nn.Module,
+    path: Path,
+    input_size: int,
+    opset: int,
+    *,
+    output_name: str = OUTPUT_NAME,
+) -> int:
     """Write one self-contained ONNX file with a dynamic batch axis; return its opset.
 
     The TorchScript exporter is tried first: it is fast and reliable for these
@@ -156,8 +362,8 @@ def write_onnx(classifier: nn.Module, path: Path, input_size: int, opset: int) -
                 dynamo=False,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                output_names=[output_name],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
             )
     except Exception as exc:
         print(
@@ -170,7 +376,7 @@ def write_onnx(classifier: nn.Module, path: Path, input_size: int, opset: int) -
                 dynamo=True,
                 opset_version=max(opset, DYNAMO_MIN_OPSET),
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=[output_name],
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                 verbose=False,
             )
@@ -201,6 +407,8 @@ class ParityReport:
     max_difference: float
     unsaturated_rows: int
     rows: int
+    max_score_difference: float = 0.0
+    """Largest relative difference of the out-of-distribution score (0 without one)."""
 
 
 def measure_parity(classifier: nn.Module, loaded: LoadedModel) -> ParityReport:
@@ -211,9 +419,10 @@ def measure_parity(classifier: nn.Module, loaded: LoadedModel) -> ParityReport:
     which moves the logits towards each other and makes the comparison telling.
     """
     size = loaded.manifest.input.size
+    n_classes = len(loaded.manifest.classes)
     generator = torch.Generator().manual_seed(0)
     backend = OnnxRuntimeBackend(loaded)
-    worst = 0.0
+    worst = worst_score = 0.0
     unsaturated = rows = 0
     try:
         for scale in PARITY_INPUT_SCALES:
@@ -227,12 +436,22 @@ def measure_parity(classifier: nn.Module, loaded: LoadedModel) -> ParityReport:
                         f"ONNX output has shape {actual.shape} for a batch of {batch_size}, "
                         f"torch {expected.shape}; the batch axis is not dynamic"
                     )
-                worst = max(worst, float(np.abs(actual - expected).max()))
-                unsaturated += int((expected.max(axis=1) < 0.999).sum())
+                probabilities = expected[:, :n_classes]
+                worst = max(worst, float(np.abs(actual - expected)[:, :n_classes].max()))
+                if expected.shape[1] > n_classes:
+                    magnitude = np.maximum(np.abs(expected[:, n_classes:]), 1.0)
+                    relative = np.abs(actual - expected)[:, n_classes:] / magnitude
+                    worst_score = max(worst_score, float(relative.max()))
+                unsaturated += int((probabilities.max(axis=1) < 0.999).sum())
                 rows += batch_size
     finally:
         backend.close()
-    return ParityReport(max_difference=worst, unsaturated_rows=unsaturated, rows=rows)
+    return ParityReport(
+        max_difference=worst,
+        unsaturated_rows=unsaturated,
+        rows=rows,
+        max_score_difference=worst_score,
+    )
 
 
 def _check_self_contained(path: Path) -> None:
@@ -250,7 +469,7 @@ def _check_self_contained(path: Path) -> None:
     onnx.checker.check_model(model)
 
 
-def _read_json(path: Path, what: str) -> dict[str, object]:
+def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise ExportError(
             f"{what} file not found: {path} (point export at a run directory written by "

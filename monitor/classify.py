@@ -27,7 +27,7 @@ from monitor.decode import (
     read_image_file,
 )
 from monitor.inference import Backend, resolve_backend
-from monitor.inference.decision import decide
+from monitor.inference.decision import DecisionRule, Reason
 from monitor.manifest import LoadedModel, ManifestError, load_manifest
 from monitor.preprocess import prepare_image
 
@@ -46,6 +46,10 @@ class FileResult:
     probabilities: dict[str, float] | None
     status: Literal["ok", "uncertain", "error"]
     error: str | None
+    reason: Reason | None = None
+    """Why the result is uncertain: low_confidence or out_of_distribution; None when ok."""
+    ood_score: float | None = None
+    """The model's out-of-distribution score (None for a model without one)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +58,8 @@ class FileResult:
             "confidence": self.confidence,
             "probabilities": self.probabilities,
             "status": self.status,
+            "reason": self.reason,
+            "ood_score": self.ood_score,
             "error": self.error,
         }
 
@@ -94,6 +100,7 @@ def classify_files(
 ) -> Iterator[FileResult]:
     """Yield one FileResult per file, in input order."""
     manifest = model.manifest
+    rule = DecisionRule.from_manifest(manifest)
     chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
     with ThreadPoolExecutor(max_workers=max(1, decode_threads)) as pool:
 
@@ -108,8 +115,9 @@ def classify_files(
             decisions = []
             probabilities = np.empty((0, len(manifest.classes)), dtype=np.float32)
             if tensors:
-                probabilities = backend.infer(np.stack(tensors))
-                decisions = decide(probabilities, manifest.classes, manifest.uncertainty_threshold)
+                rows = backend.infer(np.stack(tensors))
+                decisions = rule.decide(rows)
+                probabilities = rule.probabilities(rows)
             row = 0
             for path, item in zip(chunk, loaded, strict=True):
                 if isinstance(item, str):
@@ -126,6 +134,8 @@ def classify_files(
                     },
                     status=decision.status,
                     error=None,
+                    reason=decision.reason,
+                    ood_score=None if decision.ood_score is None else round(decision.ood_score, 4),
                 )
                 row += 1
 
@@ -147,7 +157,7 @@ def print_table(results: Iterable[FileResult], out: TextIO) -> None:
         if result.status == "error":
             out.write(f"{result.path}\terror\t{result.error}\n")
         else:
-            flag = "" if result.status == "ok" else "\t(uncertain)"
+            flag = "" if result.status == "ok" else f"\t(uncertain: {result.reason})"
             out.write(f"{result.path}\t{result.label}\t{result.confidence:.3f}{flag}\n")
 
 

@@ -148,6 +148,15 @@ limit = 0.3
 min_count = 50
 
 [[alarms.definitions]]
+id = "not_crystals"
+kind = "out_of_distribution"             # particles unlike anything the model was trained on
+priority = "medium"
+message = "{value:.0%} of particles are not crystals the model knows"
+window = "5m"
+limit = 0.2
+min_count = 50
+
+[[alarms.definitions]]
 id = "mqtt_overflow"
 kind = "publish_overflow"                # the MQTT outbox dropped messages (long outage)
 priority = "high"
@@ -346,6 +355,7 @@ def _window_rows(store: Store, since: float) -> list[dict[str, Any]]:
                         "slope_per_min": trend.get(name, {}).get("slope_per_min"),
                         "n_total": stats["n"],
                         "n_uncertain": stats["n_uncertain"],
+                        "n_ood": stats.get("n_ood", 0),
                         "frames": stats["frames"],
                         "rejected_frames": stats["rejected_frames"],
                         "particles_per_min": stats["particles_per_min"],
@@ -366,6 +376,7 @@ def _frame_rows(store: Store, since: float) -> list[dict[str, Any]]:
             "reason": row.reason,
             **{f"n_{name}": count for name, count in row.counts.items()},
             "n_uncertain": row.n_uncertain,
+            "n_ood": row.n_ood,
         }
         for row in store.iter_frames(since)
     ]

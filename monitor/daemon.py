@@ -36,7 +36,7 @@ from monitor.config import (
 )
 from monitor.decode import DecodeLimits
 from monitor.inference import resolve_backend
-from monitor.manifest import load_manifest
+from monitor.manifest import describe_model_quality, load_manifest
 from monitor.pipeline import FrameOutcome, FrameQueue, ParticleBox, Pipeline
 from monitor.publishers.base import CommandResult, ProbeUpdate, Publisher
 from monitor.recorder import Recorder
@@ -145,6 +145,7 @@ class Daemon:
             version=manifest.version,
             classes=list(manifest.classes),
             sha256=manifest.onnx_sha256[:12],
+            **describe_model_quality(manifest),
         )
         self.store = Store(settings.daemon.state_dir)
         self.backend = resolve_backend(
@@ -294,6 +295,7 @@ class Daemon:
                     ts=row.ts,
                     class_counts=counts,
                     n_uncertain=row.n_uncertain,
+                    n_ood=row.n_ood,
                     rejected_reason=None if row.status == "ok" else row.reason or row.status,
                 )
             )
@@ -353,6 +355,7 @@ class Daemon:
                         zip(self.model.manifest.classes, record.class_counts, strict=True)
                     ),
                     "n_uncertain": record.n_uncertain,
+                    "n_ood": record.n_ood,
                 },
             )
 

@@ -165,7 +165,12 @@ def check_model_and_backend(
     )
     from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend  # noqa: PLC0415
     from monitor.inference.tensorrt_backend import probe_tensorrt  # noqa: PLC0415
-    from monitor.manifest import ManifestError, load_manifest  # noqa: PLC0415
+    from monitor.manifest import (  # noqa: PLC0415
+        ManifestError,
+        describe_model_quality,
+        format_model_quality,
+        load_manifest,
+    )
 
     source = str(model_path) if model_path is not None else "shipped default"
     try:
@@ -179,7 +184,12 @@ def check_model_and_backend(
             "model",
             f"{manifest.name} {manifest.version} ({source}, {model.directory}); "
             f"classes {', '.join(manifest.classes)}; sha256 verified",
-        )
+        ),
+        Check(
+            "warn" if describe_model_quality(manifest)["warnings"] else "ok",
+            "model quality",
+            format_model_quality(manifest),
+        ),
     ]
     try:
         config = as_backend_config(backend)

@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -70,6 +70,63 @@ class EvaluationMetrics(BaseModel):
     )
 
 
+OutputLayout = Literal["probabilities", "probabilities+ood_score"]
+
+
+class OodSpec(BaseModel):
+    """The "not a crystal" test: a distance in the network's own feature space.
+
+    The ONNX graph computes the score (the Mahalanobis distance of the penultimate
+    embedding to the nearest class mean, under the training features' shared, shrunk
+    covariance) and appends it as the last output column, so every backend returns it
+    with the probabilities. The fitted means and whitening matrix are constants of that
+    graph (a D x D matrix has no place in JSON); their digest is recorded here.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["mahalanobis"] = Field(description="Score: Mahalanobis to the nearest class.")
+    embedding_dim: int = Field(ge=1, description="Width of the penultimate embedding.")
+    threshold: float = Field(gt=0, description="A score above this is out of distribution.")
+    target_false_reject_rate: float = Field(
+        gt=0, lt=1, description="In-distribution reject rate the threshold was set for."
+    )
+    validation_false_reject_rate: float = Field(
+        ge=0, le=1, description="Share of validation crops above the threshold, as measured."
+    )
+    fitted_on_images: int = Field(ge=1, description="Training crops the means/covariance saw.")
+    calibrated_on_images: int = Field(ge=1, description="Validation crops the threshold saw.")
+    shrinkage: float = Field(ge=0, le=1, description="Covariance shrinkage towards a scaled I.")
+    parameters_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="Digest of the fitted means and whitening matrix."
+    )
+
+
+class TrainingData(BaseModel):
+    """Provenance of the training images: a plant reads "simulated only" as a warning."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["simulated", "real", "mixed"] = Field(
+        description="simulated: made by `crystal-monitor simulate` (its ground_truth.jsonl)."
+    )
+    data_dir: str = Field(description="The ImageFolder the run trained on.")
+    counts: dict[str, list[int]] = Field(
+        description="Images per split (train, validation, test), per class in class order."
+    )
+
+
+class Guardrails(BaseModel):
+    """What `model_zoo export` required of the validation metrics before writing the model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_macro_f1: float = Field(ge=0, le=1)
+    min_class_recall: float = Field(ge=0, le=1)
+    passed: bool = Field(description="False only when the export was forced past a floor.")
+    problems: list[str] = Field(default_factory=list, description="Each floor that failed.")
+
+
 class ModelManifest(BaseModel):
     """Everything the daemon needs to run an exported classifier correctly."""
 
@@ -81,8 +138,10 @@ class ModelManifest(BaseModel):
     architecture: str = Field(description="model_zoo registry name of the network.")
     classes: tuple[str, ...] = Field(min_length=2, description="Class names in output order.")
     input: InputSpec
-    output: Literal["probabilities"] = Field(
-        default="probabilities", description="The ONNX output is softmax probabilities."
+    output: OutputLayout = Field(
+        default="probabilities",
+        description="The ONNX output's columns: softmax probabilities in class order, then, "
+        "for 'probabilities+ood_score', the out-of-distribution score (see `ood`).",
     )
     uncertainty_threshold: float = Field(
         gt=0, le=1, description="Top probability below this counts as uncertain."
@@ -94,6 +153,22 @@ class ModelManifest(BaseModel):
     validation: EvaluationMetrics = Field(description="Metrics on the validation split.")
     test: EvaluationMetrics | None = Field(
         default=None, description="Metrics on the held-out test split, when there was one."
+    )
+    ood: OodSpec | None = Field(
+        default=None,
+        description="How the out-of-distribution score in the last output column is computed "
+        "and where it rejects; required with output 'probabilities+ood_score'.",
+    )
+    evaluations: dict[str, EvaluationMetrics] = Field(
+        default_factory=dict,
+        description="Metrics on held-out sets measured at export, by name (e.g. held_out_site, "
+        "held_out_seed, reference).",
+    )
+    training_data: TrainingData | None = Field(
+        default=None, description="Where the training images came from, and how many."
+    )
+    guardrails: Guardrails | None = Field(
+        default=None, description="The floors the export checked, and whether it was forced."
     )
     training_command: str = Field(description="The command line that trained the checkpoint.")
     created: datetime
@@ -108,13 +183,73 @@ class ModelManifest(BaseModel):
     @model_validator(mode="after")
     def _matrix_matches_classes(self) -> ModelManifest:
         n = len(self.classes)
-        for label, metrics in (("validation", self.validation), ("test", self.test)):
+        if (self.output == "probabilities+ood_score") != (self.ood is not None):
+            raise ValueError(
+                "output 'probabilities+ood_score' and the `ood` section go together: "
+                "re-export the model"
+            )
+        named = [("validation", self.validation), ("test", self.test)]
+        named += [(f"evaluations.{key}", value) for key, value in self.evaluations.items()]
+        for label, metrics in named:
             if metrics is None:
                 continue
             matrix = metrics.confusion_matrix
             if len(matrix) != n or any(len(row) != n for row in matrix):
                 raise ValueError(f"{label}.confusion_matrix must be {n} x {n} (one row per class)")
         return self
+
+
+HELD_OUT_SITE = "held_out_site"
+"""The `evaluations` key of the figure a plant should read first: a site never trained on."""
+
+
+def describe_model_quality(manifest: ModelManifest) -> dict[str, Any]:
+    """What the daemon logs, doctor prints and the dashboard shows about a model's worth.
+
+    Plain values: the held-out-site figure (None when the model was not measured on
+    one), where the training images came from, whether it passed the export's
+    guardrails, and whether it can reject out-of-distribution crops.
+    """
+    site = manifest.evaluations.get(HELD_OUT_SITE)
+    source = manifest.training_data.source if manifest.training_data else "unknown"
+    guardrails = manifest.guardrails
+    summary: dict[str, Any] = {
+        "validation_macro_f1": round(manifest.validation.macro_f1, 4),
+        "held_out_site_accuracy": None if site is None else round(site.accuracy, 4),
+        "held_out_site_macro_f1": None if site is None else round(site.macro_f1, 4),
+        "training_data": source,
+        "guardrails_passed": None if guardrails is None else guardrails.passed,
+        "guardrail_problems": [] if guardrails is None else list(guardrails.problems),
+        "out_of_distribution_check": manifest.ood is not None,
+    }
+    warnings = []
+    if source == "simulated":
+        warnings.append(
+            "trained on simulated images only: accuracy on this plant's probe is unproven "
+            "until it is evaluated on (and ideally retrained with) the plant's own crops"
+        )
+    elif source == "unknown":
+        warnings.append("the manifest does not say what images the model was trained on")
+    if guardrails is not None and not guardrails.passed:
+        problems = "; ".join(guardrails.problems)
+        warnings.append(f"exported with --force past its guardrails: {problems}")
+    if manifest.ood is None:
+        warnings.append("no out-of-distribution check: non-crystals get a confident class")
+    summary["warnings"] = warnings
+    return summary
+
+
+def format_model_quality(manifest: ModelManifest) -> str:
+    """One line for logs and doctor: the figures first, then the warnings."""
+    quality = describe_model_quality(manifest)
+    site = quality["held_out_site_macro_f1"]
+    parts = [
+        f"validation macro-F1 {quality['validation_macro_f1']:.4f}",
+        "held-out site: not measured" if site is None else f"held-out site macro-F1 {site:.4f}",
+        f"trained on {quality['training_data']} images",
+        "OOD check on" if quality["out_of_distribution_check"] else "OOD check off",
+    ]
+    return "; ".join(parts + quality["warnings"])
 
 
 class LoadedModel(BaseModel):

@@ -21,7 +21,7 @@ import structlog
 from monitor.batcher import MicroBatcher
 from monitor.config import ProbeConfig, QualityConfig
 from monitor.decode import DecodeError
-from monitor.inference.decision import decide
+from monitor.inference.decision import DecisionRule
 from monitor.manifest import ModelManifest
 from monitor.preprocess import prepare_batch
 from monitor.quality import assess_frame
@@ -42,6 +42,7 @@ class ParticleBox:
     label: str
     confidence: float
     uncertain: bool
+    out_of_distribution: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class FrameOutcome:
     reason: str | None
     class_counts: tuple[int, ...]
     n_uncertain: int
+    n_ood: int = 0
+    """Particles the model rejected as out of distribution (not counted as uncertain)."""
     image: np.ndarray | None = None
     boxes: tuple[ParticleBox, ...] = ()
 
@@ -125,6 +128,7 @@ class Pipeline:
         workers: int,
     ) -> None:
         self._manifest = manifest
+        self._rule = DecisionRule.from_manifest(manifest)
         self._stages = {
             probe.id: _ProbeStages(probe.quality, create_sampler(probe)) for probe in probes
         }
@@ -214,6 +218,7 @@ class Pipeline:
             return
         tensors = prepare_batch([crop.image for crop in crops], self._manifest.input)
         manifest = self._manifest
+        rule = self._rule
 
         def on_probabilities(rows: np.ndarray | None, error: str | None) -> None:
             if rows is None:
@@ -222,12 +227,13 @@ class Pipeline:
                 self._abandon()
                 return
             counts = [0] * len(manifest.classes)
-            uncertain = 0
+            uncertain = ood = 0
             boxes = []
-            decisions = decide(rows, manifest.classes, manifest.uncertainty_threshold)
-            for crop, decision in zip(crops, decisions, strict=True):
+            for crop, decision in zip(crops, rule.decide(rows), strict=True):
                 if decision.status == "ok":
                     counts[manifest.classes.index(decision.label)] += 1
+                elif decision.reason == "out_of_distribution":
+                    ood += 1
                 else:
                     uncertain += 1
                 boxes.append(
@@ -236,11 +242,19 @@ class Pipeline:
                         label=decision.label,
                         confidence=decision.confidence,
                         uncertain=decision.status != "ok",
+                        out_of_distribution=decision.reason == "out_of_distribution",
                     )
                 )
             self._finish(
                 FrameOutcome(
-                    item, "ok", None, tuple(counts), uncertain, image=grey, boxes=tuple(boxes)
+                    item,
+                    "ok",
+                    None,
+                    tuple(counts),
+                    uncertain,
+                    n_ood=ood,
+                    image=grey,
+                    boxes=tuple(boxes),
                 )
             )
 

@@ -36,6 +36,8 @@ class RecordedCounts:
     """(probe, class) -> confidently classified particles."""
     uncertain: dict[str, int]
     """probe -> particles below the model's confidence threshold."""
+    out_of_distribution: dict[str, int]
+    """probe -> particles the model rejected as not like anything it was trained on."""
 
 
 def reason_label(reason: str | None) -> str:
@@ -70,6 +72,7 @@ class Recorder:
         self._problems: Counter[tuple[str, str, str]] = Counter()
         self._particles: Counter[tuple[str, str]] = Counter()
         self._uncertain: Counter[str] = Counter()
+        self._ood: Counter[str] = Counter()
 
     def start(self) -> None:
         self._thread.start()
@@ -121,6 +124,7 @@ class Recorder:
                     reason=outcome.reason,
                     counts=dict(zip(self._classes, outcome.class_counts, strict=True)),
                     n_uncertain=outcome.n_uncertain,
+                    n_ood=outcome.n_ood,
                     stored_at=now,
                     journal=outcome.item.journal,
                 )
@@ -135,6 +139,7 @@ class Recorder:
                 ts=outcome.item.ts,
                 class_counts=outcome.class_counts,
                 n_uncertain=outcome.n_uncertain,
+                n_ood=outcome.n_ood,
                 rejected_reason=None
                 if outcome.status == "ok"
                 else outcome.reason or outcome.status,
@@ -152,6 +157,7 @@ class Recorder:
             for name, count in zip(self._classes, outcome.class_counts, strict=True):
                 self._particles[(probe, name)] += count
             self._uncertain[probe] += outcome.n_uncertain
+            self._ood[probe] += outcome.n_ood
 
     def counts(self) -> RecordedCounts:
         """Frames by status and reason, particles by class, since this recorder started."""
@@ -161,4 +167,5 @@ class Recorder:
                 problems=dict(self._problems),
                 particles=dict(self._particles),
                 uncertain=dict(self._uncertain),
+                out_of_distribution=dict(self._ood),
             )

@@ -26,6 +26,7 @@ from monitor.alarms import (
     FractionHighAlarm,
     FractionLowAlarm,
     ImageQualityAlarm,
+    OutOfDistributionAlarm,
     ProbeStaleAlarm,
     RateOfChangeAlarm,
     ShiftAlarm,
@@ -259,6 +260,11 @@ def describe_alarm(definition: AlarmDefinition) -> str:
         text = (
             f"more than {_pct(definition.limit)} of particles uncertain in the "
             f"{_seconds(definition.window)} window"
+        )
+    elif isinstance(definition, OutOfDistributionAlarm):
+        text = (
+            f"more than {_pct(definition.limit)} of particles out of the model's distribution "
+            f"(not crystals it knows) in the {_seconds(definition.window)} window"
         )
     else:
         text = f"{definition.kind}: a system alarm of the live publishers, never raised in a replay"

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS frames (
     counts TEXT NOT NULL,
     n_uncertain INTEGER NOT NULL,
     stored_at REAL NOT NULL,
-    latency_s REAL
+    latency_s REAL,
+    n_ood INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS frames_probe_ts ON frames (probe, ts);
 CREATE TABLE IF NOT EXISTS windows (
@@ -85,6 +86,7 @@ class FrameRow:
     n_uncertain: int
     stored_at: float
     latency_s: float | None = None
+    n_ood: int = 0  # particles rejected as out of distribution
     journal: bool = True  # files are journaled; stream frames have no file to remember
 
 
@@ -104,7 +106,11 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            _add_missing_columns(self._db)
         self._db.execute("PRAGMA busy_timeout=5000")
+        # A read-only view of a store from an older version has no n_ood column yet.
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(frames)")}
+        self._n_ood_column = "n_ood" if "n_ood" in columns else "0"
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -146,7 +152,8 @@ class Store:
                         continue
                 self._db.execute(
                     "INSERT INTO frames (probe, key, ts, batch, status, reason, counts,"
-                    " n_uncertain, stored_at, latency_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " n_uncertain, stored_at, latency_s, n_ood)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         row.probe,
                         row.key,
@@ -158,6 +165,7 @@ class Store:
                         row.n_uncertain,
                         row.stored_at,
                         row.latency_s,
+                        row.n_ood,
                     ),
                 )
                 added[(row.probe, row.key)] = True
@@ -233,7 +241,8 @@ class Store:
         with self._lock:
             rows = self._db.execute(
                 "SELECT probe, key, ts, batch, status, reason, counts, n_uncertain, stored_at,"
-                " latency_s FROM frames WHERE probe = ? AND ts > ? ORDER BY ts",
+                f" latency_s, {self._n_ood_column} FROM frames"
+                " WHERE probe = ? AND ts > ? ORDER BY ts",
                 (probe, since),
             ).fetchall()
         return [_frame_row(row) for row in rows]
@@ -255,7 +264,7 @@ class Store:
         with self._lock:
             rows = self._db.execute(
                 "SELECT probe, key, ts, batch, status, reason, counts, n_uncertain, stored_at,"
-                " latency_s FROM frames WHERE ts >= ? ORDER BY id",
+                f" latency_s, {self._n_ood_column} FROM frames WHERE ts >= ? ORDER BY id",
                 (since,),
             ).fetchall()
         return (_frame_row(row) for row in rows)
@@ -336,7 +345,7 @@ class _Transaction:
 
 
 def _frame_row(row: tuple[Any, ...]) -> FrameRow:
-    probe, key, ts, batch, status, reason, counts, n_uncertain, stored_at, latency_s = row
+    probe, key, ts, batch, status, reason, counts, n_uncertain, stored_at, latency_s, n_ood = row
     return FrameRow(
         probe=probe,
         key=key,
@@ -348,4 +357,15 @@ def _frame_row(row: tuple[Any, ...]) -> FrameRow:
         n_uncertain=n_uncertain,
         stored_at=stored_at,
         latency_s=latency_s,
+        n_ood=n_ood,
     )
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a store written by an older version up to the current schema, in place.
+
+    Only columns with defaults are ever added, so old rows read as they always did.
+    """
+    columns = {row[1] for row in db.execute("PRAGMA table_info(frames)")}
+    if "n_ood" not in columns:
+        db.execute("ALTER TABLE frames ADD COLUMN n_ood INTEGER NOT NULL DEFAULT 0")

@@ -406,7 +406,8 @@ def test_snapshot_json_has_the_published_shape_and_survives_json_dumps() -> None
     assert window["rejected_by_reason"] == {"out_of_focus": 1}
     assert set(window) == {
         "n", "n_uncertain", "frames", "rejected_frames", "rejected_by_reason",
-        "rejected_share", "uncertain_share", "particles_per_min", "frames_per_min", "classes",
+        "rejected_share", "uncertain_share", "n_ood", "ood_share", "particles_per_min",
+        "frames_per_min", "classes",
     }  # fmt: skip
     pg = window["classes"]["PG"]
     assert set(pg) == {"n", "fraction", "ci95", "adjusted", "effective_n"}

@@ -66,7 +66,9 @@ def test_json_output_classifies_every_format(crops: Path) -> None:
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 12
     for line in lines:
-        assert set(line) == {"path", "label", "confidence", "probabilities", "status", "error"}
+        assert set(line) == {
+            "path", "label", "confidence", "probabilities", "status", "reason", "ood_score", "error"
+        }
         assert line["status"] in {"ok", "uncertain"}
         assert abs(sum(line["probabilities"].values()) - 1.0) < 1e-4
         assert line["confidence"] == max(line["probabilities"].values())
@@ -134,7 +136,7 @@ def test_default_model_macro_f1_on_2000_held_out_synthetic_crops() -> None:
     """Crops from a seed never used in training (training used seed 1): macro-F1 >= 0.99."""
     from model_zoo.metrics import compute_metrics
     from monitor.inference import resolve_backend
-    from monitor.inference.decision import decide
+    from monitor.inference.decision import DecisionRule
     from monitor.preprocess import prepare_batch
 
     model = load_manifest()
@@ -145,7 +147,7 @@ def test_default_model_macro_f1_on_2000_held_out_synthetic_crops() -> None:
     for start in range(0, len(labels), 200):
         chunk = labels[start : start + 200]
         batch = prepare_batch([simulator.render(label) for label in chunk], model.manifest.input)
-        decisions = decide(backend.infer(batch), model.manifest.classes, 0.0)
+        decisions = DecisionRule.from_manifest(model.manifest).decide(backend.infer(batch))
         truth += [model.manifest.classes.index(label) for label in chunk]
         predicted += [model.manifest.classes.index(d.label) for d in decisions]
     metrics = compute_metrics(truth, predicted, model.manifest.classes)

@@ -32,7 +32,8 @@ class FrameRecord:
     """What the pipeline learned from one frame of one probe.
 
     `class_counts` are particles classified confidently, per class in manifest order;
-    `n_uncertain` particles fell below the model's uncertainty threshold. A rejected
+    `n_uncertain` particles fell below the model's uncertainty threshold and `n_ood`
+    were rejected as out of distribution (not crystals the model knows). A rejected
     frame (out of focus, blank probe window, ...) has `rejected_reason` set and no
     particles; it still counts towards the frame rate and the rejected share.
     """
@@ -41,16 +42,18 @@ class FrameRecord:
     class_counts: tuple[int, ...]
     n_uncertain: int = 0
     rejected_reason: str | None = None
+    n_ood: int = 0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.ts):
             raise ValueError(f"frame timestamp must be finite seconds, got {self.ts}")
-        if self.n_uncertain < 0 or any(c < 0 for c in self.class_counts):
+        if self.n_uncertain < 0 or self.n_ood < 0 or any(c < 0 for c in self.class_counts):
             raise ValueError(
-                f"particle counts must be non-negative, got {self.class_counts} "
-                f"and n_uncertain={self.n_uncertain}"
+                f"particle counts must be non-negative, got {self.class_counts}, "
+                f"n_uncertain={self.n_uncertain} and n_ood={self.n_ood}"
             )
-        if self.rejected_reason is not None and (self.n_uncertain or any(self.class_counts)):
+        particles = self.n_uncertain or self.n_ood or any(self.class_counts)
+        if self.rejected_reason is not None and particles:
             raise ValueError(
                 f"rejected frame ({self.rejected_reason}) must carry no particles: "
                 "set its counts to zero or leave rejected_reason None"
@@ -104,6 +107,10 @@ class WindowStats:
     """Rejected / (accepted + rejected) frames; 0 without frames."""
     uncertain_share: float
     """Uncertain / (confident + uncertain) particles; 0 without particles."""
+    n_ood: int
+    """Particles rejected as out of distribution: never in a class fraction."""
+    ood_share: float
+    """Out-of-distribution / all particles (confident + uncertain + out of distribution)."""
     particles_per_min: float
     """Confident particles per minute."""
     frames_per_min: float
@@ -120,6 +127,8 @@ class WindowStats:
             "rejected_by_reason": dict(self.rejected_by_reason),
             "rejected_share": self.rejected_share,
             "uncertain_share": self.uncertain_share,
+            "n_ood": self.n_ood,
+            "ood_share": self.ood_share,
             "particles_per_min": self.particles_per_min,
             "frames_per_min": self.frames_per_min,
             "classes": {name: stats.to_json() for name, stats in self.classes.items()},
@@ -185,8 +194,9 @@ class _FrameColumns:
     def __init__(self, n_classes: int, capacity: int = 1024) -> None:
         self._n_classes = n_classes
         self._ts: np.ndarray = np.empty(capacity, dtype=np.float64)
-        # Rows: one per class, then uncertain particles, then the rejection reason code.
-        self._ints: np.ndarray = np.empty((n_classes + 2, capacity), dtype=np.int64)
+        # Rows: one per class, then uncertain particles, the rejection reason code and
+        # out-of-distribution particles.
+        self._ints: np.ndarray = np.empty((n_classes + 3, capacity), dtype=np.int64)
         self._start = 0
         self._stop = 0
         self.reason_names: list[str] = []
@@ -217,6 +227,10 @@ class _FrameColumns:
         return self._ints[self._n_classes, self._start : self._stop]
 
     @property
+    def ood(self) -> np.ndarray:
+        return self._ints[self._n_classes + 2, self._start : self._stop]
+
+    @property
     def reason(self) -> np.ndarray:
         """Index into `reason_names`, -1 for an accepted frame."""
         return self._ints[self._n_classes + 1, self._start : self._stop]
@@ -234,6 +248,7 @@ class _FrameColumns:
         self._ints[: self._n_classes, position] = record.class_counts
         self._ints[self._n_classes, position] = record.n_uncertain
         self._ints[self._n_classes + 1, position] = self._code_of(record.rejected_reason)
+        self._ints[self._n_classes + 2, position] = record.n_ood
         self._stop = stop + 1
 
     def drop_through(self, horizon: float) -> None:
@@ -422,6 +437,7 @@ class WindowAggregator:
         frames = self._frames
         class_counts = frames.counts[:, start:end]
         n_uncertain = int(frames.uncertain[start:end].sum())
+        n_ood = int(frames.ood[start:end].sum())
         reason = frames.reason[start:end]
         reason_counts = np.bincount(reason[reason >= 0], minlength=len(frames.reason_names))
         rejected_by_reason = {
@@ -463,6 +479,8 @@ class WindowAggregator:
             rejected_by_reason=rejected_by_reason,
             rejected_share=rejected / frames_total if frames_total else 0.0,
             uncertain_share=n_uncertain / (n + n_uncertain) if n + n_uncertain else 0.0,
+            n_ood=n_ood,
+            ood_share=n_ood / (n + n_uncertain + n_ood) if n + n_uncertain + n_ood else 0.0,
             particles_per_min=n / minutes if minutes > 0 else 0.0,
             frames_per_min=frames_total / minutes if minutes > 0 else 0.0,
             classes=classes,

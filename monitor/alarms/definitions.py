@@ -36,7 +36,12 @@ PROCESS_KINDS: frozenset[str] = frozenset(
     {"fraction_high", "fraction_low", "rate_of_change", "shift"}
 )
 """Kinds that watch the process; suppressed while the probe's input is BAD."""
-DIAGNOSTIC_KINDS: tuple[str, ...] = ("probe_stale", "image_quality", "uncertain_high")
+DIAGNOSTIC_KINDS: tuple[str, ...] = (
+    "probe_stale",
+    "image_quality",
+    "out_of_distribution",
+    "uncertain_high",
+)
 SYSTEM_KINDS: frozenset[str] = frozenset({"publish_overflow"})  # never suppressed by input
 """Kinds that watch the probe, in the order that decides which one stands when the input
 is BAD for more than one reason (a stale probe explains rejected frames, not the reverse)."""
@@ -264,6 +269,23 @@ class UncertainHighAlarm(_Definition):
     )
 
 
+class OutOfDistributionAlarm(_Definition):
+    """Share of particles the model rejects as out of distribution above `limit`.
+
+    The probe sees things the model was never trained on (bubbles, a fouled window,
+    another material, a probe out of the slurry): the fractions then describe only
+    what is left, so the process alarms are suppressed while this one stands.
+    """
+
+    kind: Literal["out_of_distribution"] = Field(description="Alarm kind.")
+    window: WindowSeconds = Field(description="Aggregation window (one of aggregation.windows).")
+    limit: _Fraction = Field(description="Out-of-distribution particle share limit, 0-1.")
+    deadband: _Fraction = Field(default=0.05, description="Clears below limit - deadband.")
+    min_count: int = Field(
+        default=100, ge=1, description="Particles (all, rejected ones included) needed."
+    )
+
+
 class PublishOverflowAlarm(_Definition):
     """A publisher dropped messages: its bounded outbox overflowed during a long outage.
 
@@ -286,6 +308,7 @@ AlarmDefinition = Annotated[
     | ProbeStaleAlarm
     | ImageQualityAlarm
     | UncertainHighAlarm
+    | OutOfDistributionAlarm
     | PublishOverflowAlarm,
     Field(discriminator="kind"),
 ]

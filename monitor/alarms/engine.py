@@ -39,10 +39,11 @@ Suppression by bad input: when a probe's input quality is BAD, its process alarm
 flagged `suppressed` and frozen (no condition processing, running delays restarted;
 their value and state hold), so a blind probe never reads as "0 % PG, normal". Of its
 diagnostic alarms, the first whose condition is past its limit now, in the order
-probe_stale, image_quality, uncertain_high (then definition order), stands and is
-evaluated as usual; the other diagnostic alarms are flagged suppressed too and may
-clear but not activate, so one diagnostic alarm stands for the one cause (a stale probe
-also empties the windows; it is not reported as bad images as well). A BAD quality
+probe_stale, image_quality, out_of_distribution, uncertain_high (then definition
+order), stands and is evaluated as usual; the other diagnostic alarms are flagged
+suppressed too and may clear but not activate, so one diagnostic alarm stands for the
+one cause (a stale probe also empties the windows; it is not reported as bad images as
+well). A BAD quality
 passed by the caller with no diagnostic condition past its limit (e.g. probe cleaning)
 suppresses the process alarms and leaves the diagnostic alarms running. Suppression is
 journaled (events "suppress" / "unsuppress"), never announced.

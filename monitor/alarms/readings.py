@@ -17,6 +17,7 @@ from monitor.alarms.definitions import (
     FractionHighAlarm,
     FractionLowAlarm,
     ImageQualityAlarm,
+    OutOfDistributionAlarm,
     ProbeStaleAlarm,
     PublishOverflowAlarm,
     RateOfChangeAlarm,
@@ -218,6 +219,12 @@ def read_alarm(
         if frames < definition.min_frames:
             return _no_data(definition.limit)
         share = float(stats.get("rejected_share", 0.0))
+        return _above_high(share, definition.limit, definition.deadband)
+    if isinstance(definition, OutOfDistributionAlarm):
+        particles = sum(int(stats.get(key, 0)) for key in ("n", "n_uncertain", "n_ood"))
+        if particles < definition.min_count:
+            return _no_data(definition.limit)
+        share = float(stats.get("ood_share", 0.0))
         return _above_high(share, definition.limit, definition.deadband)
     assert isinstance(definition, UncertainHighAlarm)
     particles = int(stats.get("n", 0)) + int(stats.get("n_uncertain", 0))

@@ -20,7 +20,8 @@ class ProbeUpdate:
 
     `snapshot` is `ProbeSnapshot.to_json()` of monitor.aggregate: {"ts", "batch",
     "windows": {"60": {"n", "n_uncertain", "frames", "rejected_frames",
-    "rejected_by_reason", "rejected_share", "uncertain_share", "particles_per_min",
+    "rejected_by_reason", "rejected_share", "uncertain_share", "n_ood", "ood_share",
+    "particles_per_min",
     "frames_per_min", "classes": {name: {"n", "fraction", "ci95", "adjusted",
     "effective_n"}}}, ...}, "trend": {name: {"ewma", "slope_per_min"}}}.
     `alarms` is the list of alarm statuses (AlarmStatus.to_json() of monitor.alarms).

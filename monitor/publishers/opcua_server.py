@@ -10,6 +10,7 @@ Layout (namespace `namespace_uri`; string NodeIds `CrystalMonitor.<probe>.<path>
         Batch            String   '' when no batch runs
         ParticlesPerMinute, FramesPerMinute      AnalogUnitType, 1/min (UNECE C94)
         RejectedFrameShare, UncertainShare       AnalogItemType, % 0..100 (UNECE P1)
+        OutOfDistributionShare                   AnalogItemType, % of particles not crystals
         Fractions/<class>/
           Fraction       AnalogItemType, %, EURange 0..100, historized (HistoryRead raw)
           CI95Low, CI95High, Adjusted            AnalogItemType, %
@@ -97,6 +98,7 @@ _DIAGNOSTIC_STATUS = {
     "probe_stale": ("stale", SC.BadNoCommunication),
     "image_quality": ("bad images", SC.BadSensorFailure),
     "uncertain_high": ("uncertain particles", SC.BadSensorFailure),
+    "out_of_distribution": ("not crystals", SC.BadSensorFailure),
 }
 
 
@@ -463,6 +465,14 @@ class CrystalMonitorServer:
             units=PERCENT,
             eu_range=(0.0, 100.0),
         )
+        await self._add_analog(
+            node,
+            probe,
+            "OutOfDistributionShare",
+            f"{probe} particles out of the model's distribution (5 min)",
+            units=PERCENT,
+            eu_range=(0.0, 100.0),
+        )
         fractions = await self._add_object(node, probe, "Fractions", "Fractions")
         alarms = await self._add_object(node, probe, "Alarms", "Alarms")
         await self._add_methods(node, probe)
@@ -582,6 +592,7 @@ class CrystalMonitorServer:
             ("FramesPerMinute", "frames_per_min", 1.0),
             ("RejectedFrameShare", "rejected_share", 100.0),
             ("UncertainShare", "uncertain_share", 100.0),
+            ("OutOfDistributionShare", "ood_share", 100.0),
         ):
             raw = window.get(key)
             await self._write(

@@ -114,6 +114,14 @@ class DaemonCollector(Collector):
         for probe in daemon.probes:
             uncertain.add_metric([probe], counts.uncertain.get(probe, 0))
         yield uncertain
+        ood = CounterMetricFamily(
+            f"{PREFIX}_out_of_distribution_particles",
+            "Particles rejected as out of distribution (not crystals the model knows), by probe.",
+            labels=["probe"],
+        )
+        for probe in daemon.probes:
+            ood.add_metric([probe], counts.out_of_distribution.get(probe, 0))
+        yield ood
 
     def _queues(self, daemon: Daemon) -> Iterator[Metric]:
         batcher_config = daemon.settings.batcher

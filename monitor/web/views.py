@@ -17,6 +17,7 @@ import numpy as np
 
 from monitor import __version__
 from monitor.alarms import FractionHighAlarm, FractionLowAlarm, quality_of
+from monitor.manifest import describe_model_quality
 from monitor.recorder import RecordedCounts
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ def _counts_of(counts: RecordedCounts, probe: str, classes: Sequence[str]) -> di
         },
         "particles": {name: counts.particles.get((probe, name), 0) for name in classes},
         "uncertain": counts.uncertain.get(probe, 0),
+        "out_of_distribution": counts.out_of_distribution.get(probe, 0),
         "problems": {
             f"{status}:{reason}": n
             for (p, status, reason), n in sorted(counts.problems.items())
@@ -165,6 +167,7 @@ def daemon_state(daemon: Daemon, refresh_s: float) -> dict[str, Any]:
             "name": manifest.name,
             "version": manifest.version,
             "sha256": manifest.onnx_sha256,
+            "quality": describe_model_quality(manifest),
         },
         "classes": list(manifest.classes),
         "windows": [int(w) for w in daemon.settings.aggregation.windows],
@@ -372,6 +375,7 @@ def frame_json(
                 "label": box.label,
                 "confidence": box.confidence,
                 "uncertain": box.uncertain,
+                "out_of_distribution": box.out_of_distribution,
             }
             for box in frame.boxes
         ]

@@ -199,6 +199,18 @@ function renderFigures(view, probe, allWindows) {
   view.figures.append(view.windows);
 }
 
+function renderModel(state) {
+  const quality = state.model.quality || {};
+  const site = quality.held_out_site_macro_f1;
+  const figure = site == null ? "held-out site: not measured" : `held-out site macro-F1 ${site.toFixed(3)}`;
+  document.getElementById("model").textContent =
+    `model ${state.model.name} ${state.model.version} (${figure}) · v${state.version}`;
+  const warning = document.getElementById("model-warning");
+  const warnings = quality.warnings || [];
+  warning.textContent = warnings.join(" · ");
+  warning.hidden = warnings.length === 0;
+}
+
 function renderCounts(view, probe) {
   const stats = probe.snapshot.windows[String(view.window)];
   const rows = [];
@@ -206,6 +218,7 @@ function renderCounts(view, probe) {
   if (stats) {
     rows.push([`particles (${w})`, String(stats.n)]);
     rows.push([`uncertain particles (${w})`, pct(stats.uncertain_share), stats.uncertain_share > 0.3]);
+    rows.push([`not crystals, out of distribution (${w})`, pct(stats.ood_share || 0), (stats.ood_share || 0) > 0.2]);
     rows.push([`frames (${w})`, `${stats.frames} accepted, ${stats.rejected_frames} rejected`]);
     rows.push([`rejected frames (${w})`, pct(stats.rejected_share), stats.rejected_share > 0.5]);
     const reasons = Object.entries(stats.rejected_by_reason).map(([k, v]) => `${k} ${v}`);
@@ -659,7 +672,7 @@ async function refresh() {
     refreshMs = Math.max(500, state.refresh_s * 1000);
     daemonOffsetS = state.ts - Date.now() / 1000;
     tickClock();
-    document.getElementById("model").textContent = `model ${state.model.name} ${state.model.version} · v${state.version}`;
+    renderModel(state);
     const main = document.getElementById("probes");
     for (const probe of state.probes) {
       let view = views.get(probe.id);
