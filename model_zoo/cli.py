@@ -13,7 +13,7 @@ from model_zoo.evaluation import evaluate_model_dir
 from model_zoo.export import DEFAULT_OPSET, export_model
 from model_zoo.imagefolder import DEFAULT_FRACTIONS
 from model_zoo.metrics import format_metrics_table
-from model_zoo.registry import list_models
+from model_zoo.registry import list_imagenet_models, list_models
 from model_zoo.training import TrainOptions, train_model
 from monitor.manifest import ManifestError
 
@@ -62,10 +62,16 @@ def _add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         "stratified 70/25/5 by default) or train/, val/ and optionally test/ folders of class "
         "folders (used as given). Writes args.json, splits.json, metrics.csv, checkpoint.pt, "
         "evaluation.json and PNG plots into RUN_DIR.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     train.add_argument("data_dir", type=Path, metavar="DATA_DIR", help="ImageFolder root")
-    train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
+    train.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="RUN_DIR",
+        help="run directory to write (required; created if missing)",
+    )
     train.add_argument(
         "--arch", default="mobilenet_v3_small", choices=list_models(), help="network architecture"
     )
@@ -77,7 +83,7 @@ def _add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         help="letterbox keeps the aspect ratio; stretch fills the square",
     )
     train.add_argument("--epochs", type=int, default=30, help="maximum epochs")
-    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--batch-size", type=int, default=64, help="training images per step")
     train.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     train.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     train.add_argument(
@@ -94,11 +100,20 @@ def _add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     )
     train.add_argument("--seed", type=int, default=0, help="seeds the split, init and augmentation")
     train.add_argument(
+        "--init",
+        type=_parse_init,
+        default="scratch",
+        metavar="{scratch,imagenet,PATH}",
+        help="initial weights: scratch (random); imagenet (from an installed package, "
+        f"for {', '.join(list_imagenet_models())}); or PATH, a local state_dict file "
+        "whose tensors of another shape (e.g. another head size) are skipped and listed",
+    )
+    train.add_argument(
         "--init-weights",
         type=Path,
         metavar="FILE",
-        help="initial weights: a local state_dict file; tensors whose shape does "
-        "not fit (e.g. another head size) are skipped and listed",
+        default=None,
+        help="the same as --init FILE",
     )
     train.add_argument(
         "--workers",
@@ -128,13 +143,17 @@ def _add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     train.add_argument(
         "--split",
         type=_parse_split,
-        default=DEFAULT_FRACTIONS,
+        default=",".join(f"{fraction * 100:g}" for fraction in DEFAULT_FRACTIONS),
         metavar="TRAIN,VAL,TEST",
-        help="split percentages for a class-folder layout, e.g. 70,25,5",
+        help="split percentages for a class-folder layout",
     )
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.add_argument(
-        "--no-augment", dest="augment", action="store_false", help="train without augmentation"
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="train without augmentation (default: augment with rotation, flips, scale, "
+        "brightness/contrast, blur and noise)",
     )
     train.add_argument(
         "--overwrite", action="store_true", help="replace the files of an earlier run in RUN_DIR"
@@ -166,7 +185,7 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentP
         description="Classify every image under DATA_DIR/<class>/ with the exported model "
         "(the daemon's preprocessing and ONNX Runtime backend) and report accuracy, "
         "per-class precision/recall/F1, the confusion matrix and the misclassified files.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     evaluate.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="made by export")
     evaluate.add_argument(
@@ -181,13 +200,21 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentP
         metavar="DIR",
         help="write evaluation.json and confusion_matrix.png here",
     )
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=int, default=64, help="images per ONNX Runtime call")
     evaluate.add_argument(
         "--threads", type=int, default=0, help="ONNX Runtime threads (0 = its default)"
     )
 
 
 def _run_train(parsed: argparse.Namespace, command: str) -> int:
+    init = parsed.init
+    if parsed.init_weights is not None:
+        if init not in ("scratch", parsed.init_weights):
+            raise ModelZooError(
+                f"--init {init} and --init-weights {parsed.init_weights} disagree; "
+                "give one (--init-weights FILE is the same as --init FILE)"
+            )
+        init = parsed.init_weights
     options = TrainOptions(
         data_dir=parsed.data_dir,
         out_dir=parsed.out,
@@ -201,7 +228,7 @@ def _run_train(parsed: argparse.Namespace, command: str) -> int:
         schedule=parsed.schedule,
         patience=parsed.patience,
         seed=parsed.seed,
-        init_weights=parsed.init_weights,
+        init=init,
         workers=parsed.workers,
         threads=parsed.threads,
         uncertainty_threshold=parsed.uncertainty_threshold,
@@ -258,6 +285,19 @@ def _run_evaluate(parsed: argparse.Namespace) -> int:
     if parsed.out is None:
         print("\n(pass --out DIR to write evaluation.json and confusion_matrix.png)")
     return 0
+
+
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" where it informs: not on flags or required options."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _parse_init(text: str) -> str | Path:
+    return text if text in ("scratch", "imagenet") else Path(text)
 
 
 def _parse_split(text: str) -> tuple[float, float, float]:

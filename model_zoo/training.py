@@ -49,7 +49,12 @@ from model_zoo.imagefolder import (
 )
 from model_zoo.metrics import compute_metrics, format_metrics_table
 from model_zoo.plots import plot_confusion_matrices, plot_training_curves
-from model_zoo.registry import create_model
+from model_zoo.registry import (
+    create_model,
+    imagenet_source,
+    input_normalisation,
+    load_imagenet_weights,
+)
 from monitor.manifest import EvaluationMetrics, InputSpec, sha256_of_file
 from monitor.preprocess import prepare_batch, prepare_image
 
@@ -80,11 +85,13 @@ METRICS_COLUMNS = (
     "train_images_per_s",
 )
 
-# ImageNet statistics: right for weights initialised from ImageNet, harmless otherwise.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 Balance = Literal["weighted-sampler", "loss-weights", "none"]
+# Initial weights: random ("scratch"), the architecture's installed ImageNet weights,
+# or a local state_dict file (a previous run's checkpoint.pt, say).
+Init = Literal["scratch", "imagenet"] | Path
+# Where stderr is not a terminal (a log file, journald), a line every this many
+# seconds instead of a carriage-return bar.
+PROGRESS_LOG_INTERVAL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,7 @@ class TrainOptions:
     schedule: Literal["cosine", "onecycle"] = "cosine"
     patience: int = 8
     seed: int = 0
-    init_weights: Path | None = None
+    init: Init = "scratch"
     workers: int = 0
     threads: int = 0  # 0 = all cores
     uncertainty_threshold: float = 0.6
@@ -162,6 +169,7 @@ class AugmentedCrops(Dataset[tuple[torch.Tensor, int]]):
 def train_model(options: TrainOptions) -> TrainResult:
     """Run one training and write the run directory; return the best checkpoint's metrics."""
     _check_options(options)
+    init_file = _resolve_init_file(options)
     device = _resolve_device(options.device)
     splits = resolve_splits(options.data_dir, options.layout, options.split, options.seed)
     classes = splits.classes
@@ -187,9 +195,13 @@ def train_model(options: TrainOptions) -> TrainResult:
             f"and validation has {len(validation_set.files)} images; every class needs training "
             "images and validation cannot be empty"
         )
-    spec = InputSpec(
-        size=options.input_size, resize=options.resize, mean=IMAGENET_MEAN, std=IMAGENET_STD
-    )
+    # The architecture's normalisation (the [-1, 1] of the Lite weights, else ImageNet
+    # statistics), whatever the init: a checkpoint fine-tuned from ImageNet weights and
+    # passed back as --init PATH must see the inputs it learned on. The manifest carries
+    # it to the daemon.
+    mean, std = input_normalisation(options.arch)
+    spec = InputSpec(size=options.input_size, resize=options.resize, mean=mean, std=std)
+
     splits_json = splits.to_json(options.data_dir)
     splits_json["unreadable"] = [
         [str(path), reason] for images in loaded.values() for path, reason in images.unreadable
@@ -204,6 +216,7 @@ def train_model(options: TrainOptions) -> TrainResult:
             threads=threads,
             device=device,
             layout=splits.layout,
+            init_file=init_file,
         ),
     )
     print(
@@ -214,8 +227,16 @@ def train_model(options: TrainOptions) -> TrainResult:
     )
 
     model = create_model(options.arch, len(classes))
-    if options.init_weights is not None:
-        report = load_initial_weights(model, options.init_weights)
+    # Batch norm keeps learning its statistics and nothing is frozen, also when
+    # fine-tuning ImageNet weights on a few hundred crops: greyscale probe images are far
+    # from ImageNet's photographs (the ImageNet running statistics would normalise them
+    # wrongly), a batch of 64 estimates them well, and momentum 0.1 adapts them within an
+    # epoch. Freezing the stem saves little (a 3x3 conv of 32 channels) on such a shift.
+    if options.init == "imagenet":
+        load_imagenet_weights(model, options.arch)
+        print(f"initial weights: ImageNet, from {init_file}", file=sys.stderr)
+    elif isinstance(options.init, Path):
+        report = load_initial_weights(model, options.init)
         print(report.describe(), file=sys.stderr)
     model.to(device)
 
@@ -368,11 +389,8 @@ def _train_one_epoch(
     total_images = 0
     lr = optimizer.param_groups[0]["lr"]
     started = time.perf_counter()
-    # disable=None: a live bar on a terminal, no carriage-return noise in a log file.
-    progress = tqdm(
-        loader, desc=description, unit="batch", leave=False, mininterval=1.0, disable=None
-    )
-    for batch_inputs, batch_labels in progress:
+    progress = EpochProgress(len(loader), description)
+    for batch_inputs, batch_labels in loader:
         inputs = batch_inputs.to(device, non_blocking=True)
         labels = batch_labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -384,10 +402,54 @@ def _train_one_epoch(
         loss_value = float(loss.detach())
         total_loss += loss_value * len(labels)
         total_images += len(labels)
-        progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        progress.update(loss_value)
     progress.close()
     seconds = time.perf_counter() - started
     return total_loss / max(1, total_images), lr, total_images, seconds
+
+
+class EpochProgress:
+    """Batches done, rate and ETA within an epoch, on stderr.
+
+    On a terminal, a tqdm bar redrawn in place. Elsewhere (a log file, journald) a
+    bar's carriage returns would pile up or, hidden, say nothing for a long epoch, so
+    the same tqdm line is printed as a line of its own every PROGRESS_LOG_INTERVAL_S.
+    """
+
+    def __init__(self, total: int, description: str) -> None:
+        self.total = total
+        self.description = description
+        self.done = 0
+        self.started = self.last_line = time.perf_counter()
+        self.bar = (
+            tqdm(total=total, desc=description, unit="batch", leave=False, mininterval=1.0)
+            if sys.stderr.isatty()
+            else None
+        )
+
+    def update(self, loss: float) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.update()
+            return
+        now = time.perf_counter()
+        if now - self.last_line >= PROGRESS_LOG_INTERVAL_S or self.done == 1:
+            self.last_line = now
+            line = tqdm.format_meter(
+                self.done,
+                self.total,
+                now - self.started,
+                prefix=self.description,
+                unit="batch",
+                postfix=f"loss={loss:.4f}",
+                ncols=100,
+            )
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _evaluate_split(
@@ -423,7 +485,7 @@ def _build_train_loader(
     if options.balance == "weighted-sampler":
         per_class = 1.0 / torch.tensor(train_counts, dtype=torch.float64)
         sampler = WeightedRandomSampler(
-            per_class[torch.from_numpy(dataset.labels)],
+            per_class[torch.from_numpy(dataset.labels)].tolist(),
             num_samples=len(dataset),
             replacement=True,
             generator=generator,
@@ -466,8 +528,13 @@ def _check_options(options: TrainOptions) -> None:
         problems.append("--lr must be > 0")
     if options.workers < 0 or options.threads < 0:
         problems.append("--workers and --threads must be >= 0")
-    if options.init_weights is not None and not options.init_weights.is_file():
-        problems.append(f"--init-weights file not found: {options.init_weights}")
+    if isinstance(options.init, Path) and not options.init.is_file():
+        problems.append(
+            f"--init file not found: {options.init} (give a state_dict file, or "
+            "--init imagenet or --init scratch)"
+        )
+    elif options.init == "imagenet":
+        imagenet_source(options.arch)  # raises naming the architectures that have one
     if problems:
         raise ModelZooError("; ".join(problems))
 
@@ -511,15 +578,16 @@ def _describe_run(
     threads: int,
     device: torch.device,
     layout: str,
+    init_file: Path | None,
 ) -> dict[str, object]:
     resolved = asdict(options)
     resolved.update(
         data_dir=str(options.data_dir.resolve()),
         out_dir=str(options.out_dir.resolve()),
-        init_weights=str(options.init_weights.resolve()) if options.init_weights else None,
-        init_weights_sha256=(
-            sha256_of_file(options.init_weights) if options.init_weights else None
-        ),
+        # "scratch", "imagenet" or the file; init_weights is the file read in either case.
+        init=str(options.init.resolve()) if isinstance(options.init, Path) else options.init,
+        init_weights=str(init_file.resolve()) if init_file else None,
+        init_weights_sha256=sha256_of_file(init_file) if init_file else None,
         split=list(options.split),
         threads=threads,
         device=str(device),
@@ -532,6 +600,15 @@ def _describe_run(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     return resolved
+
+
+def _resolve_init_file(options: TrainOptions) -> Path | None:
+    """The weights file the run starts from, if any (located now, to record its hash)."""
+    if options.init == "imagenet":
+        return imagenet_source(options.arch).locate()
+    if isinstance(options.init, Path):
+        return options.init
+    return None
 
 
 def _report_unreadable(loaded: dict[str, LoadedImages]) -> None:
