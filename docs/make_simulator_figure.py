@@ -5,8 +5,10 @@ Run from the repository root:
     .venv/bin/python docs/make_simulator_figure.py
 
 The figure is how the simulator's realism is judged by eye: rows of real
-OpenCrystalData crops (CEX needle bundles, PG agglomerates), rows of synthetic
-crops of each class, and one synthetic probe frame, downscaled. Every tile is
+OpenCrystalData crops (CEX needle bundles, PG agglomerates) beside synthetic
+crops of every look (classic and slurry), and a dense slurry frame, downscaled.
+Look crops are rendered at the "clean-8bit" site (first columns) and at drawn
+sites (last columns), so the looks and the optics can be judged apart. Every tile is
 scaled to fit the same box, as a classifier's preprocessing would, and carries
 its original size.
 """
@@ -24,6 +26,7 @@ import numpy.typing as npt
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from monitor.decode import to_grey_uint8  # noqa: E402
 from monitor.simulator import (  # noqa: E402  (the repository root must be importable first)
     CEX,
     PG,
@@ -32,11 +35,14 @@ from monitor.simulator import (  # noqa: E402  (the repository root must be impo
     FrameConfig,
     FrameSimulator,
 )
+from monitor.simulator.frames import SLURRY_PG_DIAMETER_PX  # noqa: E402
+from monitor.simulator.looks import get_look, look_names, single_look_mix  # noqa: E402
+from monitor.simulator.sites import get_site_style  # noqa: E402
 
 REFERENCE = Path("/work/shared/reference/opencrystaldata-cephalexin")
 TILE = 180
 GAP = 6
-COLUMNS = 6
+COLUMNS = 7
 Image = npt.NDArray[np.uint8]
 
 
@@ -87,15 +93,31 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=2026)
     args = parser.parse_args()
 
-    crops = CropSimulator(args.seed)
-    rows: list[Image] = []
+    rows: list[Image] = [
+        make_row(
+            [make_tile(c, f"real {label}") for label in (CEX, PG) for c in load_reference(label)]
+        )
+    ]
+    clean = get_site_style("clean-8bit")
     for label in (CEX, PG):
-        rows.append(make_row([make_tile(c, f"real {label}") for c in load_reference(label)]))
-        synthetic = [crops.render(label) for _ in range(COLUMNS)]
-        rows.append(make_row([make_tile(c, f"synthetic {label}") for c in synthetic]))
+        for look in look_names(label):
+            mix = single_look_mix(look)
+            at_clean = CropSimulator(args.seed, look_mix=mix, sites=clean, defocus_share=0.0)
+            at_sites = CropSimulator(args.seed, look_mix=mix, sites=range(200))
+            crops = [at_clean.render_with_truth(label) for _ in range(4)]
+            crops += [at_sites.render_with_truth(label) for _ in range(COLUMNS - 4)]
+            tiles = []
+            for crop, truth in crops:
+                assert get_look(truth.look).label == label
+                tiles.append(make_tile(to_grey_uint8(crop), f"{label} {truth.look}"))
+            rows.append(make_row(tiles))
 
-    frames = FrameSimulator(FrameConfig(profile=ConstantProfile(0.2), bubbles=True), seed=args.seed)
-    frame, truths = frames.render(0.0)
+    config = FrameConfig(
+        profile=ConstantProfile(0.05), density=0.5, pg_diameter_px=SLURRY_PG_DIAMETER_PX
+    )
+    frames = FrameSimulator(config, seed=args.seed, sites=get_site_style("clean-8bit"))
+    frame_any, truths = frames.render(0.0)
+    frame = to_grey_uint8(frame_any)
     width = rows[0].shape[1]
     small = cv2.resize(
         frame, (width, round(frame.shape[0] * width / frame.shape[1])), interpolation=cv2.INTER_AREA
@@ -103,8 +125,8 @@ def main() -> int:
     pg_count = sum(truth.label == PG for truth in truths)
     put_label(
         small,
-        f"synthetic frame {frame.shape[1]}x{frame.shape[0]} (downscaled): "
-        f"{len(truths)} particles, {pg_count} PG, bubbles on",
+        f"synthetic slurry frame {frame.shape[1]}x{frame.shape[0]} (downscaled), density 0.5: "
+        f"{len(truths)} particles, {pg_count} PG",
         (8, 22),
         0.6,
     )

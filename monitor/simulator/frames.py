@@ -60,7 +60,7 @@ PLACEMENT_TRIES = 30
 # PG sizes of the slurry looks in frames (diameter px), for FrameConfig.pg_diameter_px.
 SLURRY_PG_DIAMETER_PX = (80.0, 400.0)
 # At density 1, extra needle bundles whose footprints add up to this many frames.
-DENSE_COVER_FRAMES = 1.6
+DENSE_COVER_FRAMES = 1.0
 
 
 @dataclass(frozen=True)
