@@ -8,9 +8,10 @@ seed.
 """
 
 from monitor.simulator import profiles
-from monitor.simulator.crops import CropSimulator
+from monitor.simulator.crops import CropSimulator, CropTruth
 from monitor.simulator.frames import FrameConfig, FrameSimulator, ParticleTruth
 from monitor.simulator.labels import CEX, LABELS, PG
+from monitor.simulator.looks import LOOK_MIXES, LookMix, get_look, look_names
 from monitor.simulator.profiles import (
     ConstantProfile,
     PgProfile,
@@ -18,20 +19,30 @@ from monitor.simulator.profiles import (
     StepProfile,
     parse_profile,
 )
+from monitor.simulator.sites import Site, SiteOptics, draw_site, get_site_style
 from monitor.simulator.writer import parse_frame_timestamp
 
 __all__ = [
     "CEX",
     "LABELS",
+    "LOOK_MIXES",
     "PG",
     "ConstantProfile",
     "CropSimulator",
+    "CropTruth",
     "FrameConfig",
     "FrameSimulator",
+    "LookMix",
     "ParticleTruth",
     "PgProfile",
     "RampProfile",
+    "Site",
+    "SiteOptics",
     "StepProfile",
+    "draw_site",
+    "get_look",
+    "get_site_style",
+    "look_names",
     "parse_frame_timestamp",
     "parse_profile",
     "profiles",
