@@ -9,7 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from model_zoo.errors import ModelZooError
-from model_zoo.evaluation import evaluate_model_dir
+from model_zoo.evaluation import (
+    CALIBRATION_BINS,
+    PER_FILE_LIMIT,
+    EvaluationReport,
+    evaluate_model_dirs,
+)
 from model_zoo.export import DEFAULT_OPSET, export_model
 from model_zoo.imagefolder import DEFAULT_FRACTIONS
 from model_zoo.metrics import format_metrics_table
@@ -181,16 +186,20 @@ def _add_export_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
 def _add_evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     evaluate = commands.add_parser(
         "evaluate",
-        help="evaluate an exported model on an ImageFolder through ONNX Runtime",
-        description="Classify every image under DATA_DIR/<class>/ with the exported model "
-        "(the daemon's preprocessing and ONNX Runtime backend) and report accuracy, "
-        "per-class precision/recall/F1, the confusion matrix and the misclassified files.",
+        help="evaluate an exported model on ImageFolders through ONNX Runtime",
+        description="Classify every image under each DATA_DIR/<class>/ with the exported "
+        "model (the daemon's preprocessing and ONNX Runtime backend) and report, per "
+        "DATA_DIR, accuracy, macro-F1, per-class precision/recall/F1, the expected "
+        f"calibration error ({CALIBRATION_BINS} equal-width bins of the top probability), "
+        "the confusion matrix and the misclassified files; a DATA_DIR of at most "
+        f"{PER_FILE_LIMIT} images is also listed file by file.",
         formatter_class=_DefaultsHelpFormatter,
     )
     evaluate.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="made by export")
     evaluate.add_argument(
-        "data_dir",
+        "data_dirs",
         type=Path,
+        nargs="+",
         metavar="DATA_DIR",
         help="one folder per class; class names must be the model's",
     )
@@ -198,7 +207,7 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentP
         "--out",
         type=Path,
         metavar="DIR",
-        help="write evaluation.json and confusion_matrix.png here",
+        help="write evaluation.json (every DATA_DIR) and confusion_matrix.png here",
     )
     evaluate.add_argument("--batch-size", type=int, default=64, help="images per ONNX Runtime call")
     evaluate.add_argument(
@@ -258,23 +267,51 @@ def _run_export(parsed: argparse.Namespace) -> int:
 
 
 def _run_evaluate(parsed: argparse.Namespace) -> int:
-    report = evaluate_model_dir(
+    reports = evaluate_model_dirs(
         parsed.model_dir,
-        parsed.data_dir,
+        parsed.data_dirs,
         out_dir=parsed.out,
         batch_size=parsed.batch_size,
         threads=parsed.threads,
     )
+    for index, report in enumerate(reports):
+        if index:
+            print()
+        _print_evaluation(report)
+    if parsed.out is None:
+        print("\n(pass --out DIR to write evaluation.json and confusion_matrix.png)")
+    else:
+        print(f"\nwrote {parsed.out / 'evaluation.json'}")
+    return 0
+
+
+def _print_evaluation(report: EvaluationReport) -> None:
+    print(f"== {report.data_dir} ==")
     print(format_metrics_table(report.metrics))
     print(
-        f"\naccuracy {report.metrics.accuracy:.4f} on {report.images} images; "
-        f"{report.uncertain} below the uncertainty threshold"
+        f"\naccuracy {report.metrics.accuracy:.4f}, macro-F1 {report.metrics.macro_f1:.4f} "
+        f"on {report.images} images; {report.uncertain} below the uncertainty threshold"
+    )
+    print(
+        "recall per class: "
+        + ", ".join(f"{name} {recall:.4f}" for name, recall in report.recall_per_class.items())
+    )
+    print(
+        f"expected calibration error {report.expected_calibration_error:.4f} "
+        f"({CALIBRATION_BINS} bins of the top probability)"
     )
     print(
         "confusion matrix (rows true, columns predicted, order " + ", ".join(report.classes) + "):"
     )
     for name, row in zip(report.classes, report.metrics.confusion_matrix, strict=True):
         print(f"  {name}: {row}")
+    if report.lists_files:
+        print(f"\nevery file ({report.images}): file, true, predicted, confidence")
+        for prediction in report.predictions:
+            print(
+                f"  {prediction.path}\t{prediction.true}\t{prediction.predicted}\t"
+                f"{prediction.confidence:.3f}"
+            )
     print(f"\nmisclassified ({len(report.misclassified)}):")
     for item in report.misclassified:
         print(
@@ -282,9 +319,6 @@ def _run_evaluate(parsed: argparse.Namespace) -> int:
         )
     for path, reason in report.unreadable:
         print(f"unreadable: {path}: {reason}", file=sys.stderr)
-    if parsed.out is None:
-        print("\n(pass --out DIR to write evaluation.json and confusion_matrix.png)")
-    return 0
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -99,3 +99,37 @@ def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     result = np.zeros_like(denominator)
     np.divide(numerator, denominator, out=result, where=denominator > 0)
     return result
+
+
+def expected_calibration_error(
+    probabilities: np.ndarray, true_labels: Sequence[int] | np.ndarray, bins: int = 15
+) -> float:
+    """Expected calibration error of the top probability (Guo et al. 2017).
+
+    The top probabilities fall into `bins` equal-width bins over [0, 1], each bin
+    (lo, hi] and the first also holding 0; the ECE is the image-weighted mean, over
+    bins, of |accuracy - mean top probability|. 0 means the confidence the model
+    states is the accuracy it has.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    true = np.asarray(true_labels, dtype=np.int64).ravel()
+    if probabilities.ndim != 2 or probabilities.shape[0] != true.size:
+        raise ValueError(
+            f"need one row of class probabilities per label, got {probabilities.shape} "
+            f"for {true.size} labels"
+        )
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    if true.size == 0:
+        return 0.0
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == true
+    # ceil(c * bins) - 1 puts c in (k/bins, (k+1)/bins] into bin k; 0 joins bin 0.
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    total = 0.0
+    for k in range(bins):
+        members = index == k
+        if members.any():
+            gap = abs(correct[members].mean() - confidence[members].mean())
+            total += members.sum() / true.size * gap
+    return float(total)
