@@ -213,7 +213,9 @@ class EfficientNetLite(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Linear):
-                bound = 1.0 / math.sqrt(module.out_features)
+                # 1/sqrt(fan_in), not TensorFlow's 1/sqrt(fan_out): with 2 classes the
+                # latter draws head weights ~25x larger and starts overconfident.
+                bound = 1.0 / math.sqrt(module.in_features)
                 nn.init.uniform_(module.weight, -bound, bound)
                 nn.init.zeros_(module.bias)
 

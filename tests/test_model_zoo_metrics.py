@@ -110,3 +110,29 @@ def test_metrics_module_does_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_expected_calibration_error_matches_hand_computation() -> None:
+    from model_zoo.metrics import expected_calibration_error
+
+    # Top probabilities 0.95, 0.95 (bin 14, one right: accuracy 0.5, confidence 0.95),
+    # 0.6 (bin 8, right: |1 - 0.6| = 0.4) and 0.5 (bin 7, wrong: |0 - 0.5| = 0.5).
+    probabilities = np.array([[0.95, 0.05], [0.05, 0.95], [0.6, 0.4], [0.5, 0.5]])
+    labels = [0, 0, 0, 1]
+    expected = 2 / 4 * 0.45 + 1 / 4 * 0.4 + 1 / 4 * 0.5
+    assert expected_calibration_error(probabilities, labels) == pytest.approx(expected)
+    # One bin pools everything: |accuracy 2/4 - mean confidence 0.75|.
+    assert expected_calibration_error(probabilities, labels, bins=1) == pytest.approx(0.25)
+
+
+def test_expected_calibration_error_is_zero_when_confidence_is_accuracy() -> None:
+    from model_zoo.metrics import expected_calibration_error
+
+    confident_and_right = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(confident_and_right, [0, 1]) == 0.0
+    # 0.8 confident, right 4 times in 5: calibrated.
+    probabilities = np.tile([0.8, 0.2], (5, 1))
+    assert expected_calibration_error(probabilities, [0, 0, 0, 0, 1]) == pytest.approx(0.0)
+    assert expected_calibration_error(np.zeros((0, 2)), []) == 0.0
+    with pytest.raises(ValueError, match="one row"):
+        expected_calibration_error(probabilities, [0, 1])

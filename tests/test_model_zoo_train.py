@@ -235,7 +235,7 @@ def test_onnx_evaluation_reproduces_the_training_validation(
     assert main(["evaluate", str(model_dir), str(validation_dir), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
 
-    report = json.loads((out / "evaluation.json").read_text())
+    (report,) = json.loads((out / "evaluation.json").read_text())["data_sets"]
     metrics = EvaluationMetrics.model_validate(report["metrics"])
     training = EvaluationMetrics.model_validate(
         json.loads((run_dir / "evaluation.json").read_text())["validation"]
@@ -249,7 +249,8 @@ def test_onnx_evaluation_reproduces_the_training_validation(
     assert f"misclassified ({len(report['misclassified'])})" in printed
     for item in report["misclassified"]:
         assert item["file"] in printed
-    assert printed.splitlines()[0].split() == ["class", "precision", "recall", "f1", "support"]
+    assert printed.splitlines()[0] == f"== {validation_dir} =="
+    assert printed.splitlines()[1].split() == ["class", "precision", "recall", "f1", "support"]
 
 
 def test_evaluate_on_a_subset_of_classes(
@@ -370,6 +371,12 @@ def test_command_line_help_describes_each_command(capsys: pytest.CaptureFixture)
     train_help = help_text("train")
     for option in ("--input-size", "--resize", "--patience", "--init-weights", "--balance"):
         assert option in train_help
+    flat = " ".join(train_help.split())
+    assert "training images per step (default: 64)" in flat
+    assert "(default: 70,25,5)" in flat
+    assert "(required; created if missing)" in flat
+    assert "(default: scratch)" in flat
+    assert "(default: True)" not in flat and "(default: False)" not in flat
     assert "--opset" in help_text("export")
     assert "MODEL_DIR" in help_text("evaluate")
 
