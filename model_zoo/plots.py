@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from monitor.manifest import EvaluationMetrics
 
@@ -30,8 +31,21 @@ def plot_training_curves(rows: Sequence[Mapping[str, float]], path: Path) -> Non
     score_axes.plot(epochs, [row["val_macro_f1"] for row in rows], marker="o", label="macro-F1")
     score_axes.set(title="validation", xlabel="epoch", ylim=(0, 1.02))
     score_axes.legend()
-    lr_axes.plot(epochs, [row["lr"] for row in rows], marker="o")
+    rates = [row["lr"] for row in rows]
+    lr_axes.plot(epochs, rates, marker="o")
     lr_axes.set(title="learning rate (end of epoch)", xlabel="epoch")
+    lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    # From zero, so a short run's nearly flat schedule does not fill the panel with noise.
+    loss_axes.set_ylim(bottom=0)
+    lr_axes.set_ylim(0, max(rates, default=1.0) * 1.1 or 1.0)
+    for axes in (loss_axes, score_axes, lr_axes):
+        # Whole epochs only, with room either side: one epoch is one point, not a
+        # fractional axis from 0.96 to 1.04.
+        if len(epochs) <= 12:
+            axes.set_xticks(epochs)
+        else:
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlim(0.5, max(epochs, default=1) + 0.5)
     figure.savefig(path, dpi=110)
 
 
