@@ -15,9 +15,15 @@ from model_zoo.evaluation import (
     EvaluationReport,
     evaluate_model_dirs,
 )
-from model_zoo.export import DEFAULT_OPSET, export_model
+from model_zoo.export import (
+    DEFAULT_MIN_CLASS_RECALL,
+    DEFAULT_MIN_MACRO_F1,
+    DEFAULT_OPSET,
+    export_model,
+)
 from model_zoo.imagefolder import DEFAULT_FRACTIONS
 from model_zoo.metrics import format_metrics_table
+from model_zoo.ood import DEFAULT_FALSE_REJECT_RATE
 from model_zoo.registry import list_imagenet_models, list_models
 from model_zoo.training import TrainOptions, train_model
 from monitor.manifest import ManifestError
@@ -169,10 +175,14 @@ def _add_export_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     export = commands.add_parser(
         "export",
         help="export a run's best checkpoint to model.onnx + manifest.json",
-        description="Export RUN_DIR's best checkpoint as an ONNX model that outputs softmax "
-        "probabilities, with a manifest. ONNX Runtime must match torch within 1e-4 on random "
-        "batches, or nothing is written under the final names and the exit status is 1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Export RUN_DIR's best checkpoint as an ONNX model whose output is the "
+        "softmax probabilities followed by an out-of-distribution score (Mahalanobis distance "
+        "of the penultimate embedding, fitted on the run's training crops, threshold set on its "
+        "validation crops), with a manifest. Refused when the validation macro-F1 or any "
+        "class's recall is below its floor (unless --force), or when MODEL_DIR already holds "
+        "a model (unless --overwrite). ONNX Runtime must match torch on random batches, or "
+        "nothing is written under the final names; every refusal exits with status 1.",
+        formatter_class=_DefaultsHelpFormatter,
     )
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="directory made by train")
     export.add_argument(
@@ -181,6 +191,54 @@ def _add_export_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     export.add_argument("--name", help="model name (default: the run directory's name)")
     export.add_argument("--version", default="1", help="model version")
     export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace a model already in MODEL_DIR"
+    )
+    export.add_argument(
+        "--force",
+        action="store_true",
+        help="export even below the floors; the manifest records that the guardrails failed",
+    )
+    export.add_argument(
+        "--min-macro-f1",
+        type=float,
+        default=DEFAULT_MIN_MACRO_F1,
+        help="validation macro-F1 floor",
+    )
+    export.add_argument(
+        "--min-class-recall",
+        type=float,
+        default=DEFAULT_MIN_CLASS_RECALL,
+        help="floor on every class's validation recall",
+    )
+    export.add_argument(
+        "--ood-reject-rate",
+        type=float,
+        default=DEFAULT_FALSE_REJECT_RATE,
+        metavar="RATE",
+        help="share of in-distribution validation crops the out-of-distribution threshold may "
+        "reject",
+    )
+    export.add_argument(
+        "--no-ood",
+        action="store_true",
+        help="export without the out-of-distribution score (probabilities only)",
+    )
+    export.add_argument(
+        "--data-source",
+        choices=("simulated", "real", "mixed"),
+        help="where the training images came from (default: simulated when the data folder "
+        "holds the simulator's ground_truth.jsonl, else real)",
+    )
+    export.add_argument(
+        "--evaluate",
+        action="append",
+        default=[],
+        type=_parse_named_dir,
+        metavar="NAME=DIR",
+        help="a held-out ImageFolder to measure through the exported model and record in the "
+        "manifest's evaluations (repeatable; held_out_site is the figure the dashboard shows)",
+    )
 
 
 def _add_evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -260,7 +318,18 @@ def _run_train(parsed: argparse.Namespace, command: str) -> int:
 
 def _run_export(parsed: argparse.Namespace) -> int:
     export_model(
-        parsed.run_dir, parsed.out, name=parsed.name, version=parsed.version, opset=parsed.opset
+        parsed.run_dir,
+        parsed.out,
+        name=parsed.name,
+        version=parsed.version,
+        opset=parsed.opset,
+        overwrite=parsed.overwrite,
+        force=parsed.force,
+        min_macro_f1=parsed.min_macro_f1,
+        min_class_recall=parsed.min_class_recall,
+        ood_false_reject_rate=None if parsed.no_ood else parsed.ood_reject_rate,
+        data_source=parsed.data_source,
+        evaluate=dict(parsed.evaluate),
     )
     print(parsed.out / "manifest.json")
     return 0
@@ -290,7 +359,8 @@ def _print_evaluation(report: EvaluationReport) -> None:
     print(format_metrics_table(report.metrics))
     print(
         f"\naccuracy {report.metrics.accuracy:.4f}, macro-F1 {report.metrics.macro_f1:.4f} "
-        f"on {report.images} images; {report.uncertain} below the uncertainty threshold"
+        f"on {report.images} images; {report.uncertain} uncertain, of which "
+        f"{report.out_of_distribution} out of distribution"
     )
     print(
         "recall per class: "
@@ -306,11 +376,12 @@ def _print_evaluation(report: EvaluationReport) -> None:
     for name, row in zip(report.classes, report.metrics.confusion_matrix, strict=True):
         print(f"  {name}: {row}")
     if report.lists_files:
-        print(f"\nevery file ({report.images}): file, true, predicted, confidence")
+        print(f"\nevery file ({report.images}): file, true, predicted, confidence, flag")
         for prediction in report.predictions:
+            flag = f"\t{prediction.reason}" if prediction.reason else ""
             print(
                 f"  {prediction.path}\t{prediction.true}\t{prediction.predicted}\t"
-                f"{prediction.confidence:.3f}"
+                f"{prediction.confidence:.3f}{flag}"
             )
     print(f"\nmisclassified ({len(report.misclassified)}):")
     for item in report.misclassified:
@@ -345,3 +416,12 @@ def _parse_split(text: str) -> tuple[float, float, float]:
         )
     total = sum(parts)
     return (parts[0] / total, parts[1] / total, parts[2] / total)
+
+
+def _parse_named_dir(text: str) -> tuple[str, Path]:
+    name, separator, folder = text.partition("=")
+    if not separator or not name or not folder:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=DIR such as held_out_site=data/site-9, got {text!r}"
+        )
+    return name, Path(folder)

@@ -16,6 +16,7 @@ import numpy as np
 from model_zoo.imagefolder import DatasetError, find_classes, list_labelled_files, load_images
 from model_zoo.metrics import compute_metrics, expected_calibration_error
 from model_zoo.plots import plot_confusion_matrices
+from monitor.inference.decision import DecisionRule
 from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
 from monitor.manifest import EvaluationMetrics, ModelManifest, load_manifest
 from monitor.preprocess import prepare_batch
@@ -43,6 +44,9 @@ class FilePrediction:
     true: str
     predicted: str
     confidence: float
+    reason: str | None = None
+    """Why the daemon would not count it: low_confidence, out_of_distribution, or None."""
+    ood_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ class EvaluationReport:
     data_dir: Path = Path()
     expected_calibration_error: float = 0.0
     predictions: list[FilePrediction] = field(default_factory=list)
+    out_of_distribution: int = 0
+    """Images the model's out-of-distribution check rejects (counted in `uncertain` too)."""
 
     @property
     def recall_per_class(self) -> dict[str, float]:
@@ -77,6 +83,7 @@ class EvaluationReport:
             "data_dir": str(self.data_dir.resolve()),
             "images": self.images,
             "uncertain": self.uncertain,
+            "out_of_distribution": self.out_of_distribution,
             "accuracy": self.metrics.accuracy,
             "macro_f1": self.metrics.macro_f1,
             "recall_per_class": self.recall_per_class,
@@ -99,6 +106,8 @@ class EvaluationReport:
                     "true": item.true,
                     "predicted": item.predicted,
                     "confidence": round(item.confidence, 6),
+                    "reason": item.reason,
+                    "ood_score": None if item.ood_score is None else round(item.ood_score, 4),
                 }
                 for item in self.predictions
             ],
@@ -182,14 +191,23 @@ def _evaluate_folder(
             for start in range(0, len(loaded.images), batch_size)
         ]
     )
-    # A graph with an out-of-distribution check appends its score as a last column.
-    probabilities = outputs[:, : len(classes)]
+    # A graph with an out-of-distribution check appends its score as a last column; the
+    # metrics are those of the top class, the decisions say what the daemon would count.
+    rule = DecisionRule.from_manifest(manifest)
+    probabilities = rule.probabilities(outputs)
+    decisions = rule.decide(outputs)
     predicted = probabilities.argmax(axis=1)
-    top = probabilities.max(axis=1)
     metrics = compute_metrics(loaded.labels, predicted, classes)
     predictions = [
-        FilePrediction(item.path, classes[item.label], classes[int(guess)], float(top[index]))
-        for index, (item, guess) in enumerate(zip(loaded.files, predicted, strict=True))
+        FilePrediction(
+            item.path,
+            classes[item.label],
+            decision.label,
+            decision.confidence,
+            decision.reason,
+            decision.ood_score,
+        )
+        for item, decision in zip(loaded.files, decisions, strict=True)
     ]
     return EvaluationReport(
         classes=classes,
@@ -199,7 +217,8 @@ def _evaluate_folder(
             for item in predictions
             if item.true != item.predicted
         ],
-        uncertain=int((top < manifest.uncertainty_threshold).sum()),
+        uncertain=sum(decision.status == "uncertain" for decision in decisions),
+        out_of_distribution=sum(d.reason == "out_of_distribution" for d in decisions),
         unreadable=loaded.unreadable,
         images=len(loaded.files),
         data_dir=data_dir,

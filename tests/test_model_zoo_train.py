@@ -101,9 +101,20 @@ def run_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The plumbing model: two epochs on 80 crops is below the guardrails, hence --force."""
     model = tmp_path_factory.mktemp("models") / "cex-pg"
     exit_code = main(
-        ["export", str(run_dir), "--out", str(model), "--name", "cex-pg-test", "--version", "0.1"]
+        [
+            "export",
+            str(run_dir),
+            "--out",
+            str(model),
+            "--name",
+            "cex-pg-test",
+            "--version",
+            "0.1",
+            "--force",
+        ]
     )
     assert exit_code == 0
     return model
@@ -208,7 +219,9 @@ def test_export_writes_a_manifest_the_daemon_loads(run_dir: Path, model_dir: Pat
     assert manifest.architecture == "mobilenet_v3_small"
     assert manifest.classes == ("CEX", "PG")
     assert (manifest.input.size, manifest.input.resize) == (64, "letterbox")
-    assert manifest.output == "probabilities"
+    assert manifest.output == "probabilities+ood_score"
+    assert manifest.ood is not None and manifest.ood.method == "mahalanobis"
+    assert manifest.ood.fitted_on_images == 56 and manifest.ood.calibrated_on_images == 20
     assert manifest.uncertainty_threshold == 0.6
     assert manifest.opset >= 17
     assert manifest.onnx_sha256 == sha256_of_file(model_dir / "model.onnx")
@@ -245,7 +258,8 @@ def test_onnx_evaluation_reproduces_the_training_validation(
     assert report["images"] == 20
     assert len(report["misclassified"]) == 20 - np.trace(np.array(metrics.confusion_matrix))
     assert is_png(out / "confusion_matrix.png")
-    assert f"accuracy {metrics.accuracy:.4f} on 20 images" in printed
+    summary = f"accuracy {metrics.accuracy:.4f}, macro-F1 {metrics.macro_f1:.4f} on 20 images"
+    assert summary in printed
     assert f"misclassified ({len(report['misclassified'])})" in printed
     for item in report["misclassified"]:
         assert item["file"] in printed
@@ -283,13 +297,23 @@ def test_export_refuses_when_onnxruntime_disagrees_with_torch(
     """A graph that computes something else must never get a manifest."""
     real_write_onnx = export_module.write_onnx
 
-    def write_a_different_network(classifier: torch.nn.Module, *args: object) -> int:
-        altered = export_module.SoftmaxClassifier(create_model("mobilenet_v3_small", 2)).eval()
-        return real_write_onnx(altered, *args)
+    class SwappedClasses(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            rows = self.inner(images)
+            return torch.cat((rows[:, 1:2], rows[:, 0:1], rows[:, 2:]), dim=1)
+
+    def write_a_different_network(
+        classifier: torch.nn.Module, *args: object, **kwargs: object
+    ) -> int:
+        return real_write_onnx(SwappedClasses(classifier).eval(), *args, **kwargs)
 
     monkeypatch.setattr(export_module, "write_onnx", write_a_different_network)
     out = tmp_path / "refused"
-    assert main(["export", str(run_dir), "--out", str(out)]) == 1
+    assert main(["export", str(run_dir), "--out", str(out), "--force"]) == 1
     assert "ONNX Runtime and torch disagree" in capsys.readouterr().err
     assert list(out.iterdir()) == []
 
@@ -342,7 +366,7 @@ def test_given_split_folders_and_initial_weights(
     assert np.array(evaluation["validation"]["confusion_matrix"]).shape == (3, 3)
 
     model = tmp_path / "model"
-    assert main(["export", str(run), "--out", str(model)]) == 0
+    assert main(["export", str(run), "--out", str(model), "--force"]) == 0
     manifest = load_manifest(model).manifest
     assert manifest.classes == ("CEX", "PG", "bubble")
     assert manifest.input.resize == "stretch"
@@ -386,3 +410,138 @@ def test_python_dash_m_model_zoo_runs_the_command_line() -> None:
         [sys.executable, "-m", "model_zoo", "--help"], capture_output=True, text=True, check=True
     )
     assert result.stdout.startswith("usage: python -m model_zoo")
+
+
+def _run_with_validation(run_dir: Path, tmp_path: Path, **changes: object) -> Path:
+    """A copy of the run whose recorded validation metrics are replaced."""
+    copy = tmp_path / "run-copy"
+    shutil.copytree(run_dir, copy)
+    evaluation = json.loads((copy / "evaluation.json").read_text())
+    validation = evaluation["validation"]
+    for key, value in changes.items():
+        if key in ("CEX", "PG"):
+            validation["per_class"][key]["recall"] = value
+        else:
+            validation[key] = value
+    (copy / "evaluation.json").write_text(json.dumps(evaluation))
+    return copy
+
+
+def test_export_refuses_a_model_below_the_floors_and_says_why(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    weak = _run_with_validation(run_dir, tmp_path, macro_f1=0.85, CEX=0.95, PG=0.7)
+    out = tmp_path / "weak"
+    assert main(["export", str(weak), "--out", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert "validation macro-F1 0.8500 is below the floor 0.90" in error
+    assert "validation recall of PG 0.7000 is below the floor 0.80" in error
+    assert "recall of CEX" not in error
+    assert "--force" in error
+    assert not out.exists() or list(out.iterdir()) == []
+
+    # Forced, the model is written and says which floors it failed.
+    assert main(["export", str(weak), "--out", str(out), "--force"]) == 0
+    guardrails = load_manifest(out).manifest.guardrails
+    assert guardrails is not None and not guardrails.passed
+    assert len(guardrails.problems) == 2
+
+
+def test_export_passes_good_metrics_and_records_the_floors(run_dir: Path, tmp_path: Path) -> None:
+    good = _run_with_validation(run_dir, tmp_path, macro_f1=0.97, CEX=0.96, PG=0.98)
+    out = tmp_path / "good"
+    assert main(["export", str(good), "--out", str(out), "--min-class-recall", "0.9"]) == 0
+    manifest = load_manifest(out).manifest
+    assert manifest.guardrails is not None
+    assert manifest.guardrails.model_dump() == {
+        "min_macro_f1": 0.9,
+        "min_class_recall": 0.9,
+        "passed": True,
+        "problems": [],
+    }
+    assert manifest.training_data is not None
+    # The drawn test images carry no simulator ground truth: counted as real images.
+    assert manifest.training_data.source == "real"
+    assert manifest.training_data.counts == {
+        "train": [28, 28],
+        "validation": [10, 10],
+        "test": [2, 2],
+    }
+
+
+def test_export_refuses_to_overwrite_a_model_without_overwrite(
+    run_dir: Path, model_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    before = sha256_of_file(model_dir / "model.onnx")
+    assert main(["export", str(run_dir), "--out", str(model_dir), "--force"]) == 1
+    assert "already holds a model" in capsys.readouterr().err
+    assert sha256_of_file(model_dir / "model.onnx") == before
+    assert (
+        main(
+            [
+                "export",
+                str(run_dir),
+                "--out",
+                str(model_dir),
+                "--force",
+                "--overwrite",
+                "--data-source",
+                "simulated",
+                "--name",
+                "cex-pg-test",
+                "--version",
+                "0.1",
+            ]
+        )
+        == 0
+    )
+    manifest = load_manifest(model_dir).manifest
+    assert manifest.training_data is not None and manifest.training_data.source == "simulated"
+
+
+def test_export_records_held_out_evaluations_and_the_score_matches_numpy(
+    run_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """The in-graph score is the fitted Mahalanobis distance, recomputed here in numpy, and
+    `--evaluate NAME=DIR` stores that set's metrics in the manifest.
+
+    This barely trained network's embeddings hardly vary (scores near 0.03), so the float32
+    rounding of the graph, summed over 1024 whitened dimensions, adds a floor of about
+    0.003 to its distances; a trained model's scores (tens) agree within 0.5 %."""
+    from model_zoo.imagefolder import list_labelled_files, load_images
+    from model_zoo.ood import embed_images, fit_mahalanobis
+    from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
+    from monitor.preprocess import prepare_batch
+
+    out = tmp_path / "evaluated"
+    held_out = tmp_path / "held-out"
+    write_class_folders(held_out, {"CEX": 6, "PG": 6}, seed=9)
+    assert (
+        main(
+            ["export", str(run_dir), "--out", str(out), "--force", "--evaluate", f"site={held_out}"]
+        )
+        == 0
+    )
+    loaded = load_manifest(out)
+    assert set(loaded.manifest.evaluations) == {"site"}
+    assert sum(map(sum, loaded.manifest.evaluations["site"].confusion_matrix)) == 12
+
+    splits = json.loads((run_dir / "splits.json").read_text())
+    network = create_model("mobilenet_v3_small", 2)
+    network.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True))
+    network.eval()
+    files = list_labelled_files(data_dir, ("CEX", "PG"))
+    train_names = {row[0] for row in splits["train"]}
+    train = load_images(
+        [f for f in files if f.path.relative_to(data_dir).as_posix() in train_names]
+    )
+    fit = fit_mahalanobis(
+        embed_images(network, train.images, loaded.manifest.input), train.labels, 2
+    )
+    images = load_images(list_labelled_files(held_out, ("CEX", "PG"))).images
+    expected = fit.score(embed_images(network, images, loaded.manifest.input))
+    backend = OnnxRuntimeBackend(loaded)
+    rows = backend.infer(prepare_batch(images, loaded.manifest.input))
+    backend.close()
+    np.testing.assert_allclose(rows[:, 2], expected, rtol=0.02, atol=0.005)
+    np.testing.assert_allclose(rows[:, :2].sum(axis=1), 1.0, atol=1e-5)
