@@ -38,7 +38,8 @@ from model_zoo.ood import (
     ScoredClassifier,
     calibrate_threshold,
     embed_images,
-    fit_mahalanobis,
+    feature_taps,
+    fit_layers,
 )
 from model_zoo.registry import create_model
 from model_zoo.training import ARGS_FILE, CHECKPOINT_FILE, EVALUATION_FILE, SPLITS_FILE
@@ -54,6 +55,7 @@ from monitor.manifest import (
     TrainingData,
     sha256_of_file,
 )
+from monitor.preprocess import prepare_batch
 from monitor.simulator.writer import GROUND_TRUTH_FILE
 
 ONNX_FILE = "model.onnx"
@@ -68,6 +70,7 @@ SCORE_PARITY_TOLERANCE = 1e-2
 DEFAULT_MIN_MACRO_F1 = 0.90
 DEFAULT_MIN_CLASS_RECALL = 0.80
 PARITY_BATCH_SIZES = (1, 7)
+PARITY_REAL_CROPS = 64
 # Standard deviations of the random parity inputs (normalised units; real images ~1).
 PARITY_INPUT_SCALES = (1.0, 0.1, 0.01)
 INPUT_NAME = "input"
@@ -126,10 +129,11 @@ def export_model(
 
     classifier: nn.Module
     ood: OodSpec | None = None
+    real_inputs: np.ndarray | None = None
     if ood_false_reject_rate is None:
         classifier = SoftmaxClassifier(network).eval()
     else:
-        classifier, ood = _fit_ood(network, splits, spec, ood_false_reject_rate)
+        classifier, ood, real_inputs = _fit_ood(network, splits, spec, ood_false_reject_rate)
 
     model_dir.mkdir(parents=True, exist_ok=True)
     partial = model_dir / (ONNX_FILE + ".partial")
@@ -169,6 +173,7 @@ def export_model(
         parity = measure_parity(
             classifier,
             LoadedModel(directory=model_dir, onnx_path=partial, manifest=manifest),
+            real_inputs,
         )
         if parity.max_difference > PARITY_TOLERANCE or (
             parity.max_score_difference > SCORE_PARITY_TOLERANCE
@@ -267,8 +272,9 @@ def describe_training_data(splits: dict[str, Any], source: str | None) -> Traini
 
 def _fit_ood(
     network: nn.Module, splits: dict[str, Any], spec: InputSpec, false_reject_rate: float
-) -> tuple[ScoredClassifier, OodSpec]:
-    """Fit the score on the training crops, set its threshold on the validation crops."""
+) -> tuple[ScoredClassifier, OodSpec, np.ndarray]:
+    """Fit the score on the training crops, set its threshold on the validation crops;
+    also return up to PARITY_REAL_CROPS prepared validation crops for the parity check."""
     data_dir = Path(str(splits["data_dir"]))
     classes = list(splits["classes"])
 
@@ -284,12 +290,21 @@ def _fit_ood(
             "out-of-distribution score is fitted on them (restore the data, or pass "
             "--no-ood to export without the score)"
         )
-    fit = fit_mahalanobis(embed_images(network, train.images, spec), train.labels, len(classes))
-    validation_scores = fit.score(embed_images(network, validation.images, spec))
+    taps = feature_taps(network)
+    validation_features = embed_images(network, validation.images, spec, taps=taps)
+    fit = fit_layers(
+        [*taps, "embedding"],
+        embed_images(network, train.images, spec, taps=taps),
+        train.labels,
+        validation_features,
+        len(classes),
+    )
+    validation_scores = fit.score(validation_features)
     threshold = calibrate_threshold(validation_scores, false_reject_rate)
     spec_ood = OodSpec(
         method="mahalanobis",
-        embedding_dim=int(fit.centre.shape[0]),
+        layers=fit.layers,
+        embedding_dim=fit.dims,
         threshold=threshold,
         target_false_reject_rate=false_reject_rate,
         validation_false_reject_rate=float((validation_scores > threshold).mean()),
@@ -298,7 +313,8 @@ def _fit_ood(
         shrinkage=fit.shrinkage,
         parameters_sha256=fit.digest(),
     )
-    return ScoredClassifier(network, fit).eval(), spec_ood
+    real_inputs = prepare_batch(validation.images[:PARITY_REAL_CROPS], spec)
+    return ScoredClassifier(network, fit).eval(), spec_ood, real_inputs
 
 
 def _record_evaluations(
@@ -411,12 +427,17 @@ class ParityReport:
     """Largest relative difference of the out-of-distribution score (0 without one)."""
 
 
-def measure_parity(classifier: nn.Module, loaded: LoadedModel) -> ParityReport:
-    """Largest |torch - ONNX Runtime| probability over random batches of several sizes.
+def measure_parity(
+    classifier: nn.Module, loaded: LoadedModel, real_inputs: np.ndarray | None = None
+) -> ParityReport:
+    """Largest |torch - ONNX Runtime| difference over random batches of several sizes,
+    and over `real_inputs` (prepared validation crops) when given.
 
     A trained network answers pure noise with probabilities of exactly 0 and 1, on
     which any two implementations agree; the noise is therefore also scaled down,
-    which moves the logits towards each other and makes the comparison telling.
+    which moves the logits towards each other and makes the comparison telling. The
+    out-of-distribution score of noise is far above any threshold; the real crops
+    check it where decisions are made, near the threshold.
     """
     size = loaded.manifest.input.size
     n_classes = len(loaded.manifest.classes)
@@ -424,26 +445,32 @@ def measure_parity(classifier: nn.Module, loaded: LoadedModel) -> ParityReport:
     backend = OnnxRuntimeBackend(loaded)
     worst = worst_score = 0.0
     unsaturated = rows = 0
+    batches = [
+        torch.randn(batch_size, 3, size, size, generator=generator) * scale
+        for scale in PARITY_INPUT_SCALES
+        for batch_size in PARITY_BATCH_SIZES
+    ]
+    if real_inputs is not None and len(real_inputs):
+        batches.append(torch.from_numpy(real_inputs))
     try:
-        for scale in PARITY_INPUT_SCALES:
-            for batch_size in PARITY_BATCH_SIZES:
-                inputs = torch.randn(batch_size, 3, size, size, generator=generator) * scale
-                with torch.no_grad():
-                    expected = classifier(inputs).numpy()
-                actual = backend.infer(inputs.numpy())
-                if actual.shape != expected.shape:
-                    raise ExportError(
-                        f"ONNX output has shape {actual.shape} for a batch of {batch_size}, "
-                        f"torch {expected.shape}; the batch axis is not dynamic"
-                    )
-                probabilities = expected[:, :n_classes]
-                worst = max(worst, float(np.abs(actual - expected)[:, :n_classes].max()))
-                if expected.shape[1] > n_classes:
-                    magnitude = np.maximum(np.abs(expected[:, n_classes:]), 1.0)
-                    relative = np.abs(actual - expected)[:, n_classes:] / magnitude
-                    worst_score = max(worst_score, float(relative.max()))
-                unsaturated += int((probabilities.max(axis=1) < 0.999).sum())
-                rows += batch_size
+        for inputs in batches:
+            batch_size = len(inputs)
+            with torch.no_grad():
+                expected = classifier(inputs).numpy()
+            actual = backend.infer(inputs.numpy())
+            if actual.shape != expected.shape:
+                raise ExportError(
+                    f"ONNX output has shape {actual.shape} for a batch of {batch_size}, "
+                    f"torch {expected.shape}; the batch axis is not dynamic"
+                )
+            probabilities = expected[:, :n_classes]
+            worst = max(worst, float(np.abs(actual - expected)[:, :n_classes].max()))
+            if expected.shape[1] > n_classes:
+                magnitude = np.maximum(np.abs(expected[:, n_classes:]), 1.0)
+                relative = np.abs(actual - expected)[:, n_classes:] / magnitude
+                worst_score = max(worst_score, float(relative.max()))
+            unsaturated += int((probabilities.max(axis=1) < 0.999).sum())
+            rows += batch_size
     finally:
         backend.close()
     return ParityReport(

@@ -76,17 +76,22 @@ OutputLayout = Literal["probabilities", "probabilities+ood_score"]
 class OodSpec(BaseModel):
     """The "not a crystal" test: a distance in the network's own feature space.
 
-    The ONNX graph computes the score (the Mahalanobis distance of the penultimate
-    embedding to the nearest class mean, under the training features' shared, shrunk
-    covariance) and appends it as the last output column, so every backend returns it
-    with the probabilities. The fitted means and whitening matrix are constants of that
+    The ONNX graph computes the score and appends it as the last output column, so every
+    backend returns it with the probabilities: for each layer in `layers` (the channel
+    means and deviations of intermediate blocks, and the penultimate embedding), the
+    Mahalanobis distance to the nearest class mean under the training features' shared,
+    shrunk covariance, divided by that layer's validation 99th percentile; the score is
+    the largest ratio. The fitted means and whitening matrices are constants of that
     graph (a D x D matrix has no place in JSON); their digest is recorded here.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Literal["mahalanobis"] = Field(description="Score: Mahalanobis to the nearest class.")
-    embedding_dim: int = Field(ge=1, description="Width of the penultimate embedding.")
+    layers: list[str] = Field(
+        min_length=1, description="Feature layers scored (module names, then 'embedding')."
+    )
+    embedding_dim: int = Field(ge=1, description="Feature width over all scored layers.")
     threshold: float = Field(gt=0, description="A score above this is out of distribution.")
     target_false_reject_rate: float = Field(
         gt=0, lt=1, description="In-distribution reject rate the threshold was set for."
@@ -96,7 +101,9 @@ class OodSpec(BaseModel):
     )
     fitted_on_images: int = Field(ge=1, description="Training crops the means/covariance saw.")
     calibrated_on_images: int = Field(ge=1, description="Validation crops the threshold saw.")
-    shrinkage: float = Field(ge=0, le=1, description="Covariance shrinkage towards a scaled I.")
+    shrinkage: float = Field(
+        ge=0, le=1, description="Largest covariance shrinkage towards a scaled I over the layers."
+    )
     parameters_sha256: str = Field(
         pattern=r"^[0-9a-f]{64}$", description="Digest of the fitted means and whitening matrix."
     )

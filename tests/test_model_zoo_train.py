@@ -114,10 +114,24 @@ def model_dir(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--version",
             "0.1",
             "--force",
+            "--no-ood",
         ]
     )
     assert exit_code == 0
     return model
+
+
+@pytest.fixture(scope="module")
+def imagenet_run_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run whose features mean something: two epochs barely move mobilenet_v3_small
+    from its random start (its embeddings then differ between images by about 1e-7, the
+    size of float32 rounding, so no out-of-distribution score is possible), while an
+    ImageNet-initialised Lite0 starts from features that tell images apart."""
+    run = tmp_path_factory.mktemp("runs") / "lite0"
+    arguments = ["--arch", "efficientnet_lite0", "--init", "imagenet", "--input-size", "64"]
+    arguments += ["--epochs", "1", "--batch-size", "16", "--seed", "3", "--threads", "2"]
+    assert main(["train", str(data_dir), "--out", str(run), *arguments]) == 0
+    return run
 
 
 def read_metrics_rows(run: Path) -> list[dict[str, str]]:
@@ -219,9 +233,7 @@ def test_export_writes_a_manifest_the_daemon_loads(run_dir: Path, model_dir: Pat
     assert manifest.architecture == "mobilenet_v3_small"
     assert manifest.classes == ("CEX", "PG")
     assert (manifest.input.size, manifest.input.resize) == (64, "letterbox")
-    assert manifest.output == "probabilities+ood_score"
-    assert manifest.ood is not None and manifest.ood.method == "mahalanobis"
-    assert manifest.ood.fitted_on_images == 56 and manifest.ood.calibrated_on_images == 20
+    assert manifest.output == "probabilities" and manifest.ood is None
     assert manifest.uncertainty_threshold == 0.6
     assert manifest.opset >= 17
     assert manifest.onnx_sha256 == sha256_of_file(model_dir / "model.onnx")
@@ -313,7 +325,7 @@ def test_export_refuses_when_onnxruntime_disagrees_with_torch(
 
     monkeypatch.setattr(export_module, "write_onnx", write_a_different_network)
     out = tmp_path / "refused"
-    assert main(["export", str(run_dir), "--out", str(out), "--force"]) == 1
+    assert main(["export", str(run_dir), "--out", str(out), "--force", "--no-ood"]) == 1
     assert "ONNX Runtime and torch disagree" in capsys.readouterr().err
     assert list(out.iterdir()) == []
 
@@ -366,7 +378,7 @@ def test_given_split_folders_and_initial_weights(
     assert np.array(evaluation["validation"]["confusion_matrix"]).shape == (3, 3)
 
     model = tmp_path / "model"
-    assert main(["export", str(run), "--out", str(model), "--force"]) == 0
+    assert main(["export", str(run), "--out", str(model), "--force", "--no-ood"]) == 0
     manifest = load_manifest(model).manifest
     assert manifest.classes == ("CEX", "PG", "bubble")
     assert manifest.input.resize == "stretch"
@@ -432,7 +444,7 @@ def test_export_refuses_a_model_below_the_floors_and_says_why(
 ) -> None:
     weak = _run_with_validation(run_dir, tmp_path, macro_f1=0.85, CEX=0.95, PG=0.7)
     out = tmp_path / "weak"
-    assert main(["export", str(weak), "--out", str(out)]) == 1
+    assert main(["export", str(weak), "--out", str(out), "--no-ood"]) == 1
     error = capsys.readouterr().err
     assert "validation macro-F1 0.8500 is below the floor 0.90" in error
     assert "validation recall of PG 0.7000 is below the floor 0.80" in error
@@ -441,7 +453,7 @@ def test_export_refuses_a_model_below_the_floors_and_says_why(
     assert not out.exists() or list(out.iterdir()) == []
 
     # Forced, the model is written and says which floors it failed.
-    assert main(["export", str(weak), "--out", str(out), "--force"]) == 0
+    assert main(["export", str(weak), "--out", str(out), "--force", "--no-ood"]) == 0
     guardrails = load_manifest(out).manifest.guardrails
     assert guardrails is not None and not guardrails.passed
     assert len(guardrails.problems) == 2
@@ -450,7 +462,8 @@ def test_export_refuses_a_model_below_the_floors_and_says_why(
 def test_export_passes_good_metrics_and_records_the_floors(run_dir: Path, tmp_path: Path) -> None:
     good = _run_with_validation(run_dir, tmp_path, macro_f1=0.97, CEX=0.96, PG=0.98)
     out = tmp_path / "good"
-    assert main(["export", str(good), "--out", str(out), "--min-class-recall", "0.9"]) == 0
+    command = ["export", str(good), "--out", str(out), "--min-class-recall", "0.9", "--no-ood"]
+    assert main(command) == 0
     manifest = load_manifest(out).manifest
     assert manifest.guardrails is not None
     assert manifest.guardrails.model_dump() == {
@@ -473,7 +486,7 @@ def test_export_refuses_to_overwrite_a_model_without_overwrite(
     run_dir: Path, model_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:
     before = sha256_of_file(model_dir / "model.onnx")
-    assert main(["export", str(run_dir), "--out", str(model_dir), "--force"]) == 1
+    assert main(["export", str(run_dir), "--out", str(model_dir), "--force", "--no-ood"]) == 1
     assert "already holds a model" in capsys.readouterr().err
     assert sha256_of_file(model_dir / "model.onnx") == before
     assert (
@@ -484,6 +497,7 @@ def test_export_refuses_to_overwrite_a_model_without_overwrite(
                 "--out",
                 str(model_dir),
                 "--force",
+                "--no-ood",
                 "--overwrite",
                 "--data-source",
                 "simulated",
@@ -500,48 +514,52 @@ def test_export_refuses_to_overwrite_a_model_without_overwrite(
 
 
 def test_export_records_held_out_evaluations_and_the_score_matches_numpy(
-    run_dir: Path, data_dir: Path, tmp_path: Path
+    imagenet_run_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
-    """The in-graph score is the fitted Mahalanobis distance, recomputed here in numpy, and
-    `--evaluate NAME=DIR` stores that set's metrics in the manifest.
-
-    This barely trained network's embeddings hardly vary (scores near 0.03), so the float32
-    rounding of the graph, summed over 1024 whitened dimensions, adds a floor of about
-    0.003 to its distances; a trained model's scores (tens) agree within 0.5 %."""
+    """The in-graph score is the fitted layered Mahalanobis score, recomputed here in numpy,
+    and `--evaluate NAME=DIR` stores that set's metrics in the manifest."""
     from model_zoo.imagefolder import list_labelled_files, load_images
-    from model_zoo.ood import embed_images, fit_mahalanobis
+    from model_zoo.ood import embed_images, feature_taps, fit_layers
     from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
     from monitor.preprocess import prepare_batch
 
     out = tmp_path / "evaluated"
     held_out = tmp_path / "held-out"
     write_class_folders(held_out, {"CEX": 6, "PG": 6}, seed=9)
-    assert (
-        main(
-            ["export", str(run_dir), "--out", str(out), "--force", "--evaluate", f"site={held_out}"]
-        )
-        == 0
-    )
+    command = ["export", str(imagenet_run_dir), "--out", str(out), "--force"]
+    assert main([*command, "--evaluate", f"site={held_out}"]) == 0
     loaded = load_manifest(out)
     assert set(loaded.manifest.evaluations) == {"site"}
     assert sum(map(sum, loaded.manifest.evaluations["site"].confusion_matrix)) == 12
 
-    splits = json.loads((run_dir / "splits.json").read_text())
-    network = create_model("mobilenet_v3_small", 2)
-    network.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=True))
+    splits = json.loads((imagenet_run_dir / "splits.json").read_text())
+    network = create_model("efficientnet_lite0", 2)
+    network.load_state_dict(torch.load(imagenet_run_dir / "checkpoint.pt", weights_only=True))
     network.eval()
     files = list_labelled_files(data_dir, ("CEX", "PG"))
     train_names = {row[0] for row in splits["train"]}
     train = load_images(
         [f for f in files if f.path.relative_to(data_dir).as_posix() in train_names]
     )
-    fit = fit_mahalanobis(
-        embed_images(network, train.images, loaded.manifest.input), train.labels, 2
+    taps = feature_taps(network)
+    assert loaded.manifest.ood is not None
+    assert loaded.manifest.ood.layers == [*taps, "embedding"] and len(taps) == 4
+    validation = load_images(
+        [f for f in files if f.path.relative_to(data_dir).as_posix() in {
+            row[0] for row in splits["validation"]}]
+    )  # fmt: skip
+    spec = loaded.manifest.input
+    fit = fit_layers(
+        [*taps, "embedding"],
+        embed_images(network, train.images, spec, taps=taps),
+        train.labels,
+        embed_images(network, validation.images, spec, taps=taps),
+        2,
     )
     images = load_images(list_labelled_files(held_out, ("CEX", "PG"))).images
-    expected = fit.score(embed_images(network, images, loaded.manifest.input))
+    expected = fit.score(embed_images(network, images, spec, taps=taps))
     backend = OnnxRuntimeBackend(loaded)
     rows = backend.infer(prepare_batch(images, loaded.manifest.input))
     backend.close()
-    np.testing.assert_allclose(rows[:, 2], expected, rtol=0.02, atol=0.005)
+    np.testing.assert_allclose(rows[:, 2], expected, rtol=0.01)
     np.testing.assert_allclose(rows[:, :2].sum(axis=1), 1.0, atol=1e-5)
