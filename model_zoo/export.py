@@ -38,8 +38,8 @@ from model_zoo.ood import (
     ScoredClassifier,
     calibrate_threshold,
     embed_images,
-    feature_taps,
     fit_layers,
+    scored_layers,
 )
 from model_zoo.registry import create_model
 from model_zoo.training import ARGS_FILE, CHECKPOINT_FILE, EVALUATION_FILE, SPLITS_FILE
@@ -290,11 +290,11 @@ def _fit_ood(
             "out-of-distribution score is fitted on them (restore the data, or pass "
             "--no-ood to export without the score)"
         )
-    taps = feature_taps(network)
-    validation_features = embed_images(network, validation.images, spec, taps=taps)
+    layers = scored_layers(network)
+    validation_features = embed_images(network, validation.images, spec, layers=layers)
     fit = fit_layers(
-        [*taps, "embedding"],
-        embed_images(network, train.images, spec, taps=taps),
+        layers,
+        embed_images(network, train.images, spec, layers=layers),
         train.labels,
         validation_features,
         len(classes),

@@ -519,7 +519,7 @@ def test_export_records_held_out_evaluations_and_the_score_matches_numpy(
     """The in-graph score is the fitted layered Mahalanobis score, recomputed here in numpy,
     and `--evaluate NAME=DIR` stores that set's metrics in the manifest."""
     from model_zoo.imagefolder import list_labelled_files, load_images
-    from model_zoo.ood import embed_images, feature_taps, fit_layers
+    from model_zoo.ood import embed_images, fit_layers, scored_layers
     from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
     from monitor.preprocess import prepare_batch
 
@@ -541,23 +541,23 @@ def test_export_records_held_out_evaluations_and_the_score_matches_numpy(
     train = load_images(
         [f for f in files if f.path.relative_to(data_dir).as_posix() in train_names]
     )
-    taps = feature_taps(network)
+    layers = scored_layers(network)
     assert loaded.manifest.ood is not None
-    assert loaded.manifest.ood.layers == [*taps, "embedding"] and len(taps) == 4
+    assert loaded.manifest.ood.layers == layers == ["_blocks.7", "_blocks.10"]
     validation = load_images(
         [f for f in files if f.path.relative_to(data_dir).as_posix() in {
             row[0] for row in splits["validation"]}]
     )  # fmt: skip
     spec = loaded.manifest.input
     fit = fit_layers(
-        [*taps, "embedding"],
-        embed_images(network, train.images, spec, taps=taps),
+        layers,
+        embed_images(network, train.images, spec, layers=layers),
         train.labels,
-        embed_images(network, validation.images, spec, taps=taps),
+        embed_images(network, validation.images, spec, layers=layers),
         2,
     )
     images = load_images(list_labelled_files(held_out, ("CEX", "PG"))).images
-    expected = fit.score(embed_images(network, images, spec, taps=taps))
+    expected = fit.score(embed_images(network, images, spec, layers=layers))
     backend = OnnxRuntimeBackend(loaded)
     rows = backend.infer(prepare_batch(images, loaded.manifest.input))
     backend.close()
