@@ -82,7 +82,7 @@ def reference_lines(model: LoadedModel, reference: Path) -> list[str]:
     lines = []
     decisions = rule.decide(run_rows(model, loaded.images))
     for item, decision in zip(loaded.files, decisions, strict=True):
-        score = "" if decision.ood_score is None else f", OOD score {decision.ood_score:.1f}"
+        score = "" if decision.ood_score is None else f", OOD score {decision.ood_score:.3f}"
         flag = f" ({decision.reason})" if decision.reason else ""
         mark = "right" if decision.label == classes[item.label] else "WRONG"
         lines.append(

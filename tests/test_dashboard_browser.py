@@ -234,6 +234,14 @@ def test_dashboard_trend_grows_and_an_acknowledge_click_reaches_the_engine(
     wait.until(lambda _: points() > first)  # the trend grows as frames arrive
     assert trend.get_attribute("data-window") == "300"  # the first fraction alarm's window
 
+    # The header names the model with its held-out-site figure, and says plainly that it
+    # was trained on simulated images only.
+    manifest = daemon.model.manifest
+    header = browser.find_element(By.ID, "model").text
+    assert f"model {manifest.name} {manifest.version} (held-out site macro-F1 0." in header
+    warning = browser.find_element(By.ID, "model-warning")
+    assert warning.is_displayed() and "trained on simulated images only" in warning.text
+
     # The latest frame with its particles boxed and coloured by class.
     boxes_css = ".frame-wrap svg.frame-boxes rect"
     wait.until(lambda _: probe.find_elements(By.CSS_SELECTOR, boxes_css))

@@ -67,6 +67,10 @@ def test_doctor_without_config_passes_and_reports_model_and_tensorrt() -> None:
     assert "shipped default" in model[0]
     assert "classes CEX, PG" in model[0]
     assert "sha256 verified" in model[0]
+    (quality,) = _lines(result.stdout, "warn", "model quality")
+    assert "held-out site macro-F1 0." in quality
+    assert "trained on simulated images only" in quality
+    assert "OOD check on" in quality
     if importlib.util.find_spec("tensorrt") is None:
         assert _lines(result.stdout, "warn", "tensorrt") == [f"warn  tensorrt: {TENSORRT_MISSING}"]
     else:

@@ -292,6 +292,11 @@ def test_state_api_shows_counts_quality_snapshot_and_alarms(running: Running) ->
     status, state = get_json(f"{running.base}/api/state")
     assert status == 200
     assert state["classes"] == ["CEX", "PG"] and state["windows"] == [60, 3600]
+    quality = state["model"]["quality"]
+    assert quality["training_data"] == "simulated"
+    assert quality["out_of_distribution_check"] is True
+    assert 0.9 <= quality["held_out_site_macro_f1"] <= 1.0
+    assert any("simulated images only" in warning for warning in quality["warnings"])
     (probe,) = state["probes"]
     particles, uncertain = stored_totals(running.daemon)
     assert probe["id"] == "R1" and probe["quality"] == "GOOD"
