@@ -170,7 +170,9 @@ def latency_at_rate(
     return np.array(latencies)
 
 
-def frame_mode(root: Path, count: int) -> tuple[float, dict[str, float], float]:
+def frame_mode(root: Path, count: int) -> tuple[float, dict[str, float], float, float]:
+    """(frames/s end to end, ms per stage per frame, particles drawn and crops segmented
+    per frame)."""
     simulator = FrameSimulator(FrameConfig(profile=ConstantProfile(0.2)), seed=21)
     encoded = []
     particles = []
@@ -189,6 +191,7 @@ def frame_mode(root: Path, count: int) -> tuple[float, dict[str, float], float]:
     stages = dict.fromkeys(
         ("decode", "quality gate", "segmentation", "preprocess", "inference"), 0.0
     )
+    segmented = 0
     for data in encoded:
         t0 = time.perf_counter()
         grey = decode_image(data)
@@ -196,6 +199,7 @@ def frame_mode(root: Path, count: int) -> tuple[float, dict[str, float], float]:
         assess_frame(grey, QualityConfig())
         t2 = time.perf_counter()
         crops = sampler.sample(grey)
+        segmented += len(crops)
         t3 = time.perf_counter()
         tensors = prepare_batch([c.image for c in crops], model.manifest.input)
         t4 = time.perf_counter()
@@ -219,7 +223,22 @@ def frame_mode(root: Path, count: int) -> tuple[float, dict[str, float], float]:
         fps = len(pairs) / (time.perf_counter() - started)
     finally:
         daemon.stop()
-    return fps, stages, float(np.mean(particles))
+    return fps, stages, float(np.mean(particles)), segmented / count
+
+
+def _frame_lines(frames: tuple[float, dict[str, float], float, float]) -> list[str]:
+    frames_per_s, stages, particles, segmented = frames
+    lines = [
+        f"| frame mode, 1360 x 1024 PNG, {particles:.0f} particles drawn | "
+        f"{frames_per_s:.1f} fps |",
+        f"| frame mode, crops classified end to end ({segmented:.1f} segmented per frame) | "
+        f"{frames_per_s * segmented:.0f} crops/s |",
+    ]
+    lines += [
+        f"| frame mode, {name} per frame (one thread) | {ms:.1f} ms |"
+        for name, ms in stages.items()
+    ]
+    return lines
 
 
 def _ms(latencies: np.ndarray, q: float) -> str:
@@ -240,6 +259,9 @@ def main() -> int:
         action="store_true",
         help="only the crop throughput ratio (for models too slow for 40 crops/s)",
     )
+    parser.add_argument(
+        "--frames-only", action="store_true", help="only frame mode (the CPU speed floor)"
+    )
     parser.add_argument("--write", action="store_true", help="record the tables in BENCHMARKS.md")
     args = parser.parse_args()
     global MODEL_DIR  # noqa: PLW0603 - one setting for the whole run, from the command line
@@ -249,6 +271,16 @@ def main() -> int:
     crops = [simulator.render("PG" if i % 5 == 0 else "CEX") for i in range(200)]
     crops = [crops[i % len(crops)] for i in range(args.crops)]
     encoded = [cv2.imencode(".png", c)[1].tobytes() for c in crops]
+    if args.frames_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            frames_table = _frame_lines(frame_mode(Path(tmp), args.frames))
+        table = "\n".join(["| measurement | value |", "|---|---:|", *frames_table])
+        print(table)
+        if args.write:
+            command = "python -m bench.daemon_throughput " + " ".join(sys.argv[1:])
+            body = f"{machine_line()}; model `{model_name}`.\n\nCommand: `{command}`\n\n{table}\n"
+            replace_section(Path("BENCHMARKS.md"), f"daemon: frame mode, {model_name}", body)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ort = onnxruntime_only(crops, args.batch)
@@ -281,14 +313,7 @@ def main() -> int:
             f"| latency rename -> stored, {rate}, p99 | {_ms(latencies, 99)} |",
         ]
     if frames is not None:
-        frames_per_s, stages, particles = frames
-        lines.append(
-            f"| frame mode, 1360 x 1024 PNG, {particles:.0f} particles | {frames_per_s:.1f} fps |"
-        )
-        lines += [
-            f"| frame mode, {name} per frame (one thread) | {ms:.1f} ms |"
-            for name, ms in stages.items()
-        ]
+        lines += _frame_lines(frames)
     table = "\n".join(lines)
     print(table)
     if args.write:

@@ -188,12 +188,15 @@ return {
 
 
 def _stored_labels(daemon: Daemon) -> dict[str, Counter[str]]:
-    """Per stored frame key, its particles by class, uncertain apart (what the boxes say)."""
+    """Per stored frame key, its particles by class, uncertain and out of distribution
+    apart (what the boxes say)."""
     labels: dict[str, Counter[str]] = {}
     for row in daemon.store.frames_since("R1", 0.0):
         counted = Counter({name: n for name, n in row.counts.items() if n})
         if row.n_uncertain:
             counted["uncertain"] = row.n_uncertain
+        if row.n_ood:
+            counted["not a crystal"] = row.n_ood
         labels[row.key] = counted
     return labels
 
@@ -248,7 +251,7 @@ def test_dashboard_trend_grows_and_an_acknowledge_click_reaches_the_engine(
     labels = {
         rect.get_attribute("data-label") for rect in probe.find_elements(By.CSS_SELECTOR, boxes_css)
     }
-    assert labels and labels <= {"CEX", "PG", "uncertain"}
+    assert labels and labels <= {"CEX", "PG", "uncertain", "not a crystal"}
     image = probe.find_element(By.CSS_SELECTOR, ".frame-wrap img")
     assert browser.execute_script("return arguments[0].naturalWidth", image) == 800
 

@@ -206,14 +206,16 @@ def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], fl
     return samples
 
 
-def stored_totals(daemon: Daemon) -> tuple[dict[str, int], int]:
+def stored_totals(daemon: Daemon) -> tuple[dict[str, int], int, int]:
+    """(confident particles per class, low-confidence ones, out-of-distribution ones)."""
     particles: dict[str, int] = {}
-    uncertain = 0
+    uncertain = ood = 0
     for row in daemon.store.frames_since("R1", 0.0):
         for name, count in row.counts.items():
             particles[name] = particles.get(name, 0) + count
         uncertain += row.n_uncertain
-    return particles, uncertain
+        ood += row.n_ood
+    return particles, uncertain, ood
 
 
 # -- health -------------------------------------------------------------------------------
@@ -260,11 +262,12 @@ def test_metrics_count_exactly_what_was_processed(running: Running) -> None:
     assert value(rejects, probe="R1", status="rejected", reason="saturated") == 1
     assert value(rejects, probe="R1", status="error", reason="not_an_image") == 1
 
-    particles, uncertain = stored_totals(running.daemon)
-    assert sum(particles.values()) + uncertain == N_CEX + N_PG  # one crop per file
+    particles, uncertain, ood = stored_totals(running.daemon)
+    assert sum(particles.values()) + uncertain + ood == N_CEX + N_PG  # one crop per file
     for name, count in particles.items():
         assert value("crystal_monitor_particles_total", probe="R1", **{"class": name}) == count
     assert value("crystal_monitor_uncertain_particles_total", probe="R1") == uncertain
+    assert value("crystal_monitor_out_of_distribution_particles_total", probe="R1") == ood
 
     stats = running.daemon.batcher.stats
     assert stats.crops == N_CEX + N_PG
@@ -298,11 +301,12 @@ def test_state_api_shows_counts_quality_snapshot_and_alarms(running: Running) ->
     assert 0.9 <= quality["held_out_site_macro_f1"] <= 1.0
     assert any("simulated images only" in warning for warning in quality["warnings"])
     (probe,) = state["probes"]
-    particles, uncertain = stored_totals(running.daemon)
+    particles, uncertain, ood = stored_totals(running.daemon)
     assert probe["id"] == "R1" and probe["quality"] == "GOOD"
     assert probe["counts"]["frames"] == {"ok": N_CEX + N_PG, "rejected": 3, "error": 1}
     assert probe["counts"]["particles"] == particles
     assert probe["counts"]["uncertain"] == uncertain
+    assert probe["counts"]["out_of_distribution"] == ood
     hour = probe["snapshot"]["windows"]["3600"]
     assert hour["n"] == sum(particles.values())
     assert hour["classes"]["PG"]["n"] == particles["PG"]
@@ -402,6 +406,7 @@ def test_the_recent_frames_are_the_last_classified_ones(running: Running) -> Non
         assert frame["ts"] == row.ts
         assert frame["counts"] == row.counts
         assert frame["uncertain"] == row.n_uncertain
+        assert frame["out_of_distribution"] == row.n_ood
         assert frame["particles"] == 1  # a crop file is one particle
         height, width = by_key[frame["key"]].image.shape
         assert (frame["width"], frame["height"]) == (width, height)

@@ -336,15 +336,20 @@ def select_frame(
     return (index, frames[index]) if index < len(frames) else None
 
 
-def _box_counts(frame: LatestFrame, classes: Sequence[str]) -> tuple[dict[str, int], int]:
+def _box_counts(
+    frame: LatestFrame, classes: Sequence[str]
+) -> tuple[dict[str, int], int, int]:
+    """(confident particles per class, low-confidence particles, out-of-distribution ones)."""
     counts = dict.fromkeys(classes, 0)
-    uncertain = 0
+    uncertain = ood = 0
     for box in frame.boxes:
-        if box.uncertain:
+        if box.out_of_distribution:
+            ood += 1
+        elif box.uncertain:
             uncertain += 1
         else:
             counts[box.label] = counts.get(box.label, 0) + 1
-    return counts, uncertain
+    return counts, uncertain, ood
 
 
 def frame_json(
@@ -353,7 +358,7 @@ def frame_json(
     """One recent frame: time, key, size, particles per class (uncertain apart) and,
     with `boxes`, every particle's box in image pixels."""
     height, width = frame.image.shape[:2]
-    counts, uncertain = _box_counts(frame, classes)
+    counts, uncertain, ood = _box_counts(frame, classes)
     body: dict[str, Any] = {
         "probe": probe,
         "index": index,
@@ -364,6 +369,7 @@ def frame_json(
         "particles": len(frame.boxes),
         "counts": counts,
         "uncertain": uncertain,
+        "out_of_distribution": ood,
     }
     if boxes:
         body["boxes"] = [

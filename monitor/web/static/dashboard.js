@@ -526,7 +526,8 @@ function drawBoxesInto(target, frame) {
   target.setAttribute("viewBox", `0 0 ${frame.width} ${frame.height}`);
   target.replaceChildren();
   for (const box of frame.boxes) {
-    const name = box.uncertain ? "uncertain" : box.label;
+    // Out of distribution: not a crystal the model knows ("I don't know"), counted apart.
+    const name = box.out_of_distribution ? "not a crystal" : box.uncertain ? "uncertain" : box.label;
     const rect = svg("rect", {
       x: box.x, y: box.y, width: box.w, height: box.h,
       stroke: box.uncertain ? UNCERTAIN_COLOUR : classColour(box.label),
@@ -540,6 +541,7 @@ function drawBoxesInto(target, frame) {
 function countsText(frame) {
   const parts = Object.entries(frame.counts).map(([name, n]) => `${name} ${n}`);
   if (frame.uncertain) parts.push(`uncertain ${frame.uncertain}`);
+  if (frame.out_of_distribution) parts.push(`not a crystal ${frame.out_of_distribution}`);
   return parts.join(", ") || "none";
 }
 
@@ -552,7 +554,7 @@ function drawFrame(view) {
   drawBoxesInto(view.boxes, frame);
   const held = view.following ? "" : "HELD · ";
   const thumbnailOnly = view.image.dataset.fallback ? " (thumbnail: the daemon no longer holds this frame)" : "";
-  const end = view.following ? "boxes coloured by class, grey dashed = uncertain" : "click Live to follow the newest frame";
+  const end = view.following ? "boxes coloured by class, grey dashed = uncertain or not a crystal" : "click Live to follow the newest frame";
   view.caption.textContent = `${held}frame ${clockText(frame.ts)}${thumbnailOnly} · ${frame.particles} particles: ${countsText(frame)} · ${end}`;
   view.caption.classList.toggle("held", !view.following);
 }
@@ -588,10 +590,11 @@ function createThumb(view, frame) {
     count.dataset.class = name;
     label.append(count);
   }
-  if (frame.uncertain) {
-    const count = el("span", "", String(frame.uncertain));
+  for (const [name, n] of [["uncertain", frame.uncertain], ["not a crystal", frame.out_of_distribution]]) {
+    if (!n) continue;
+    const count = el("span", "", String(n));
     count.style.color = UNCERTAIN_COLOUR;
-    count.dataset.class = "uncertain";
+    count.dataset.class = name;
     label.append(count);
   }
   button.title = `${frame.key} · ${clockText(frame.ts)} · ${countsText(frame)}`;
