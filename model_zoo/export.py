@@ -32,6 +32,7 @@ from torch import nn
 
 from model_zoo.checkpoint import load_state_dict
 from model_zoo.errors import ModelZooError
+from model_zoo.evaluation import evaluate_model_dir
 from model_zoo.imagefolder import LabelledFile, load_images
 from model_zoo.ood import (
     DEFAULT_FALSE_REJECT_RATE,
@@ -321,8 +322,6 @@ def _record_evaluations(
     model_dir: Path, manifest: ModelManifest, evaluate: dict[str, Path]
 ) -> ModelManifest:
     """Measure each named held-out set through the exported model; store the metrics."""
-    from model_zoo.evaluation import evaluate_model_dir  # noqa: PLC0415 (imports export)
-
     results = dict(manifest.evaluations)
     for set_name, data_dir in evaluate.items():
         report = evaluate_model_dir(model_dir, data_dir)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,7 +115,7 @@ class TappedFeatures(nn.Module):
             if name != EMBEDDING:
                 self.body.get_submodule(name).register_forward_hook(self._capture(name))
 
-    def _capture(self, name: str):  # type: ignore[no-untyped-def]
+    def _capture(self, name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
         def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
             self._captured[name] = output
 
@@ -268,7 +268,6 @@ class ScoredClassifier(nn.Module):
     def __init__(self, network: nn.Module, fit: LayeredFit) -> None:
         super().__init__()
         self.features = TappedFeatures(network, fit.layers)
-        self.layers = len(fit.fits)
         for index, (layer_fit, scale) in enumerate(zip(fit.fits, fit.scales, strict=True)):
             whitening = layer_fit.whitening / scale
             means = (layer_fit.means - layer_fit.centre) @ whitening

@@ -95,7 +95,3 @@ class DecisionRule:
             )
         return decisions
 
-
-def decide(probabilities: np.ndarray, classes: tuple[str, ...], threshold: float) -> list[Decision]:
-    """(N, C) probabilities -> one Decision per row, by confidence alone."""
-    return DecisionRule(classes, threshold).decide(probabilities)
