@@ -411,7 +411,8 @@ def test_command_line_help_describes_each_command(capsys: pytest.CaptureFixture)
     assert "training images per step (default: 64)" in flat
     assert "(default: 70,25,5)" in flat
     assert "(required; created if missing)" in flat
-    assert "(default: scratch)" in flat
+    assert "Default: imagenet for an architecture with local ImageNet weights, else scratch" in flat
+    assert "held-out-site figure) (default: efficientnet_lite0)" in flat
     assert "(default: True)" not in flat and "(default: False)" not in flat
     assert "--opset" in help_text("export")
     assert "MODEL_DIR" in help_text("evaluate")
