@@ -267,20 +267,16 @@ def main() -> int:
     global MODEL_DIR  # noqa: PLW0603 - one setting for the whole run, from the command line
     MODEL_DIR = args.model
     model_name = load_manifest(MODEL_DIR).manifest.name
-    simulator = CropSimulator(seed=8)
-    crops = [simulator.render("PG" if i % 5 == 0 else "CEX") for i in range(200)]
-    crops = [crops[i % len(crops)] for i in range(args.crops)]
-    encoded = [cv2.imencode(".png", c)[1].tobytes() for c in crops]
     if args.frames_only:
         with tempfile.TemporaryDirectory() as tmp:
             frames_table = _frame_lines(frame_mode(Path(tmp), args.frames))
         table = "\n".join(["| measurement | value |", "|---|---:|", *frames_table])
-        print(table)
-        if args.write:
-            command = "python -m bench.daemon_throughput " + " ".join(sys.argv[1:])
-            body = f"{machine_line()}; model `{model_name}`.\n\nCommand: `{command}`\n\n{table}\n"
-            replace_section(Path("BENCHMARKS.md"), f"daemon: frame mode, {model_name}", body)
+        _report(table, f"daemon: frame mode, {model_name}", model_name, write=args.write)
         return 0
+    simulator = CropSimulator(seed=8)
+    crops = [simulator.render("PG" if i % 5 == 0 else "CEX") for i in range(200)]
+    crops = [crops[i % len(crops)] for i in range(args.crops)]
+    encoded = [cv2.imencode(".png", c)[1].tobytes() for c in crops]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ort = onnxruntime_only(crops, args.batch)
@@ -314,13 +310,17 @@ def main() -> int:
         ]
     if frames is not None:
         lines += _frame_lines(frames)
-    table = "\n".join(lines)
+    _report("\n".join(lines), f"daemon: end to end, {model_name}", model_name, write=args.write)
+    return 0
+
+
+def _report(table: str, title: str, model_name: str, *, write: bool) -> None:
+    """Print the table; with --write, record it in BENCHMARKS.md under `title`."""
     print(table)
-    if args.write:
+    if write:
         command = "python -m bench.daemon_throughput " + " ".join(sys.argv[1:])
         body = f"{machine_line()}; model `{model_name}`.\n\nCommand: `{command}`\n\n{table}\n"
-        replace_section(Path("BENCHMARKS.md"), f"daemon: end to end, {model_name}", body)
-    return 0
+        replace_section(Path("BENCHMARKS.md"), title, body)
 
 
 if __name__ == "__main__":
