@@ -68,6 +68,22 @@ PARITY_TOLERANCE = 1e-4
 # float32 rounding differs between torch and ONNX Runtime kernels: compared relative to
 # its size. 1 % moves a decision only for a crop within 1 % of the threshold.
 SCORE_PARITY_TOLERANCE = 1e-2
+# What of args.json goes into the manifest's recipe.
+RECIPE_KEYS = (
+    "arch",
+    "init",
+    "init_weights_sha256",
+    "input_size",
+    "resize",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "schedule",
+    "augment",
+    "balance",
+    "seed",
+)
 DEFAULT_MIN_MACRO_F1 = 0.90
 DEFAULT_MIN_CLASS_RECALL = 0.80
 PARITY_BATCH_SIZES = (1, 7)
@@ -169,6 +185,7 @@ def export_model(
             training_data=describe_training_data(splits, data_source),
             guardrails=guardrails,
             training_command=args.get("command") or args.get("argv", ""),
+            recipe={key: args[key] for key in RECIPE_KEYS if key in args},
             created=datetime.now(UTC),
         )
         parity = measure_parity(

@@ -178,6 +178,11 @@ class ModelManifest(BaseModel):
         default=None, description="The floors the export checked, and whether it was forced."
     )
     training_command: str = Field(description="The command line that trained the checkpoint.")
+    recipe: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The resolved training recipe: architecture, initial weights (scratch, "
+        "imagenet or a file, with its sha256), input size, epochs, optimiser settings.",
+    )
     created: datetime
 
     @field_validator("classes")

@@ -530,6 +530,9 @@ def test_export_records_held_out_evaluations_and_the_score_matches_numpy(
     command = ["export", str(imagenet_run_dir), "--out", str(out), "--force"]
     assert main([*command, "--evaluate", f"site={held_out}"]) == 0
     loaded = load_manifest(out)
+    assert loaded.manifest.recipe["init"] == "imagenet"
+    assert loaded.manifest.recipe["arch"] == "efficientnet_lite0"
+    assert len(loaded.manifest.recipe["init_weights_sha256"]) == 64
     assert set(loaded.manifest.evaluations) == {"site"}
     assert sum(map(sum, loaded.manifest.evaluations["site"].confusion_matrix)) == 12
 
