@@ -54,6 +54,7 @@ from monitor.simulator.particles import (
     _sprinkle,
     draw_agglomerate,
     draw_needle_bundle,
+    needle_corners,
 )
 
 
@@ -131,19 +132,7 @@ def _draw_needles(
     count = len(centres)
     if count == 0:
         return None
-    directions = np.stack((np.cos(angles_rad), np.sin(angles_rad)), axis=1)
-    normals = np.stack((-directions[:, 1], directions[:, 0]), axis=1)
-    tips = (lengths / 2.0)[:, None] * directions
-    sides = (widths / 2.0)[:, None] * normals
-    corners = np.stack(
-        (
-            centres - tips - sides,
-            centres + tips - sides,
-            centres + tips + sides,
-            centres - tips + sides,
-        ),
-        axis=1,
-    )
+    corners = needle_corners(centres, angles_rad, lengths, widths)
     height, width = canvas.shape
     margin = math.ceil(3.0 * sigma) + 2
     # Only the part over the canvas (plus the blur margin) is worth drawing.

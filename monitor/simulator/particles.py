@@ -77,6 +77,28 @@ def _clip_box(corners: tuple[float, float, float, float], width: int, height: in
     return left, top, right - left, bottom - top
 
 
+def needle_corners(
+    centres: npt.NDArray[np.float64],
+    angles_rad: npt.NDArray[np.float64],
+    lengths: npt.NDArray[np.float64],
+    widths: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """Corners of each needle's rectangle, in order around it: (count, 4, 2)."""
+    directions = np.stack((np.cos(angles_rad), np.sin(angles_rad)), axis=1)
+    normals = np.stack((-directions[:, 1], directions[:, 0]), axis=1)
+    tips = (lengths / 2.0)[:, None] * directions
+    sides = (widths / 2.0)[:, None] * normals
+    return np.stack(
+        (
+            centres - tips - sides,
+            centres + tips - sides,
+            centres + tips + sides,
+            centres - tips + sides,
+        ),
+        axis=1,
+    )
+
+
 def draw_needle_bundle(
     canvas: FloatImage,
     rng: np.random.Generator,
@@ -128,20 +150,7 @@ def draw_needle_bundle(
         + along[:, None] * axis_dir
         + across[:, None] * axis_normal
     )
-    directions = np.stack((np.cos(angles), np.sin(angles)), axis=1)
-    normals = np.stack((-directions[:, 1], directions[:, 0]), axis=1)
-    tips = (lengths / 2.0)[:, None] * directions
-    sides = (widths / 2.0)[:, None] * normals
-    # Corners of each needle's rectangle, in order around it: (count, 4, 2).
-    corners = np.stack(
-        (
-            needle_centres - tips - sides,
-            needle_centres + tips - sides,
-            needle_centres + tips + sides,
-            needle_centres - tips + sides,
-        ),
-        axis=1,
-    )
+    corners = needle_corners(needle_centres, angles, lengths, widths)
 
     margin = math.ceil(3.0 * sigma) + 2
     x0 = math.floor(float(corners[..., 0].min())) - margin
