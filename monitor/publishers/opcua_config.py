@@ -131,9 +131,16 @@ def check_opcua_environment(config: OpcUaConfig) -> list[str]:
     problems: list[str] = []
     if config.users_file is not None and not config.users_file.is_file():
         problems.append(f"opcua.users_file: not found: {config.users_file}")
+    missing = False
     for key, path in (("certificate", config.certificate), ("private_key", config.private_key)):
         if path is not None and not path.is_file():
             problems.append(f"opcua.{key}: not found: {path}")
+            missing = True
+    if config.certificate is not None and config.private_key is not None and not missing:
+        # Only when configured: cryptography is not needed by a config without one.
+        from monitor.publishers.opcua_certificates import check_configured_pair  # noqa: PLC0415
+
+        problems += check_configured_pair(config.certificate, config.private_key)
     if config.trust_dir is not None and not config.trust_dir.is_dir():
         problems.append(
             f"opcua.trust_dir: not a folder: {config.trust_dir} (create it and copy the "

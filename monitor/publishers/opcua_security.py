@@ -19,9 +19,9 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import hashlib
-import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from monitor.publishers.opcua_certificates import (
+    CertificateFileError,
+    key_matches,
+    read_certificate,
+    read_private_key,
+    remove_leftovers,
+    write_files_atomically,
+)
 from monitor.publishers.opcua_users import UsersFile
 
 log = structlog.get_logger(__name__)
@@ -74,14 +82,6 @@ def certificate_uri(certificate: x509.Certificate) -> str | None:
     return uris[0] if uris else None
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret readable by the owner only (also when the file already exists)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, 0o600)
-
-
 def _needs_new_certificate(certificate: x509.Certificate, application_uri: str) -> str | None:
     now = dt.datetime.now(dt.UTC)
     if certificate.not_valid_after_utc <= now + dt.timedelta(days=1):
@@ -91,26 +91,55 @@ def _needs_new_certificate(certificate: x509.Certificate, application_uri: str) 
     return None
 
 
+@dataclass(frozen=True)
+class CertificateChange:
+    """Why `ensure_server_certificate` made a new certificate.
+
+    `damaged`: the old files were unreadable or did not belong together (a crash while
+    they were written, a full disk, an edit by hand): worth a warning, unlike a first
+    start or a routine renewal.
+    """
+
+    reason: str
+    damaged: bool
+
+
+def _check_existing(
+    cert_path: Path, key_path: Path, application_uri: str
+) -> tuple[CertificateChange | None, rsa.RSAPrivateKey | None]:
+    """What is wrong with the pair on disk (None: keep it) and the key worth keeping."""
+    have_cert, have_key = cert_path.is_file(), key_path.is_file()
+    if not have_cert and not have_key:
+        return CertificateChange("missing", damaged=False), None
+    if not have_cert or not have_key:
+        missing = cert_path if not have_cert else key_path
+        return CertificateChange(f"{missing} is missing", damaged=True), None
+    try:
+        key = read_private_key(key_path)
+        certificate = read_certificate(cert_path)
+    except CertificateFileError as exc:
+        return CertificateChange(f"unreadable: {exc}", damaged=True), None
+    if not key_matches(certificate, key):
+        return CertificateChange(
+            f"key does not match the certificate: {key_path} and {cert_path}", damaged=True
+        ), None
+    routine = _needs_new_certificate(certificate, application_uri)
+    return (None if routine is None else CertificateChange(routine, damaged=False)), key
+
+
 def ensure_server_certificate(
     cert_path: Path, key_path: Path, application_uri: str, hostnames: list[str]
-) -> str | None:
-    """Generate a self-signed server certificate (DER) and key (PEM, 0600) when missing.
+) -> CertificateChange | None:
+    """Generate a self-signed server certificate (DER) and key (PEM, 0600) when needed.
 
-    An existing pair is kept unless it expired or names another application URI.
-    Returns why a new one was made, or None when the existing one was kept.
+    An existing pair is kept unless it expired or names another application URI (then
+    its key is reused), or is damaged (then a new key is made as well). Both files are
+    written with write-to-temporary, fsync and rename, so a crash never leaves half a
+    file. Returns why a new certificate was made, or None when the existing one was kept.
     """
-    reason: str | None = "missing"
-    key: rsa.RSAPrivateKey | None = None
-    if key_path.is_file() and cert_path.is_file():
-        loaded_key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        if isinstance(loaded_key, rsa.RSAPrivateKey):
-            key = loaded_key
-            reason = _needs_new_certificate(
-                x509.load_der_x509_certificate(cert_path.read_bytes()), application_uri
-            )
-        else:
-            reason = "key is not RSA"
-    if reason is None:
+    remove_leftovers([cert_path, key_path])
+    change, key = _check_existing(cert_path, key_path, application_uri)
+    if change is None:
         return None
     if key is None:
         key = cert_gen.generate_private_key()
@@ -125,9 +154,13 @@ def ensure_server_certificate(
         days=SERVER_CERT_DAYS,
     )
     cert_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_private(key_path, cert_gen.dump_private_key_as_pem(key))
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.DER))
-    return reason
+    write_files_atomically(
+        [
+            (key_path, cert_gen.dump_private_key_as_pem(key), 0o600),
+            (cert_path, certificate.public_bytes(serialization.Encoding.DER), 0o644),
+        ]
+    )
+    return change
 
 
 # -- client certificates --------------------------------------------------------------

@@ -66,9 +66,16 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError
+from cryptography.hazmat.primitives import serialization
 
 from monitor import __version__
 from monitor.publishers.base import CommandHandler, CommandResult, ProbeUpdate, Quality
+from monitor.publishers.opcua_certificates import (
+    CertificateFileError,
+    key_matches,
+    read_certificate,
+    read_private_key,
+)
 from monitor.publishers.opcua_config import OpcUaConfig, endpoint_host
 from monitor.publishers.opcua_security import (
     CallerAwareInternalServer,
@@ -269,8 +276,11 @@ class CrystalMonitorServer:
 
         if production:
             cert_path, key_path = await self._server_certificate(application_uri)
-            await server.load_certificate(str(cert_path))
-            await server.load_private_key(str(key_path))
+            # Read here (PEM or DER told from the content, errors naming the file), then
+            # handed over as bytes: asyncua would guess the format from the file name.
+            certificate, key = await asyncio.to_thread(_read_pair, cert_path, key_path)
+            await server.load_certificate(certificate, format="der")
+            await server.load_private_key(key, format="pem")
             if server.iserver.certificate is not None:
                 application_uri = certificate_uri(server.iserver.certificate) or application_uri
             server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
@@ -333,11 +343,19 @@ class CrystalMonitorServer:
         hostnames = [socket.gethostname(), socket.getfqdn()]
         if host not in {"0.0.0.0", "::"}:
             hostnames.append(host)
-        reason = await asyncio.to_thread(
+        change = await asyncio.to_thread(
             ensure_server_certificate, cert_path, key_path, application_uri, hostnames
         )
-        if reason is not None:
-            log.info("opcua_server_cert_generated", path=str(cert_path), reason=reason)
+        if change is not None and change.damaged:
+            log.warning(
+                "opcua_server_cert_regenerated",
+                path=str(cert_path),
+                key=str(key_path),
+                reason=change.reason,
+                effect="clients that trusted the old server certificate must trust the new one",
+            )
+        elif change is not None:
+            log.info("opcua_server_cert_generated", path=str(cert_path), reason=change.reason)
         return cert_path, key_path
 
     async def stop(self) -> None:
@@ -791,6 +809,22 @@ class CrystalMonitorServer:
 
     async def _call_stop_batch(self, parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
         return await self._command("StopBatch", parent, self.commands.stop_batch)
+
+
+def _read_pair(cert_path: Path, key_path: Path) -> tuple[bytes, bytes]:
+    """The server certificate as DER and its key as PEM; CertificateFileError if bad."""
+    certificate = read_certificate(cert_path)
+    key = read_private_key(key_path)
+    if not key_matches(certificate, key):
+        raise CertificateFileError(f"{key_path} is not the key of the certificate {cert_path}")
+    return (
+        certificate.public_bytes(serialization.Encoding.DER),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
 
 
 def _event_severity(event: dict[str, Any], is_batch: bool) -> int:
