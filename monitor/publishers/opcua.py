@@ -114,6 +114,13 @@ class OpcUaPublisher:
             message += f"; {self._dropped_events} events dropped (event queue full)"
         return True, message
 
+    def diagnostics(self) -> dict[str, Any]:
+        """Numbers for `/metrics` and the publish_overflow alarm: events dropped because
+        the queue was full, refused logins and client certificates."""
+        server = self._server
+        counters = server.security_counters() if server is not None else {}
+        return {"dropped_total": self._dropped_events, **counters}
+
     def stop(self) -> None:
         """Send what is queued, close client sessions and the server, end the thread."""
         loop, thread = self._loop, self._thread

@@ -78,6 +78,30 @@ class OpcUaConfig(BaseModel):
         "(.der/.pem), re-read at every connection. Empty: <state_dir>/opcua/trusted. "
         "Refused certificates are saved to <state_dir>/opcua/rejected.",
     )
+    rejected_max_files: int = Field(
+        default=100,
+        ge=0,
+        description="How many refused client certificates <state_dir>/opcua/rejected "
+        "keeps for the admin (the newest; older ones are deleted). 0 keeps none.",
+    )
+    login_max_failures: int = Field(
+        default=5,
+        ge=1,
+        description="Failed user name/password logins in a row from one address before "
+        "that address is locked out (even the right password is refused then).",
+    )
+    login_lockout: Duration = Field(
+        default=2.0,
+        gt=0,
+        description="The first lockout (e.g. '2s'); each further failure after a lockout "
+        "doubles it, up to login_lockout_max. A successful login resets it.",
+    )
+    login_lockout_max: Duration = Field(
+        default=300.0,
+        gt=0,
+        description="The longest lockout (e.g. '5m'); an address quiet for this long "
+        "after its last failure or lockout starts from zero failures again.",
+    )
     history_retention: Duration = Field(
         default=30 * 86400.0,
         gt=0,
@@ -116,6 +140,11 @@ class OpcUaConfig(BaseModel):
             raise ValueError(
                 "certificate and private_key go together: set both, or neither to have a "
                 "self-signed certificate generated"
+            )
+        if self.login_lockout_max < self.login_lockout:
+            raise ValueError(
+                f"login_lockout_max ({self.login_lockout_max:g} s) must not be shorter than "
+                f"login_lockout ({self.login_lockout:g} s)"
             )
         if self.enabled and self.security_profile == "production" and self.users_file is None:
             raise ValueError(

@@ -4,14 +4,21 @@ asyncua's defaults are wide open (NoSecurity endpoint, any user name accepted, "
 with any password gets the admin role). What replaces them here:
 
 - `ensure_server_certificate`: the server's application instance certificate, a
-  self-signed one generated on first start when none is configured.
+  self-signed one generated on first start when none is configured, and again when
+  the files turn out damaged.
 - `ClientTrust`: client certificates are accepted when the certificate itself (pinned)
-  or its issuing CA is in the trust folder; refused ones are saved for the admin.
+  or its issuing CA is in the trust folder; the newest refused ones are saved for the
+  admin (a bounded number).
 - `CrystalMonitorUserManager`: user names and passwords from our users file; everyone
   who authenticates gets UserRole.User, never Admin (so no one can write values or
-  add and delete nodes through the network).
-- `CallerAwareInternalServer`: asyncua calls a method without the session; this
-  server's sessions record the calling user in a context variable (`current_caller`).
+  add and delete nodes through the network). An address that keeps guessing passwords
+  is locked out for a growing time (`LoginThrottle`).
+- `CallerAwareInternalServer`: asyncua calls a method without the session and checks a
+  user without the peer's address; this server's sessions record the calling user
+  (`current_caller`) and the peer being logged in (`current_peer`) in context variables.
+
+Refusals repeat at an attacker's pace, so they are counted and logged once per kind
+per minute (`RepeatedLog`).
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import hashlib
+import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +58,7 @@ from monitor.publishers.opcua_certificates import (
     remove_leftovers,
     write_files_atomically,
 )
-from monitor.publishers.opcua_users import UsersFile
+from monitor.publishers.opcua_users import LoginThrottle, UsersFile
 
 log = structlog.get_logger(__name__)
 
@@ -57,12 +66,47 @@ ANONYMOUS = "anonymous"
 SERVER_CERT_DAYS = 5 * 365
 CERT_SUFFIXES = (".der", ".pem")  # what asyncua's TrustStore reads as well
 
+LOG_INTERVAL_S = 60.0
+"""A repeating refusal (wrong password, untrusted certificate) is logged once per this."""
+
 _caller: contextvars.ContextVar[str | None] = contextvars.ContextVar("opcua_caller", default=None)
+_peer: contextvars.ContextVar[str | None] = contextvars.ContextVar("opcua_peer", default=None)
 
 
 def current_caller() -> str:
     """The user name of the session whose method call is running ('anonymous' if none)."""
     return _caller.get() or ANONYMOUS
+
+
+def current_peer() -> str:
+    """The network address of the session being activated ('unknown' outside one)."""
+    return _peer.get() or "unknown"
+
+
+class RepeatedLog:
+    """One log line per kind of repeating event per interval, with a count of the rest.
+
+    `due(kind)` says whether a line for `kind` should be written now and returns how many
+    were held back since the previous one (None: hold this one back too). Meant for a
+    few fixed kinds (reasons), not per-address keys.
+    """
+
+    def __init__(
+        self, interval_s: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def due(self, kind: str) -> int | None:
+        now = self.clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval_s:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return None
+        self._last[kind] = now
+        return self._held.pop(kind, 0)
 
 
 # -- server certificate ---------------------------------------------------------------
@@ -184,12 +228,28 @@ class ClientTrust:
     certificates are trusted), or asyncua's TrustStore chains it to a CA certificate
     in `trust_dir`. Validity period, application URI and key usage are checked by
     asyncua's CertificateValidator first. Refused certificates are written to
-    `rejected_dir` as <sha1>.der so an admin can move one into `trust_dir`.
+    `rejected_dir` as <sha1>.der so an admin can move one into `trust_dir`; only the
+    newest `max_rejected_files` are kept, since anyone who can reach the port can present
+    a new certificate each time. Refusals are counted and logged rate-limited.
     """
 
-    def __init__(self, trust_dir: Path, rejected_dir: Path) -> None:
+    def __init__(
+        self,
+        trust_dir: Path,
+        rejected_dir: Path,
+        *,
+        max_rejected_files: int = 100,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.trust_dir = trust_dir
         self.rejected_dir = rejected_dir
+        self.max_rejected_files = max_rejected_files
+        self.rejected = 0
+        """Client certificates refused since start."""
+        self.rejected_files_deleted = 0
+        """Files of refused certificates deleted to keep the folder bounded."""
+        self._saved_order: dict[str, int] = {}
+        self._repeated = RepeatedLog(clock=clock)
         self._pinned: set[bytes] = set()
         self._stamp: tuple[tuple[str, int, int], ...] | None = None
         self._store = TrustStore([trust_dir], [])
@@ -251,21 +311,65 @@ class ClientTrust:
             return False
         return certificate is not None and self.is_trusted(certificate)
 
-    def _reject(self, certificate: x509.Certificate, why: str) -> None:
-        der = certificate.public_bytes(serialization.Encoding.DER)
+    def _save_rejected(self, der: bytes) -> Path | None:
+        """Keep the refused certificate for the admin; None when not kept."""
+        if self.max_rejected_files == 0:
+            return None
         path = self.rejected_dir / f"{_thumbprint(der)}.der"
         try:
             self.rejected_dir.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(der)
+            if path.is_file():
+                os.utime(path)  # seen again: now among the newest
+            else:
+                path.write_bytes(der)
+        except OSError as exc:
+            log.debug("opcua_rejected_cert_not_saved", path=str(path), error=str(exc))
+            return None
+        self._saved_order[path.name] = len(self._saved_order)
+        if len(self._saved_order) > 4 * self.max_rejected_files:
+            self._saved_order = {}  # only breaks ties of equal mtimes; stays small
+        self.prune_rejected()
+        return path
+
+    def prune_rejected(self) -> int:
+        """Delete the oldest refused certificates beyond `max_rejected_files`."""
+        try:
+            entries = [
+                (entry.stat().st_mtime_ns, self._saved_order.get(entry.name, -1), entry.path)
+                for entry in os.scandir(self.rejected_dir)
+                if entry.name.endswith(".der") and entry.is_file(follow_symlinks=False)
+            ]
         except OSError:
-            path = Path("(not saved)")
-        subject = certificate.subject.rfc4514_string()
+            return 0  # no folder yet
+        excess = len(entries) - self.max_rejected_files
+        if excess <= 0:
+            return 0
+        deleted = 0
+        for _, _, name in sorted(entries)[:excess]:
+            try:
+                os.unlink(name)
+            except OSError:
+                continue
+            deleted += 1
+            self._saved_order.pop(os.path.basename(name), None)
+        self.rejected_files_deleted += deleted
+        return deleted
+
+    def _reject(self, certificate: x509.Certificate, why: str) -> None:
+        self.rejected += 1
+        saved = self._save_rejected(certificate.public_bytes(serialization.Encoding.DER))
+        held = self._repeated.due(why)
+        if held is None:
+            return
         log.warning(
             "opcua_client_cert_rejected",
             why=why,
-            subject=subject,
-            saved=str(path),
-            fix=f"to trust it, copy {path} into {self.trust_dir}",
+            subject=certificate.subject.rfc4514_string(),
+            saved=str(saved) if saved is not None else "(not saved)",
+            fix=f"to trust it, copy {saved or 'its file'} into {self.trust_dir}",
+            not_logged=held,  # refusals since the previous line that had none of their own
+            rejected_total=self.rejected,
+            kept_newest=self.max_rejected_files,
         )
 
     async def validate(self, certificate: x509.Certificate, app: ua.ApplicationDescription) -> None:
@@ -295,6 +399,9 @@ class CrystalMonitorUserManager(UserManager):
     'anonymous'. `channel_trusted`, when given, must accept the secure channel's client
     certificate as well: asyncua validates only the certificate a client repeats in
     CreateSession, so this closes the gap of a client that leaves it out there.
+    `throttle`, when given, locks out an address after repeated wrong passwords
+    (the address comes from `CallerAwareInternalServer`'s sessions). Refusals are
+    counted and logged once per kind per minute.
     """
 
     def __init__(
@@ -303,10 +410,25 @@ class CrystalMonitorUserManager(UserManager):
         *,
         allow_anonymous: bool,
         channel_trusted: Callable[[bytes | None], bool] | None = None,
+        throttle: LoginThrottle | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.users = users
         self.allow_anonymous = allow_anonymous
         self.channel_trusted = channel_trusted
+        self.throttle = throttle
+        self.logins_failed = 0
+        """Wrong user name or password."""
+        self.login_lockouts = 0
+        """Lockouts started."""
+        self.logins_refused_locked_out = 0
+        """Attempts refused unchecked because their address was locked out."""
+        self._repeated = RepeatedLog(clock=clock)
+
+    def _refused(self, why: str, **context: Any) -> None:
+        held = self._repeated.due(why)
+        if held is not None:
+            log.warning("opcua_login_refused", why=why, not_logged=held, **context)
 
     def get_user(
         self,
@@ -315,25 +437,72 @@ class CrystalMonitorUserManager(UserManager):
         password: str | None = None,
         certificate: Any = None,
     ) -> User | None:
+        peer = current_peer()
         if self.channel_trusted is not None and not self.channel_trusted(certificate):
-            log.warning("opcua_login_refused", user=username, why="untrusted channel certificate")
+            self._refused("untrusted channel certificate", user=username, peer=peer)
             return None
         if username is None:
             if self.allow_anonymous:
                 return User(role=UserRole.User, name=ANONYMOUS)
-            log.warning("opcua_login_refused", why="anonymous login is disabled")
+            self._refused("anonymous login is disabled", peer=peer)
             return None
+        if self.throttle is not None:
+            wait = self.throttle.locked_for(peer)
+            if wait > 0:
+                self.logins_refused_locked_out += 1
+                self._refused(
+                    "address locked out after failed logins",
+                    user=username,
+                    peer=peer,
+                    retry_in_s=round(wait, 1),
+                    refused_total=self.logins_refused_locked_out,
+                )
+                return None
         if self.users is not None and self.users.check(username, password):
-            log.info("opcua_login", user=username)
+            if self.throttle is not None:
+                self.throttle.succeeded(peer)
+            log.info("opcua_login", user=username, peer=peer)
             return User(role=UserRole.User, name=username)
-        log.warning("opcua_login_refused", user=username, why="unknown user or wrong password")
+        self.logins_failed += 1
+        self._refused(
+            "unknown user or wrong password",
+            user=username,
+            peer=peer,
+            failed_total=self.logins_failed,
+        )
+        lockout = 0.0 if self.throttle is None else self.throttle.failed(peer)
+        if lockout > 0:
+            self.login_lockouts += 1
+            log.warning(
+                "opcua_login_locked_out",
+                peer=peer,
+                seconds=lockout,
+                user=username,
+                fix="wait, then log in with the right password (it resets the count)",
+            )
         return None
 
 
 # -- the calling user of a method -----------------------------------------------------
 
 
+def _peer_host(name: Any) -> str:
+    """The address of a session named by asyncua after the socket's peername."""
+    if isinstance(name, tuple) and name:
+        return str(name[0])
+    return str(name)
+
+
 class _CallerAwareSession(InternalSession):
+    def activate_session(
+        self, params: ua.ActivateSessionParameters, peer_certificate: bytes | None
+    ) -> ua.ActivateSessionResult:
+        token = _peer.set(_peer_host(self.name))
+        try:
+            return super().activate_session(params, peer_certificate)
+        finally:
+            _peer.reset(token)
+
     async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
         name = self.user.name if self.user is not None and self.user.name else ANONYMOUS
         token = _caller.set(name)
@@ -344,7 +513,8 @@ class _CallerAwareSession(InternalSession):
 
 
 class CallerAwareInternalServer(InternalServer):
-    """An InternalServer whose network sessions expose the caller to method callbacks.
+    """An InternalServer whose network sessions expose the caller to method callbacks
+    and the peer address to the user manager.
 
     Method callbacks must be coroutine functions: asyncua runs plain functions in an
     executor, where the context variable is not set.

@@ -86,7 +86,7 @@ from monitor.publishers.opcua_security import (
     default_application_uri,
     ensure_server_certificate,
 )
-from monitor.publishers.opcua_users import UsersFile
+from monitor.publishers.opcua_users import LoginThrottle, UsersFile
 
 log = structlog.get_logger(__name__)
 
@@ -226,6 +226,7 @@ class CrystalMonitorServer:
         self.idx = 0
         self.root: Node | None = None
         self.trust: ClientTrust | None = None
+        self.users: CrystalMonitorUserManager | None = None
         self._events: EventGenerator | None = None
         self._probes: dict[str, _ProbeNodes] = {}
         self._probe_of_node: dict[ua.NodeId, str] = {}
@@ -252,16 +253,28 @@ class CrystalMonitorServer:
         production = config.security_profile == "production"
         application_uri = default_application_uri()
         users = self._users()
+        throttle = LoginThrottle(
+            max_failures=config.login_max_failures,
+            lockout_s=config.login_lockout,
+            lockout_max_s=config.login_lockout_max,
+        )
         if production:
             trust_dir = config.trust_dir or self.pki_dir / "trusted"
             trust_dir.mkdir(parents=True, exist_ok=True)
-            self.trust = ClientTrust(trust_dir, self.pki_dir / "rejected")
+            self.trust = ClientTrust(
+                trust_dir, self.pki_dir / "rejected", max_rejected_files=config.rejected_max_files
+            )
             await self.trust.reload()
+            await asyncio.to_thread(self.trust.prune_rejected)
             user_manager = CrystalMonitorUserManager(
-                users, allow_anonymous=False, channel_trusted=self.trust.is_trusted_der
+                users,
+                allow_anonymous=False,
+                channel_trusted=self.trust.is_trusted_der,
+                throttle=throttle,
             )
         else:
-            user_manager = CrystalMonitorUserManager(users, allow_anonymous=True)
+            user_manager = CrystalMonitorUserManager(users, allow_anonymous=True, throttle=throttle)
+        self.users = user_manager
 
         server = Server(iserver=CallerAwareInternalServer(user_manager=user_manager))
         self.server = server
@@ -357,6 +370,17 @@ class CrystalMonitorServer:
         elif change is not None:
             log.info("opcua_server_cert_generated", path=str(cert_path), reason=change.reason)
         return cert_path, key_path
+
+    def security_counters(self) -> dict[str, int]:
+        """Refused logins and client certificates since start (read from any thread)."""
+        users, trust = self.users, self.trust
+        return {
+            "logins_failed": users.logins_failed if users else 0,
+            "login_lockouts": users.login_lockouts if users else 0,
+            "logins_refused_locked_out": users.logins_refused_locked_out if users else 0,
+            "client_certs_rejected": trust.rejected if trust else 0,
+            "rejected_files_deleted": trust.rejected_files_deleted if trust else 0,
+        }
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -17,6 +17,9 @@ import os
 import re
 import secrets
 import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,3 +206,76 @@ class UsersFile:
             verify_password(password or "", _DUMMY_HASH)
             return False
         return verify_password(password, encoded)
+
+
+@dataclass
+class _PeerFailures:
+    failures: int = 0
+    last_failure: float = 0.0
+    locked_until: float = 0.0
+
+
+class LoginThrottle:
+    """Locks an address out after `max_failures` failed logins in a row.
+
+    The lockout starts at `lockout_s` and doubles with each failure after it, up to
+    `lockout_max_s`; during it every login from the address is refused unchecked (so
+    guessing costs no scrypt time either). A successful login forgets the address, and
+    so does `lockout_max_s` of quiet after its last failure or lockout. At most
+    `max_peers` addresses are tracked, the least recently failing dropped first. Pure
+    logic over an injected clock; not thread-safe (the OPC UA server uses one loop).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_failures: int,
+        lockout_s: float,
+        lockout_max_s: float,
+        max_peers: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_failures = max_failures
+        self.lockout_s = lockout_s
+        self.lockout_max_s = lockout_max_s
+        self.max_peers = max_peers
+        self.clock = clock
+        self._peers: OrderedDict[str, _PeerFailures] = OrderedDict()
+
+    def _current(self, peer: str, now: float) -> _PeerFailures | None:
+        entry = self._peers.get(peer)
+        if entry is not None and now >= max(entry.locked_until, entry.last_failure) + (
+            self.lockout_max_s
+        ):
+            del self._peers[peer]
+            return None
+        return entry
+
+    def locked_for(self, peer: str) -> float:
+        """Seconds until `peer` may try again (0 when it may now)."""
+        now = self.clock()
+        entry = self._current(peer, now)
+        return 0.0 if entry is None else max(0.0, entry.locked_until - now)
+
+    def failed(self, peer: str) -> float:
+        """Count a failed login; returns the length of the lockout it starts (0: none)."""
+        now = self.clock()
+        entry = self._current(peer, now) or _PeerFailures()
+        entry.failures += 1
+        entry.last_failure = now
+        self._peers[peer] = entry
+        self._peers.move_to_end(peer)
+        while len(self._peers) > self.max_peers:
+            self._peers.popitem(last=False)
+        beyond = entry.failures - self.max_failures
+        if beyond < 0:
+            return 0.0
+        lockout = min(self.lockout_max_s, self.lockout_s * 2.0 ** min(beyond, 62))
+        entry.locked_until = now + lockout
+        return lockout
+
+    def succeeded(self, peer: str) -> None:
+        self._peers.pop(peer, None)
+
+    def __len__(self) -> int:
+        return len(self._peers)
