@@ -12,9 +12,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from monitor.config import EX_CONFIG, ConfigError, Settings, check_environment, load_settings
 from monitor.logs import configure_logging
-from monitor.store import Store
+from monitor.store import Store, StoreError
+
+EX_DATAERR = 65  # sysexits: the input data (here the store file) was incorrect
 
 DEFAULT_CONFIG = """\
 # crystal-monitor configuration. Durations: "250ms", "30s", "5m", "2h", "30d".
@@ -235,6 +239,16 @@ def run_run(args: argparse.Namespace) -> int:
         # the systemd units do not restart (RestartPreventExitStatus=78).
         print(f"config error: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except StoreError as exc:
+        return _report_store_error(exc)
+
+
+def _report_store_error(exc: StoreError) -> int:
+    """A damaged store: restarting cannot fix it, so exit 65, which the units do not
+    restart either (RestartPreventExitStatus=65 78)."""
+    structlog.get_logger(__name__).error("store_unusable", error=str(exc))
+    print(f"error: {exc}", file=sys.stderr)
+    return EX_DATAERR
 
 
 def demo_settings(
@@ -304,6 +318,8 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     try:
         return run_daemon(settings)
+    except StoreError as exc:
+        return _report_store_error(exc)
     finally:
         stop.set()
         writer.join(timeout=10)  # never exit with the renderer inside OpenCV
@@ -409,6 +425,9 @@ def run_export(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 66
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EX_DATAERR
     try:
         rows = _window_rows(store, since) if args.what == "windows" else _frame_rows(store, since)
     finally:

@@ -38,12 +38,12 @@ from monitor.decode import DecodeLimits
 from monitor.inference import resolve_backend
 from monitor.manifest import describe_model_quality, load_manifest
 from monitor.pipeline import FrameOutcome, FrameQueue, ParticleBox, Pipeline
-from monitor.publishers.base import CommandResult, ProbeUpdate, Publisher
-from monitor.recorder import Recorder
+from monitor.publishers.base import CommandResult, DurableResults, ProbeUpdate, Publisher
+from monitor.recorder import Recorder, result_document
 from monitor.reload import ReloadPlan, plan_reload
 from monitor.sources.base import Source
 from monitor.sources.folder import FolderSource
-from monitor.store import Store
+from monitor.store import Store, StoreTransaction
 from monitor.systemd_notify import SystemdNotifier, watchdog_interval
 from monitor.watchdog_feeder import WatchdogFeeder, WatchdogPolicy, feeder_interval
 
@@ -179,11 +179,14 @@ class Daemon:
             queue_crops=batcher_config.queue_size,
         )
         self.frames = FrameQueue(batcher_config.frame_queue_size)
+        self._durable = [p for p in self.publishers if isinstance(p, DurableResults)]
+        self._live_results = [p for p in self.publishers if not isinstance(p, DurableResults)]
         self.recorder = Recorder(
             self.store,
             manifest.classes,
             batch_of=lambda probe: self.probes[probe].aggregator.batch,
             on_recorded=self._on_recorded,
+            stage_results=self._stage_results if self._durable else None,
             clock=self.clock,
             max_delay_s=self._record_delay_s,
         )
@@ -261,6 +264,10 @@ class Daemon:
             self._batches_seen = batches
             self._batch_progress = now
         last = min(self.pipeline.last_progress, self._batch_progress)
+        if self.recorder.problem is not None:
+            # Held back by a store that cannot write (a full disk): the recorder is alive
+            # and retrying, /readyz says why; a restart by the watchdog would not help.
+            last = max(last, self.recorder.last_attempt)
         return last, self.frames.qsize() + in_flight
 
     def _status_line(self) -> str:
@@ -311,12 +318,16 @@ class Daemon:
             def record_skipped(keys: list[str], reason: str) -> None:
                 self.store.record_skipped(probe.id, keys, reason, self.clock())
 
+            def journaled(keys: Sequence[str]) -> set[str]:
+                return self.store.journaled(probe.id, keys)
+
             return FolderSource(
                 probe.id,
                 config,
-                journaled=self.store.journaled_keys(probe.id),
+                journaled=journaled,
                 record_skipped=record_skipped,
                 limits=limits,
+                retention_s=lambda: float(self.settings.store.retention),
             )
         if isinstance(config, SimulatedSourceConfig):
             from monitor.sources.simulated import SimulatedSource  # noqa: PLC0415
@@ -343,21 +354,19 @@ class Daemon:
             counts = dict(zip(self.model.manifest.classes, record.class_counts, strict=True))
             with self._alarm_lock:
                 self.alarms.observe_counts(probe, record.ts, counts)
-        for publisher in self.publishers:
-            publisher.publish_result(
-                probe,
-                {
-                    "ts": record.ts,
-                    "key": outcome.item.key,
-                    "status": outcome.status,
-                    "reason": outcome.reason,
-                    "counts": dict(
-                        zip(self.model.manifest.classes, record.class_counts, strict=True)
-                    ),
-                    "n_uncertain": record.n_uncertain,
-                    "n_ood": record.n_ood,
-                },
-            )
+        if self._live_results:
+            result = result_document(outcome, self.model.manifest.classes)
+            for publisher in self._live_results:
+                publisher.publish_result(probe, result)
+
+    def _stage_results(
+        self, tx: StoreTransaction, results: Sequence[tuple[str, dict[str, Any]]]
+    ) -> None:
+        """Inside the recorder's store transaction: the durable publishers' result
+        messages commit with their frames, or not at all."""
+        for publisher in self._durable:
+            for probe, result in results:
+                publisher.stage_result(tx, probe, result)
 
     def snapshot(self, probe: str) -> dict[str, Any]:
         state = self.probes[probe]

@@ -9,6 +9,7 @@ aggregators, so what the windows show is always what the store holds.
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 import time
@@ -62,6 +63,31 @@ class FrameOutcome:
     """Particles the model rejected as out of distribution (not counted as uncertain)."""
     image: np.ndarray | None = None
     boxes: tuple[ParticleBox, ...] = ()
+
+
+# Reading may fail and then succeed: a descriptor limit reached for a moment, a share
+# that answers EACCES or EIO while it reconnects, a lock held by the vendor software.
+TRANSIENT_READ_ERRNOS = frozenset(
+    {
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EIO,
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.ENOMEM,
+        errno.ETIMEDOUT,
+        errno.ESTALE,
+        errno.EINTR,
+    }
+)
+
+
+def transient_read_error(exc: DecodeError) -> bool:
+    """Whether a read failed for a passing cause (an OSError behind the DecodeError)."""
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in TRANSIENT_READ_ERRNOS
 
 
 class FrameQueue:
@@ -199,6 +225,11 @@ class Pipeline:
         try:
             grey = item.read()
         except DecodeError as exc:
+            if item.retry is not None and transient_read_error(exc):
+                if item.retry(exc.detail):
+                    self._abandon()  # the source delivers it again after a backoff
+                    return
+                exc = DecodeError(exc.reason, f"{exc.detail} (after {item.attempt} tries)")
             log.warning(
                 "frame_unreadable",
                 probe=item.probe,

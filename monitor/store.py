@@ -1,19 +1,30 @@
 """The SQLite store: processed-files journal, one row per frame, window snapshots.
 
-WAL mode lets `crystal-monitor export` read while the daemon writes. A frame's row
-and its journal entry are written in the same transaction, so after a crash a file
-is either fully recorded or not at all: a restart neither loses nor double-counts it.
+WAL mode lets `crystal-monitor export` read while the daemon writes. A frame's row,
+its journal entry and its outgoing result messages (the MQTT outbox lives in the same
+file, see `monitor.publishers.outbox`) are written in one transaction, so after a
+crash a file is either fully recorded and announced or not at all: a restart neither
+loses nor double-counts it, and no consumer misses a result behind a contiguous seq.
+
+Retention works on the time a row was recorded (`stored_at`), never on the frame time
+written into a file name, which a probe's clock or a renamed file can put anywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
 
 DB_FILE = "crystal-monitor.sqlite"
 
@@ -26,6 +37,7 @@ CREATE TABLE IF NOT EXISTS files (
     recorded_at REAL NOT NULL,
     PRIMARY KEY (probe, key)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS files_recorded_at ON files (recorded_at);
 CREATE TABLE IF NOT EXISTS frames (
     id INTEGER PRIMARY KEY,
     probe TEXT NOT NULL,
@@ -41,6 +53,7 @@ CREATE TABLE IF NOT EXISTS frames (
     n_ood INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS frames_probe_ts ON frames (probe, ts);
+CREATE INDEX IF NOT EXISTS frames_stored_at ON frames (stored_at);
 CREATE TABLE IF NOT EXISTS windows (
     id INTEGER PRIMARY KEY,
     probe TEXT NOT NULL,
@@ -90,32 +103,130 @@ class FrameRow:
     journal: bool = True  # files are journaled; stream frames have no file to remember
 
 
+class StoreError(Exception):
+    """The store file cannot be used as it is; the message names the file and the fix."""
+
+
+# SQLite result codes (the low byte of sqlite_errorcode) that pass: another writer, a
+# full disk, an I/O error, no memory. Anything else is a fault of the data or the code.
+_TRANSIENT_SQLITE_CODES = frozenset({5, 6, 7, 10, 13, 14})  # BUSY LOCKED NOMEM IOERR FULL CANTOPEN
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EIO,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.EAGAIN,
+        errno.ENOMEM,
+        errno.EACCES,
+        errno.EBUSY,
+        errno.ETIMEDOUT,
+        errno.EROFS,
+    }
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a write that failed with `exc` may succeed if simply tried again later."""
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in _TRANSIENT_SQLITE_CODES
+        text = str(exc).lower()
+        words = ("locked", "busy", "full", "disk i/o", "unable to open")
+        return any(word in text for word in words)
+    if isinstance(exc, OSError):
+        return exc.errno in _TRANSIENT_ERRNOS
+    return isinstance(exc, MemoryError)
+
+
+def storable_text(text: str) -> str:
+    """`text` as SQLite can store it: a file name that is not valid UTF-8 arrives from
+    os.fsdecode with lone surrogates, which become backslash escapes (b'\\xff' -> '\\xff').
+    The same name always maps to the same text, so the journal still matches it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
+
+
+@dataclass
+class StoreTransaction:
+    """An open BEGIN IMMEDIATE on the store's connection.
+
+    Other tables in the same file (the MQTT outbox) write through `connection` so that
+    they commit or roll back together with the frames; `after_commit` hooks run only
+    once COMMIT succeeded, to update what their owners keep in memory.
+    """
+
+    connection: sqlite3.Connection
+    _after: list[Callable[[], None]] = field(default_factory=list)
+    scratch: dict[str, Any] = field(default_factory=dict)
+    """Per-transaction notes of the writers that share it (the outbox's staged count)."""
+
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        self._after.append(hook)
+
+
 class Store:
     """One connection guarded by a lock: writes are short, readers use their own handle."""
 
     def __init__(self, state_dir: Path, *, readonly: bool = False) -> None:
         self.path = state_dir / DB_FILE
+        try:
+            self._db = self._open(state_dir, readonly)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and is_transient(exc):
+                raise StoreError(f"the store {self.path} cannot be opened: {exc}") from exc
+            raise StoreError(
+                f"the store {self.path} is not a readable SQLite database ({exc}): it is"
+                f" damaged. Move it aside (mv {self.path} {self.path}.damaged, and its -wal"
+                " and -shm files with it) and start again: the daemon then begins a new"
+                " store, and probe files are journaled afresh (keep them or use backlog ="
+                " 'none' to avoid counting old files twice)."
+            ) from exc
+        # A read-only view of a store from an older version has no n_ood column yet.
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(frames)")}
+        self._n_ood_column = "n_ood" if "n_ood" in columns else "0"
+        # Re-entrant: a transaction's owner may call the other methods inside it.
+        self._lock = threading.RLock()
+
+    def _open(self, state_dir: Path, readonly: bool) -> sqlite3.Connection:
         if readonly:
             if not self.path.is_file():
                 raise FileNotFoundError(f"no store at {self.path} (has the daemon run yet?)")
             uri = f"file:{self.path}?mode=ro"
-            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        else:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            _add_missing_columns(self._db)
-        self._db.execute("PRAGMA busy_timeout=5000")
-        # A read-only view of a store from an older version has no n_ood column yet.
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(frames)")}
-        self._n_ood_column = "n_ood" if "n_ood" in columns else "0"
-        self._lock = threading.Lock()
+            db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=5000")
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return db
+        state_dir.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        _add_missing_columns(db)
+        return db
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[StoreTransaction]:
+        """BEGIN IMMEDIATE ... COMMIT under the store's lock; after-commit hooks run last."""
+        with self._lock:
+            tx = StoreTransaction(self._db)
+            with self._transaction():
+                yield tx
+        for hook in tx._after:
+            try:
+                hook()
+            except Exception:  # the data is committed; a hook's failure must not undo that
+                log.exception("store_after_commit_failed")
 
     # -- journal -------------------------------------------------------------------
 
@@ -124,51 +235,74 @@ class Store:
             rows = self._db.execute("SELECT key FROM files WHERE probe = ?", (probe,))
             return {key for (key,) in rows}
 
+    def journaled(self, probe: str, keys: Sequence[str]) -> set[str]:
+        """Which of `keys` the journal holds (one indexed lookup each, in chunks)."""
+        found: set[str] = set()
+        with self._lock:
+            for start in range(0, len(keys), 500):
+                chunk = [storable_text(key) for key in keys[start : start + 500]]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    key
+                    for (key,) in self._db.execute(
+                        f"SELECT key FROM files WHERE probe = ? AND key IN ({marks})",
+                        (probe, *chunk),
+                    )
+                )
+        return found
+
     def record_skipped(self, probe: str, keys: Iterable[str], reason: str, now: float) -> None:
         """Journal files that will deliberately never be processed (backlog policy)."""
         with self._lock, self._transaction():
             self._db.executemany(
                 "INSERT OR IGNORE INTO files VALUES (?, ?, 'skipped', ?, ?)",
-                [(probe, key, reason, now) for key in keys],
+                [(probe, storable_text(key), reason, now) for key in keys],
             )
 
-    def record_frames(self, rows: Sequence[FrameRow]) -> dict[tuple[str, str], bool]:
-        """Store frames and journal their files in one transaction.
+    def record_frames(
+        self, rows: Sequence[FrameRow], tx: StoreTransaction | None = None
+    ) -> list[bool]:
+        """Store frames and journal their files in one transaction (`tx`, or one of its own).
 
-        Returns, per (probe, key), whether the row was added. A frame whose file is
-        already journaled is ignored: that is the exactly-once guarantee when a file
-        is seen twice (event plus rescan, or after a restart).
+        Returns, per row, whether it was added. A frame whose file is already journaled
+        (before, or earlier in `rows`) is ignored: that is the exactly-once guarantee
+        when a file is seen twice (event plus rescan, or after a restart).
         """
-        added: dict[tuple[str, str], bool] = {}
-        with self._lock, self._transaction():
-            for row in rows:
-                if row.journal:
-                    cursor = self._db.execute(
-                        "INSERT OR IGNORE INTO files VALUES (?, ?, ?, ?, ?)",
-                        (row.probe, row.key, row.status, row.reason, row.stored_at),
-                    )
-                    if cursor.rowcount == 0:
-                        added[(row.probe, row.key)] = False
-                        continue
-                self._db.execute(
-                    "INSERT INTO frames (probe, key, ts, batch, status, reason, counts,"
-                    " n_uncertain, stored_at, latency_s, n_ood)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        row.probe,
-                        row.key,
-                        row.ts,
-                        row.batch,
-                        row.status,
-                        row.reason,
-                        json.dumps(row.counts),
-                        row.n_uncertain,
-                        row.stored_at,
-                        row.latency_s,
-                        row.n_ood,
-                    ),
+        if tx is None:
+            with self.transaction() as own:
+                return self.record_frames(rows, own)
+        added: list[bool] = []
+        db = tx.connection
+        for row in rows:
+            key = storable_text(row.key)
+            reason = None if row.reason is None else storable_text(row.reason)
+            if row.journal:
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO files VALUES (?, ?, ?, ?, ?)",
+                    (row.probe, key, row.status, reason, row.stored_at),
                 )
-                added[(row.probe, row.key)] = True
+                if cursor.rowcount == 0:
+                    added.append(False)
+                    continue
+            db.execute(
+                "INSERT INTO frames (probe, key, ts, batch, status, reason, counts,"
+                " n_uncertain, stored_at, latency_s, n_ood)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.probe,
+                    key,
+                    row.ts,
+                    row.batch,
+                    row.status,
+                    reason,
+                    json.dumps(row.counts),
+                    row.n_uncertain,
+                    row.stored_at,
+                    row.latency_s,
+                    row.n_ood,
+                ),
+            )
+            added.append(True)
         return added
 
     # -- windows and batches ----------------------------------------------------------
@@ -248,15 +382,22 @@ class Store:
         return [_frame_row(row) for row in rows]
 
     def purge(self, older_than: float) -> int:
-        """Drop frame rows and snapshots older than the retention; the journal stays.
+        """Drop frame rows, snapshots and journal entries recorded before `older_than`.
 
-        The journal is kept because the files it names usually stay in the folder and
-        would otherwise be counted again by the next rescan.
+        By the time of recording, not the frame time from a file name: a file named
+        with an old (or future) time is kept for the full retention like any other.
+        A journal entry goes with its frame: a file still in the folder after that is
+        older than the retention, which the folder source skips by its mtime.
         """
         with self._lock, self._transaction():
-            frames = self._db.execute("DELETE FROM frames WHERE ts < ?", (older_than,)).rowcount
+            frames = self._db.execute(
+                "DELETE FROM frames WHERE stored_at < ?", (older_than,)
+            ).rowcount
             windows = self._db.execute("DELETE FROM windows WHERE ts < ?", (older_than,)).rowcount
-        return frames + windows
+            files = self._db.execute(
+                "DELETE FROM files WHERE recorded_at < ?", (older_than,)
+            ).rowcount
+        return frames + windows + files
 
     # -- reading back -------------------------------------------------------------
 
@@ -341,7 +482,20 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc_type is None:
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._rollback()  # a failed COMMIT (disk full) leaves the transaction open
+                raise
+        else:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR).
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
 
 def _frame_row(row: tuple[Any, ...]) -> FrameRow:

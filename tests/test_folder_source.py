@@ -62,7 +62,10 @@ def _source(folder: Path, **overrides: object) -> tuple[FolderSource, ListSink, 
     )
     skipped: list[str] = []
     source = FolderSource(
-        "R1", config, journaled=set(), record_skipped=lambda keys, reason: skipped.extend(keys)
+        "R1",
+        config,
+        journaled=lambda keys: set(),
+        record_skipped=lambda keys, reason: skipped.extend(keys),
     )
     sink = ListSink()
     source.start(sink)
@@ -141,7 +144,12 @@ def test_journaled_files_are_not_handed_on_again(tmp_path: Path) -> None:
     (tmp_path / "done.png").write_bytes(_png(1))
     (tmp_path / "new.png").write_bytes(_png(2))
     config = FolderSourceConfig.model_validate({"type": "folder", "path": tmp_path})
-    source = FolderSource("R1", config, journaled={"done.png"}, record_skipped=lambda k, r: None)
+    source = FolderSource(
+        "R1",
+        config,
+        journaled=lambda keys: {"done.png"} & set(keys),
+        record_skipped=lambda k, r: None,
+    )
     sink = ListSink()
     source.start(sink)
     try:

@@ -132,7 +132,7 @@ def test_store_keeps_out_of_distribution_counts_and_upgrades_an_old_file(tmp_pat
 
     store = Store(tmp_path)
     row = FrameRow("R1", "new.png", 7.0, None, "ok", None, {"CEX": 1, "PG": 0}, 0, 8.0, n_ood=4)
-    assert store.record_frames([row]) == {("R1", "new.png"): True}
+    assert store.record_frames([row]) == [True]
     assert [(r.key, r.n_ood, r.n_uncertain) for r in store.frames_since("R1", 0.0)] == [
         ("old.png", 0, 2),
         ("new.png", 4, 0),

@@ -179,22 +179,43 @@ def test_batcher_reports_a_failed_batch_and_keeps_going() -> None:
 # -- store ------------------------------------------------------------------------------
 
 
-def _row(key: str, ts: float, journal: bool = True) -> FrameRow:
-    return FrameRow("R1", key, ts, None, "ok", None, {"CEX": 1, "PG": 0}, 0, ts, journal=journal)
+def _row(key: str, ts: float, journal: bool = True, stored_at: float | None = None) -> FrameRow:
+    return FrameRow(
+        "R1",
+        key,
+        ts,
+        None,
+        "ok",
+        None,
+        {"CEX": 1, "PG": 0},
+        0,
+        ts if stored_at is None else stored_at,
+        journal=journal,
+    )
 
 
-def test_store_counts_a_journaled_file_once_and_purges_old_rows(tmp_path: Path) -> None:
+def test_store_counts_a_journaled_file_once_and_purges_by_recording_time(tmp_path: Path) -> None:
     store = Store(tmp_path)
     added = store.record_frames([_row("a.png", 100.0), _row("b.png", 200.0)])
-    assert added == {("R1", "a.png"): True, ("R1", "b.png"): True}
-    assert store.record_frames([_row("a.png", 100.0)]) == {("R1", "a.png"): False}
+    assert added == [True, True]
+    assert store.record_frames([_row("a.png", 100.0)]) == [False]
+    # The same file twice in one group: the first is added, the second is not.
+    assert store.record_frames([_row("c.png", 5.0, stored_at=300.0)] * 2) == [True, False]
     store.record_frames([_row("stream-1", 300.0, journal=False)] * 2)  # streams: no journal
-    assert store.journaled_keys("R1") == {"a.png", "b.png"}
-    assert [r.key for r in store.iter_frames()] == ["a.png", "b.png", "stream-1", "stream-1"]
+    assert store.journaled_keys("R1") == {"a.png", "b.png", "c.png"}
+    assert [r.key for r in store.iter_frames()] == [
+        "a.png",
+        "b.png",
+        "c.png",
+        "stream-1",
+        "stream-1",
+    ]
     store.record_snapshot("R1", 150.0, None, {"windows": {}})
-    assert store.purge(older_than=250.0) == 3
-    assert [r.key for r in store.iter_frames()] == ["stream-1", "stream-1"]
-    assert store.journaled_keys("R1") == {"a.png", "b.png"}  # the journal outlives rows
+    # a, b (rows and journal entries) and the snapshot were recorded before 250; c's name
+    # says time 5.0 but it was recorded at 300 and stays.
+    assert store.purge(older_than=250.0) == 5
+    assert [r.key for r in store.iter_frames()] == ["c.png", "stream-1", "stream-1"]
+    assert store.journaled_keys("R1") == {"c.png"}
     store.close()
 
 

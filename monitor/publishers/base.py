@@ -9,7 +9,10 @@ through the CommandHandler, which the daemon implements.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from monitor.store import StoreTransaction
 
 Quality = Literal["GOOD", "UNCERTAIN", "BAD"]
 
@@ -83,3 +86,15 @@ class Publisher(Protocol):
     def stop(self) -> None:
         """Publish what a clean stop must (e.g. MQTT 'offline'), then disconnect."""
         ...
+
+
+@runtime_checkable
+class DurableResults(Protocol):
+    """A publisher whose per-frame results must be kept exactly as the frames are.
+
+    The recorder calls `stage_result` inside the store transaction that records the
+    frame (`tx` is a `monitor.store.StoreTransaction`), so the result message commits
+    with the frame row or not at all; `publish_result` is then not called for it.
+    """
+
+    def stage_result(self, tx: StoreTransaction, probe: str, result: dict[str, Any]) -> None: ...

@@ -51,6 +51,7 @@ from monitor.publishers.base import CommandHandler, CommandResult, ProbeUpdate
 from monitor.publishers.mqtt_config import MqttConfig
 from monitor.publishers.outbox import Outbox, OutboxStats, Stream, encode_json
 from monitor.publishers.secrets import resolve_password
+from monitor.store import StoreTransaction
 
 log = structlog.get_logger(__name__)
 
@@ -200,6 +201,13 @@ def _describe_validation(exc: ValidationError) -> str:
         location = ".".join(str(item) for item in error["loc"]) or "body"
         parts.append(f"{location}: {error['msg']}")
     return "; ".join(parts)
+
+
+def _loads_or_none(payload: bytes) -> object:
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _clip(text: str, limit: int = _REASON_MAX) -> str:
@@ -383,6 +391,12 @@ class MqttPublisher:
         if self.config.results:
             self._append(probe, "results", result)
 
+    def stage_result(self, tx: StoreTransaction, probe: str, result: dict[str, Any]) -> None:
+        """`publish_result` inside the store transaction that records the frame
+        (DurableResults): the message and its seq exist only if the frame row does."""
+        if self.config.results:
+            self._append(probe, "results", result, tx=tx)
+
     def health(self) -> tuple[bool, str]:
         with self._lock:
             return self._connected, self._reason
@@ -439,7 +453,14 @@ class MqttPublisher:
             log.error("mqtt_bad_topic_level", what=what, value=value[:80])
         return False
 
-    def _append(self, probe: str, stream: Stream, body: dict[str, Any]) -> None:
+    def _append(
+        self,
+        probe: str,
+        stream: Stream,
+        body: dict[str, Any],
+        *,
+        tx: StoreTransaction | None = None,
+    ) -> None:
         if self._stopped:
             log.warning("mqtt_publish_after_stop", probe=probe, stream=stream)
             return
@@ -447,7 +468,13 @@ class MqttPublisher:
             return
         document = dict(body)
         document.setdefault("ts", iso_utc(time.time()))
-        self._outbox.append(probe, stream, self.topics.stream(probe, stream), document)
+        self._outbox.append(probe, stream, self.topics.stream(probe, stream), document, tx=tx)
+        if tx is None:
+            self._after_append()
+        else:
+            tx.after_commit(self._after_append)
+
+    def _after_append(self) -> None:
         self._log_drops()
         self._wake.set()
 
@@ -663,13 +690,13 @@ class MqttPublisher:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
-            self._receive_command(message.topic, bytes(message.payload))
+            self._receive_command(message.topic, bytes(message.payload), retained=message.retain)
         except Exception:
             log.exception("mqtt_command_failed")
 
     # -- commands ----------------------------------------------------------------------
 
-    def _receive_command(self, topic: str, payload: bytes) -> None:
+    def _receive_command(self, topic: str, payload: bytes, *, retained: bool = False) -> None:
         """Validate a command message; refuse it with a reply or queue it for the handler."""
         parsed = self.topics.parse_command(topic)
         if parsed is None:
@@ -677,6 +704,19 @@ class MqttPublisher:
         probe, command = parsed
         if command == "reply":
             return  # our own replies match the command filter too
+        if retained:
+            # The broker replays a retained message at every subscribe: executing it would
+            # repeat the action (restart a batch) at each reconnect and daemon restart.
+            if not payload:
+                return  # an empty retained message is how that retained value is cleared
+            self._refuse(
+                probe,
+                command,
+                _request_id(_loads_or_none(payload)),
+                "retained command ignored: commands must be published without the retain"
+                f" flag; clear this one with: mosquitto_pub -r -n -t '{_clip(topic, 200)}'",
+            )
+            return
         if len(payload) > MAX_COMMAND_BYTES:
             self._refuse(
                 probe,

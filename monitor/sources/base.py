@@ -16,7 +16,10 @@ class FrameItem:
     `read` returns the 2-D uint8 image or raises DecodeError; it runs on a pipeline
     worker, not on the source's thread. `journal` says whether the key names a file
     whose processing must be remembered across restarts. `after_store` runs once the
-    frame's row is committed (moving or deleting the file).
+    frame's row is committed (moving or deleting the file). `retry`, where the source
+    can deliver the frame again (a file), is called by the worker when reading failed
+    for a passing cause (EMFILE, EACCES, EIO); it returns False once the source has
+    tried often enough, and the failure is then recorded.
     """
 
     probe: str
@@ -25,6 +28,8 @@ class FrameItem:
     read: Callable[[], np.ndarray]
     journal: bool = True
     after_store: Callable[[], None] | None = field(default=None, compare=False)
+    retry: Callable[[str], bool] | None = field(default=None, compare=False)
+    attempt: int = 1
 
 
 class FrameSink(Protocol):

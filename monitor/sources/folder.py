@@ -6,6 +6,16 @@ a file written in place without close events (network shares) is complete once i
 size and mtime have not changed for `settle_time`. Every processed file is journaled
 by the store, so a restart neither loses nor double-counts a file; a periodic rescan
 catches missed events and a folder that vanished and came back.
+
+Memory. The store's journal is the record of what was processed; the source asks it
+(one indexed lookup per new name) and keeps in memory only the names of journaled
+files still in the folder, forgotten at each rescan once the file is gone. With
+`after = "move"` or `"delete"` that set stays small; with `"keep"` it is as large as
+the folder. The journal is purged with the store's retention: a file found by a scan,
+not journaled and older (by mtime) than the retention is skipped, not counted again.
+
+A read that fails for a passing cause (EMFILE, EACCES, EIO) is tried again with
+backoff, READ_RETRIES times over about ten minutes, before it is recorded as failed.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,11 +50,15 @@ from watchdog.observers import Observer
 from monitor.config import FolderSourceConfig
 from monitor.decode import DEFAULT_LIMITS, DecodeError, DecodeLimits, decode_image
 from monitor.sources.base import FrameItem, FrameSink
+from monitor.store import storable_text
 
 log = structlog.get_logger(__name__)
 
 CLOSE_QUIET_S = 0.05  # after a close-write, wait this long for a re-open before reading
 _TICK_S = 0.05
+READ_RETRIES = 12  # tries of a read failing with EMFILE, EACCES, EIO... before it counts
+READ_RETRY_FIRST_S = 1.0  # then doubling, at most READ_RETRY_MAX_S: about 10 minutes in all
+READ_RETRY_MAX_S = 60.0
 
 _STAMP = re.compile(
     r"(?P<y>\d{4})-?(?P<mo>\d{2})-?(?P<d>\d{2})[T_ -]?(?P<h>\d{2})[-:]?(?P<mi>\d{2})[-:]?"
@@ -108,15 +122,24 @@ class FolderSource:
         probe_id: str,
         config: FolderSourceConfig,
         *,
-        journaled: set[str],
+        journaled: Callable[[Sequence[str]], set[str]],
         record_skipped: Callable[[list[str], str], None],
         limits: DecodeLimits = DEFAULT_LIMITS,
+        retention_s: Callable[[], float] | None = None,
+        read_retry_first_s: float = READ_RETRY_FIRST_S,
     ) -> None:
+        """`journaled(keys)` answers which keys the store's journal holds; `retention_s()`
+        is the store's retention (files older than it that a scan finds are skipped)."""
         self.probe_id = probe_id
         self._config = config
         self._root = config.path
         self._root_prefix = os.path.join(str(config.path), "")
-        self._seen = set(journaled)
+        self._journaled = journaled
+        # Keys journaled (or handed on) whose files are still in the folder; see above.
+        self._seen: set[str] = set()
+        self._retention_s = retention_s
+        self._read_retry_first_s = read_retry_first_s
+        self._retries: dict[str, tuple[float, int]] = {}  # path -> (monotonic due, attempt)
         self._record_skipped = record_skipped
         self._limits = limits
         self._patterns = [p.lower() for p in config.patterns]
@@ -171,8 +194,9 @@ class FolderSource:
                     next_rescan = now  # it came back: look at everything at once
             if now >= next_rescan and not self._missing:
                 next_rescan = now + self._config.rescan_interval
-                for path in self._scan():
+                for path in self._unseen(list(self._scan()), forget_absent=True):
                     self._note(path, "rescan")
+            self._requeue_due_retries(now)
             self._emit_complete()
 
     def _start_observer(self) -> None:
@@ -211,7 +235,7 @@ class FolderSource:
         return False
 
     def _take_backlog(self) -> None:
-        existing = sorted(self._scan(), key=self._sort_key)
+        existing = sorted(self._unseen(list(self._scan())), key=self._sort_key)
         policy = self._config.backlog
         keep = existing
         if policy == "none":
@@ -233,13 +257,51 @@ class FolderSource:
         for path in keep:
             self._note(path, "rescan")
 
+    def _unseen(self, paths: list[str], *, forget_absent: bool = False) -> list[str]:
+        """The paths of a scan not yet processed: neither in memory nor in the journal.
+
+        With `forget_absent`, names of files no longer in the folder are dropped from
+        memory (the journal still has them). Unjournaled files older than the store's
+        retention are journaled as skipped: their entries were purged, they were
+        counted long ago.
+        """
+        keys = {path: self._key(path) for path in paths}
+        if forget_absent:
+            self._seen.intersection_update(keys.values())
+        unknown = [path for path, key in keys.items() if key not in self._seen]
+        if not unknown:
+            return []
+        journaled = self._journaled([keys[path] for path in unknown])
+        self._seen.update(journaled)
+        fresh = [path for path in unknown if keys[path] not in journaled]
+        retention = self._retention_s() if self._retention_s is not None else 0.0
+        if retention > 0 and fresh:
+            cutoff = time.time() - retention
+            expired = [path for path in fresh if _mtime(path) < cutoff]
+            if expired:
+                expired_keys = [keys[path] for path in expired]
+                self._record_skipped(expired_keys, "older_than_retention")
+                self._seen.update(expired_keys)
+                log.warning(
+                    "probe_files_older_than_retention",
+                    probe=self.probe_id,
+                    skipped=len(expired),
+                    retention_s=retention,
+                    action="journaled as skipped, not counted",
+                )
+                fresh = [path for path in fresh if path not in set(expired)]
+        return fresh
+
     def _drain_events(self, timeout: float) -> None:
         try:
             kind, path = self._events.get(timeout=timeout)
         except queue.Empty:
             return
         while True:
-            self._note(path, kind)
+            if kind.startswith("retry:"):
+                self._schedule_retry(path, int(kind[len("retry:") :]))
+            else:
+                self._note(path, kind)
             try:
                 kind, path = self._events.get_nowait()
             except queue.Empty:
@@ -249,7 +311,11 @@ class FolderSource:
         name = os.path.basename(path)
         if name.startswith(".") or not self._matches(name):
             return
-        if path in self._queued or self._key(path) in self._seen:
+        key = self._key(path)
+        if path in self._queued or path in self._retries or key in self._seen:
+            return
+        if kind != "rescan" and path not in self._candidates and self._journaled([key]):
+            self._seen.add(key)  # an event for a file processed before (a touch, a restart)
             return
         if kind == "moved":
             # Renamed into the folder: complete by construction, hand on in arrival order.
@@ -310,7 +376,7 @@ class FolderSource:
             self._ready.popleft()
             self._queued.discard(path)
 
-    def _hand_on(self, path: str) -> bool:
+    def _hand_on(self, path: str, attempt: int = 1) -> bool:
         key = self._key(path)
         name = os.path.basename(path)
         ts = frame_time_from_name(name)
@@ -323,6 +389,8 @@ class FolderSource:
             ts=ts,
             read=functools.partial(_read_regular_file, path, self._limits),
             after_store=self._after_store(path),
+            retry=functools.partial(self._request_retry, path, attempt),
+            attempt=attempt,
         )
         assert self._sink is not None
         while not self._stop.is_set():
@@ -330,6 +398,36 @@ class FolderSource:
                 self._seen.add(key)
                 return True
         return False
+
+    # -- retries of reads that failed for a passing cause ------------------------------
+
+    def _request_retry(self, path: str, attempt: int, detail: str) -> bool:
+        """Called by a worker (any thread): deliver `path` again later, or False when
+        it has been tried READ_RETRIES times and the failure should be recorded."""
+        if attempt >= READ_RETRIES or self._stop.is_set():
+            return False
+        self._events.put((f"retry:{attempt + 1}", path))
+        return True
+
+    def _schedule_retry(self, path: str, attempt: int) -> None:
+        delay = min(READ_RETRY_MAX_S, self._read_retry_first_s * 2 ** (attempt - 2))
+        self._retries[path] = (time.monotonic() + delay, attempt)
+        if attempt == 2:
+            log.warning(
+                "probe_file_read_retrying",
+                probe=self.probe_id,
+                path=path,
+                first_retry_in_s=delay,
+                retries=READ_RETRIES - 1,
+            )
+
+    def _requeue_due_retries(self, now: float) -> None:
+        due = [path for path, (at, _) in self._retries.items() if at <= now]
+        for path in due:
+            _, attempt = self._retries[path]
+            if not self._hand_on(path, attempt):
+                return  # stopping, or the queue is full: try again next tick
+            del self._retries[path]
 
     def _after_store(self, path: str) -> Callable[[], None] | None:
         policy = self._config.after
@@ -362,11 +460,7 @@ class FolderSource:
                         if entry.is_dir(follow_symlinks=False):
                             if self._config.recursive:
                                 stack.append(entry.path)
-                        elif (
-                            not entry.name.startswith(".")
-                            and self._matches(entry.name)
-                            and self._key(entry.path) not in self._seen
-                        ):
+                        elif not entry.name.startswith(".") and self._matches(entry.name):
                             yield entry.path
             except OSError as exc:
                 log.warning("probe_scan_failed", probe=self.probe_id, path=folder, error=str(exc))
@@ -376,14 +470,25 @@ class FolderSource:
         return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in self._patterns)
 
     def _key(self, path: str) -> str:
+        """The file's name relative to the folder, as the journal stores it (a name that
+        is not valid UTF-8 gets backslash escapes, the same ones every time)."""
         prefix = self._root_prefix
         if path.startswith(prefix):
-            return path[len(prefix) :]  # the common case, without relpath's normalising
-        return Path(os.path.relpath(path, self._root)).as_posix()
+            key = path[len(prefix) :]  # the common case, without relpath's normalising
+        else:
+            key = Path(os.path.relpath(path, self._root)).as_posix()
+        return storable_text(key)
 
     @staticmethod
     def _sort_key(path: str) -> str:
         return os.path.basename(path)
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return time.time()  # unknown: never old enough to skip
 
 
 def _signature(path: str) -> tuple[int, int] | None:

@@ -47,7 +47,7 @@ class Check:
 
 
 def readiness_checks(daemon: Daemon) -> list[Check]:
-    """Model loaded, every probe's source alive, every publisher connected."""
+    """Model loaded, the store writable, every probe's source alive, every publisher connected."""
     checks: list[Check] = []
     model = getattr(daemon, "model", None)
     backend = getattr(daemon, "backend", None)
@@ -56,6 +56,12 @@ def readiness_checks(daemon: Daemon) -> list[Check]:
     else:
         manifest = model.manifest
         checks.append(Check("model", True, f"{manifest.name} {manifest.version} on {backend.name}"))
+    recorder = getattr(daemon, "recorder", None)
+    if recorder is None:
+        checks.append(Check("store", False, "store not open yet"))
+    else:
+        problem = recorder.problem
+        checks.append(Check("store", problem is None, problem or "writing"))
     sources = {source.probe_id: source for source in list(daemon.sources)}
     for probe in daemon.settings.probes:
         source = sources.get(probe.id)
