@@ -36,10 +36,11 @@ from monitor.config import (
 )
 from monitor.decode import DecodeLimits
 from monitor.inference import resolve_backend
+from monitor.log_limit import RepeatLimiter
 from monitor.manifest import describe_model_quality, load_manifest
 from monitor.pipeline import FrameOutcome, FrameQueue, ParticleBox, Pipeline
 from monitor.publishers.base import CommandResult, DurableResults, ProbeUpdate, Publisher
-from monitor.recorder import Recorder, result_document
+from monitor.recorder import Recorder, failure_reason, result_document
 from monitor.reload import ReloadPlan, plan_reload
 from monitor.sources.base import Source
 from monitor.sources.folder import FolderSource
@@ -90,6 +91,7 @@ class ProbeState:
 
 
 ALARM_STATE = "alarm_engine"
+PUBLISH_FAILURE_LOG_INTERVAL_S = 60.0
 MODEL_LOAD_TIMEOUT_S = 120.0  # EXTEND_TIMEOUT_USEC for model load, warm-up and engine builds
 
 
@@ -487,6 +489,8 @@ class Daemon:
 
     def _publish_loop(self) -> None:
         next_purge = 0.0
+        failures = RepeatLimiter(PUBLISH_FAILURE_LOG_INTERVAL_S)
+        failing = False
         # The interval is read each time round: a config reload may change it.
         while not self._stop.wait(self.settings.aggregation.publish_interval):
             try:
@@ -494,8 +498,25 @@ class Daemon:
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + 3600
                     self.store.purge(self.clock() - self.settings.store.retention)
-            except Exception:
-                log.exception("publish_failed")
+            except Exception as exc:
+                # Repeats every interval while the cause lasts (a full disk): one line
+                # per reason per interval, with a count, and a traceback only the first time.
+                reason = failure_reason(exc)
+                count = failures.due(reason)
+                if count:
+                    log.error(
+                        "publish_failed",
+                        reason=reason,
+                        failures=count,
+                        interval_s=PUBLISH_FAILURE_LOG_INTERVAL_S,
+                        exc_info=not failing,
+                    )
+                failing = True
+            else:
+                if failing:
+                    log.info("publish_recovered")
+                    failing = False
+                    failures.reset()
 
     def start_batch(self, probe: str, batch_id: str, who: str = "local") -> CommandResult:
         """Reset the probe's windows and tag everything that follows with `batch_id`."""

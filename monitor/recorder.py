@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 
 from monitor.aggregate import FrameRecord
+from monitor.log_limit import RepeatLimiter
 from monitor.pipeline import FrameOutcome
 from monitor.store import FrameRow, Store, StoreTransaction, is_transient
 
@@ -126,8 +127,7 @@ class Recorder:
         self._store_failures: Counter[str] = Counter()
         self._unstorable = 0
         self._problem: str | None = None
-        self._logged_at: dict[str, float] = {}  # reason -> monotonic time last logged
-        self._unlogged: Counter[str] = Counter()  # reason -> failures since that line
+        self._failure_log = RepeatLimiter(FAILURE_LOG_INTERVAL_S)
 
     def start(self) -> None:
         self._thread.start()
@@ -260,11 +260,8 @@ class Recorder:
             self._store_failures[reason] += 1
         if transient:
             self._problem = f"store {self._store.path.name} cannot be written: {reason} (retrying)"
-        now = time.monotonic()
-        self._unlogged[reason] += 1
-        if now - self._logged_at.get(reason, -FAILURE_LOG_INTERVAL_S) >= FAILURE_LOG_INTERVAL_S:
-            self._logged_at[reason] = now
-            count, self._unlogged[reason] = self._unlogged[reason], 0
+        count = self._failure_log.due(reason)
+        if count:
             log.error(
                 "store_write_failed",
                 reason=reason,
@@ -279,8 +276,7 @@ class Recorder:
         if self._problem is not None:
             log.info("store_write_recovered", was=self._problem)
             self._problem = None
-            self._logged_at.clear()
-            self._unlogged.clear()
+            self._failure_log.reset()
 
     def _commit(self, outcomes: list[FrameOutcome], *, stage: bool = True) -> None:
         now = self._clock()

@@ -47,6 +47,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from monitor.log_limit import RepeatLimiter
 from monitor.publishers.base import CommandHandler, CommandResult, ProbeUpdate
 from monitor.publishers.mqtt_config import MqttConfig
 from monitor.publishers.outbox import Outbox, OutboxStats, Stream, encode_json
@@ -497,6 +498,7 @@ class MqttPublisher:
         inflight: dict[int, int] = {}  # paho mid -> outbox row id, this connection only
         generation = -1
         last_fed = 0
+        feeder_failures = RepeatLimiter(60.0)
         while not self._worker_stop.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
@@ -527,8 +529,11 @@ class MqttPublisher:
                 with self._lock:
                     self._delivered += len(acked)
                     self._inflight_count = len(inflight)
-            except Exception:
-                log.exception("mqtt_feeder_failed")
+            except Exception as exc:
+                # A locked or full store repeats this every turn: rate-limit the line.
+                count = feeder_failures.due(str(exc)[:80] or type(exc).__name__)
+                if count:
+                    log.error("mqtt_feeder_failed", error=str(exc)[:200], failures=count)
                 time.sleep(0.5)
 
     def _publish_retained(self, topics: Iterable[str]) -> None:

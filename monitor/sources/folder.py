@@ -59,6 +59,11 @@ _TICK_S = 0.05
 READ_RETRIES = 12  # tries of a read failing with EMFILE, EACCES, EIO... before it counts
 READ_RETRY_FIRST_S = 1.0  # then doubling, at most READ_RETRY_MAX_S: about 10 minutes in all
 READ_RETRY_MAX_S = 60.0
+# A frame time from a file name this far ahead of our clock is not believed: the probe
+# PC's clock is wrong (or the name is), and a future frame would sit outside every
+# window and hide a stalled probe. The file's arrival time is used instead.
+FUTURE_TOLERANCE_S = 120.0
+_FUTURE_LOG_INTERVAL_S = 60.0
 
 _STAMP = re.compile(
     r"(?P<y>\d{4})-?(?P<mo>\d{2})-?(?P<d>\d{2})[T_ -]?(?P<h>\d{2})[-:]?(?P<mi>\d{2})[-:]?"
@@ -140,6 +145,9 @@ class FolderSource:
         self._retention_s = retention_s
         self._read_retry_first_s = read_retry_first_s
         self._retries: dict[str, tuple[float, int]] = {}  # path -> (monotonic due, attempt)
+        self.future_named = 0  # files whose name's time was in the future (arrival used)
+        self._future_logged_at = -_FUTURE_LOG_INTERVAL_S
+        self._future_unlogged = 0
         self._record_skipped = record_skipped
         self._limits = limits
         self._patterns = [p.lower() for p in config.patterns]
@@ -168,6 +176,11 @@ class FolderSource:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._stop_observer()
+
+    @property
+    def remembered_names(self) -> int:
+        """Names of processed files held in memory (those still in the folder)."""
+        return len(self._seen)
 
     def health(self) -> tuple[bool, str]:
         if self._missing:
@@ -380,9 +393,13 @@ class FolderSource:
         key = self._key(path)
         name = os.path.basename(path)
         ts = frame_time_from_name(name)
+        if ts is not None and ts > time.time() + FUTURE_TOLERANCE_S:
+            self._note_future_name(name, ts)
+            ts = None
         if ts is None:
             signature = _signature(path)
             ts = signature[1] / 1e9 if signature else time.time()
+            ts = min(ts, time.time())  # an mtime in the future is no better
         item = FrameItem(
             probe=self.probe_id,
             key=key,
@@ -398,6 +415,22 @@ class FolderSource:
                 self._seen.add(key)
                 return True
         return False
+
+    def _note_future_name(self, name: str, ts: float) -> None:
+        self.future_named += 1
+        self._future_unlogged += 1
+        now = time.monotonic()
+        if now - self._future_logged_at >= _FUTURE_LOG_INTERVAL_S:
+            log.warning(
+                "probe_file_time_in_future",
+                probe=self.probe_id,
+                example=name[:200],
+                ahead_s=round(ts - time.time(), 1),
+                files=self._future_unlogged,
+                action="using the file's arrival time; check the probe PC's clock",
+            )
+            self._future_logged_at = now
+            self._future_unlogged = 0
 
     # -- retries of reads that failed for a passing cause ------------------------------
 
