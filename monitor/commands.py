@@ -57,7 +57,7 @@ publish_interval = "5s"
 ewma_halflife = "60s"
 
 [store]
-retention = "90d"                        # frame rows and window snapshots
+retention = "90d"                        # frame rows, snapshots and journal, by time recorded
 
 [[probes]]
 id = "R1"
