@@ -63,6 +63,9 @@ retention = "90d"                        # frame rows, snapshots and journal, by
 id = "R1"
 sampling = "particles"                   # whole | particles | tiles
 max_pixels = 50000000                    # refuse larger images before decoding
+# max_decoded_bytes = "100MB"            # refuse images whose width x height x channels x
+                                         # bytes per sample is over this, and files a
+                                         # little over it unread; default max_pixels x 2
 
 [probes.source]
 type = "folder"
@@ -74,6 +77,8 @@ settle_time = "1s"                       # in-place writes without close events
 rescan_interval = "30s"
 after = "keep"                           # keep | move | delete
 # done_dir = "/srv/probe/R1-done"        # needed for after = "move"
+follow_symlinks = false                  # false: links leading out of the folder are
+                                         # recorded as symlink_outside_folder, not read
 
 [probes.quality]
 focus_measure = "laplacian"              # laplacian | tenengrad

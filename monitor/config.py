@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     ValidationError,
@@ -73,6 +74,12 @@ class FolderSourceConfig(_Section):
         default="keep", description="What to do with a file once its result is stored."
     )
     done_dir: Path | None = Field(default=None, description="Destination when after = 'move'.")
+    follow_symlinks: bool = Field(
+        default=False,
+        description="Read symbolic links that lead out of the folder. Off: such a file is "
+        "recorded as an error with reason symlink_outside_folder and never read; links "
+        "to files inside the folder are read either way.",
+    )
 
     @field_validator("backlog")
     @classmethod
@@ -185,6 +192,14 @@ class ProbeConfig(_Section):
     tiles: TilesConfig = Field(default_factory=TilesConfig)
     max_pixels: int = Field(
         default=50_000_000, ge=64, description="Images over this are refused before decoding."
+    )
+    max_decoded_bytes: ByteSize | None = Field(
+        default=None,
+        gt=0,
+        description="Images whose decoded size (width x height x channels x bytes per "
+        "sample, from the header) is over this are refused before decoding "
+        "(decoded_too_large), and files a little over it are refused unread "
+        "(file_too_large). Unset: max_pixels x 2 bytes, one 16-bit channel.",
     )
 
 

@@ -314,7 +314,9 @@ class Daemon:
 
     def _create_source(self, probe: ProbeConfig) -> Source:
         config = probe.source
-        limits = DecodeLimits(max_pixels=probe.max_pixels)
+        limits = DecodeLimits(
+            max_pixels=probe.max_pixels, max_decoded_bytes=probe.max_decoded_bytes
+        )
         if isinstance(config, FolderSourceConfig):
 
             def record_skipped(keys: list[str], reason: str) -> None:

@@ -312,10 +312,10 @@ def replay_frames(
     started = time.monotonic()
     daemon.start()
     # The folder source's own reader: open once, refuse non-files, decode with the
-    # probe's pixel limit.
-    read_file = functools.partial(
-        _read_regular_file, limits=DecodeLimits(max_pixels=probe.max_pixels)
-    )
+    # probe's pixel and decoded-size limits. The replay folder is named by the user, so
+    # links out of it are followed.
+    limits = DecodeLimits(max_pixels=probe.max_pixels, max_decoded_bytes=probe.max_decoded_bytes)
+    read_file = functools.partial(_read_regular_file, limits=limits)
     pacer = _Pacer(origin, speed)
     # Files are read and decoded a few frames ahead on a thread of their own, so the
     # workers are busy again at once after each step's wait instead of starting on I/O.

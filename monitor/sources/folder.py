@@ -48,7 +48,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from monitor.config import FolderSourceConfig
-from monitor.decode import DEFAULT_LIMITS, DecodeError, DecodeLimits, decode_image
+from monitor.decode import DEFAULT_LIMITS, DecodeError, DecodeLimits, decode_image, read_open_file
 from monitor.sources.base import FrameItem, FrameSink
 from monitor.store import storable_text
 
@@ -150,6 +150,8 @@ class FolderSource:
         self._future_unlogged = 0
         self._record_skipped = record_skipped
         self._limits = limits
+        # Where a file must really be to be read: links out of the folder are refused.
+        self._read_within = None if config.follow_symlinks else str(config.path)
         self._patterns = [p.lower() for p in config.patterns]
         self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._candidates: dict[str, _Candidate] = {}  # seen, not yet known complete
@@ -404,7 +406,9 @@ class FolderSource:
             probe=self.probe_id,
             key=key,
             ts=ts,
-            read=functools.partial(_read_regular_file, path, self._limits),
+            read=functools.partial(
+                _read_regular_file, path, self._limits, within=self._read_within
+            ),
             after_store=self._after_store(path),
             retry=functools.partial(self._request_retry, path, attempt),
             attempt=attempt,
@@ -532,23 +536,58 @@ def _signature(path: str) -> tuple[int, int] | None:
     return (info.st_size, info.st_mtime_ns)
 
 
-def _read_regular_file(path: str, limits: DecodeLimits) -> np.ndarray:
-    """Open once, refuse FIFOs and devices (reading one would block a worker), decode."""
+def _read_regular_file(path: str, limits: DecodeLimits, *, within: str | None = None) -> np.ndarray:
+    """Open once, refuse FIFOs, devices and files over the byte cap, decode.
+
+    With `within`, the file must really be inside that folder: a symbolic link (or a
+    linked sub-folder) leading out of it is refused as symlink_outside_folder before
+    anything is read or decoded.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        if within is None:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        else:
+            fd = _open_within(path, within)
     except OSError as exc:
         raise DecodeError("unreadable", exc.strerror or str(exc)) from exc
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise DecodeError("not_a_file", "not a regular file")
-        if info.st_size > limits.max_pixels * 8:
-            raise DecodeError("file_too_large", f"{info.st_size:,} bytes")
-        chunks = []
-        while chunk := os.read(fd, max(info.st_size, 1 << 16)):
-            chunks.append(chunk)
-    except OSError as exc:
-        raise DecodeError("unreadable", exc.strerror or str(exc)) from exc
+        data = read_open_file(fd, limits)
     finally:
         os.close(fd)
-    return decode_image(b"".join(chunks), limits)
+    return decode_image(data, limits)
+
+
+def _open_within(path: str, folder: str) -> int:
+    """Open `path` for reading only if the file it leads to lies inside `folder`.
+
+    Race-free on Linux: the path is resolved once into an O_PATH descriptor (which
+    opens nothing, so a link to a device or FIFO has no effect), the kernel says where
+    that descriptor really is, and the file is then opened through that same
+    descriptor, so a link swapped in between cannot redirect the read.
+    """
+    real_folder = os.path.realpath(folder)
+    if not _HAVE_PROC_FD:
+        real = os.path.realpath(path)
+        _check_within(path, real, real_folder)
+        return os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    handle = os.open(path, os.O_PATH)
+    try:
+        _check_within(path, os.readlink(f"/proc/self/fd/{handle}"), real_folder)
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise DecodeError("not_a_file", "not a regular file")
+        return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NONBLOCK)
+    finally:
+        os.close(handle)
+
+
+_HAVE_PROC_FD = hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd")
+
+
+def _check_within(path: str, real: str, real_folder: str) -> None:
+    if real == real_folder or real.startswith(os.path.join(real_folder, "")):
+        return
+    raise DecodeError(
+        "symlink_outside_folder",
+        f"{path} leads to {real}, outside the watched folder {real_folder} "
+        "(set follow_symlinks = true in the probe's source to read such links)",
+    )
