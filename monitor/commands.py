@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from monitor.config import EX_CONFIG, ConfigError, Settings, check_environment, load_settings
-from monitor.logs import configure_logging
+from monitor.logs import configure_logging, restore_stderr
 from monitor.store import Store, StoreError
 
 EX_DATAERR = 65  # sysexits: the input data (here the store file) was incorrect
@@ -236,12 +236,16 @@ def run_run(args: argparse.Namespace) -> int:
     from monitor.daemon import run_daemon  # noqa: PLC0415
     from monitor.inference.backend import BackendUnavailableError  # noqa: PLC0415
 
-    configure_logging(settings.daemon.log_level, settings.daemon.log_format)
+    # The daemon's stderr is its log: native libraries' lines and uncaught exceptions
+    # become JSON events too (with log_format json).
+    configure_logging(settings.daemon.log_level, settings.daemon.log_format, capture_stderr=True)
     try:
         return run_daemon(settings, args.config)
     except BackendUnavailableError as exc:
         # A forced backend this host cannot run is a configuration error: exit 78, which
-        # the systemd units do not restart (RestartPreventExitStatus=78).
+        # the systemd units do not restart (RestartPreventExitStatus=78). The fix is for
+        # a person: one plain line, as for every other configuration error.
+        restore_stderr()
         print(f"config error: {exc}", file=sys.stderr)
         return EX_CONFIG
     except StoreError as exc:
@@ -252,6 +256,7 @@ def _report_store_error(exc: StoreError) -> int:
     """A damaged store: restarting cannot fix it, so exit 65, which the units do not
     restart either (RestartPreventExitStatus=65 78)."""
     structlog.get_logger(__name__).error("store_unusable", error=str(exc))
+    restore_stderr()  # the plain line below says what to do, as a config error does
     print(f"error: {exc}", file=sys.stderr)
     return EX_DATAERR
 

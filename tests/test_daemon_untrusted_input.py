@@ -8,13 +8,20 @@ folder, and libraries that write to stderr behind structlog's back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import time
 from pathlib import Path
 
+import cv2
+import numpy as np
+
 from monitor.simulator import CropSimulator
-from tests.bad_images import png_rgba16_zeros
+from tests.bad_images import png_rgba16_zeros, with_bad_iccp
 from tests.daemon_process import DaemonProcess, export, wait_for, write_like_probe
+from tests.mosquitto import free_port
 
 MIB = 1 << 20
 
@@ -163,3 +170,77 @@ def test_symlinks_out_of_the_folder_are_refused_unless_follow_symlinks_is_set(
         ("R1", "escape.png", "symlink_outside_folder"),
         ("R1", "escape_relative.png", "symlink_outside_folder"),
     ]
+
+
+def _send(port: int, payload: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(payload)
+        connection.settimeout(2)
+        with contextlib.suppress(TimeoutError):
+            connection.recv(1024)  # the server's answer or its closing, whichever comes
+
+
+def test_every_line_of_the_json_log_is_json_with_library_and_native_warnings(
+    tmp_path: Path,
+) -> None:
+    """libpng's warning about a bad iCCP profile (written by C code straight to fd 2),
+    aiohttp's tracebacks for malformed requests and asyncua's complaint about a malformed
+    OPC UA header (stdlib logging) all arrive as JSON lines, with their text kept."""
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    http_port, opcua_port = free_port(), free_port()
+    config = _config(
+        tmp_path,
+        f"""
+[http]
+enabled = true
+port = {http_port}
+
+[opcua]
+enabled = true
+security_profile = "demo"
+endpoint = "opc.tcp://127.0.0.1:{opcua_port}/crystal-monitor"
+"""
+        + _folder_probe("R1", folder),
+    )
+    crop = CropSimulator(seed=2).render("CEX")
+    ok, encoded = cv2.imencode(".png", crop)
+    assert ok
+
+    def listening() -> bool:
+        try:
+            for port in (http_port, opcua_port):
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        except OSError:
+            return False
+        return True
+
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.start()
+        assert wait_for(listening, timeout=60, interval=0.2), daemon.log_text()[-3000:]
+        (folder / ".iccp.png").write_bytes(with_bad_iccp(encoded.tobytes()))
+        os.replace(folder / ".iccp.png", folder / "iccp.png")
+        write_like_probe(folder, "plain.png", np.ascontiguousarray(crop))
+        _send(http_port, b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+        _send(opcua_port, b"\x00" * 64)
+        assert wait_for(lambda: len(export(config)) >= 2, timeout=60), daemon.log_text()[-3000:]
+        time.sleep(1)
+        assert daemon.terminate() == 0
+    lines = daemon.log_text().splitlines()
+    not_json = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            not_json.append(line)
+    assert not not_json, "\n".join(not_json[:20])
+    events = [json.loads(line) for line in lines]
+    native = [e for e in events if e.get("event") == "native_stderr"]
+    assert any("iCCP" in str(e["line"]) for e in native), native
+    library = [e for e in events if e.get("event") == "library_log"]
+    aiohttp = [e for e in library if str(e.get("logger", "")).startswith("aiohttp")]
+    assert aiohttp and "BadHttpMessage" in str(aiohttp[0].get("exception")), library
+    asyncua = [e for e in library if str(e.get("logger", "")).startswith("asyncua")]
+    assert any("malformed" in str(e.get("message")) for e in asyncua), library
+    rows = _rows_by_key(config)
+    assert rows["R1", "iccp.png"]["status"] == "ok" and rows["R1", "iccp.png"]["n_CEX"] == "1"
