@@ -557,6 +557,10 @@ def _read_regular_file(path: str, limits: DecodeLimits, *, within: str | None = 
     return decode_image(data, limits)
 
 
+# Linux: where an open descriptor really is, from the kernel (see _open_within).
+_HAVE_PROC_FD = hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd")
+
+
 def _open_within(path: str, folder: str) -> int:
     """Open `path` for reading only if the file it leads to lies inside `folder`.
 
@@ -578,9 +582,6 @@ def _open_within(path: str, folder: str) -> int:
         return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_NONBLOCK)
     finally:
         os.close(handle)
-
-
-_HAVE_PROC_FD = hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd")
 
 
 def _check_within(path: str, real: str, real_folder: str) -> None:
