@@ -277,3 +277,17 @@ def test_template_unit_is_per_reactor() -> None:
     assert "--config /etc/crystal-monitor/%i.toml" in text
     assert "StateDirectory=crystal-monitor/%i\n" in text
     assert "CRYSTAL_MONITOR__DAEMON__STATE_DIR=%S/crystal-monitor/%i\n" in text
+
+
+def test_units_raise_the_descriptor_limit_well_above_the_http_connection_limit() -> None:
+    """1,024 descriptors (the default soft limit) ran out under idle connections and
+    made frames unreadable: both units set LimitNOFILE=8192, and the HTTP server's
+    default connection limit stays far below it."""
+    from monitor.web.config import HttpConfig
+
+    for unit in ("crystal-monitor.service", "crystal-monitor@.service"):
+        text = (UNITS / unit).read_text()
+        service = text.split("[Service]", 1)[1].split("[Install]", 1)[0]
+        limits = re.findall(r"^LimitNOFILE=(\d+)$", service, flags=re.MULTILINE)
+        assert limits == ["8192"], (unit, limits)
+        assert HttpConfig().max_connections * 8 <= int(limits[0])

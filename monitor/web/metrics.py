@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from monitor import __version__
 from monitor.batcher import BucketCounts
+from monitor.web.connections import DROP_REASONS, HttpCounters
 from monitor.web.views import readiness_checks
 
 if TYPE_CHECKING:
@@ -122,6 +123,25 @@ class DaemonCollector(Collector):
         for probe in daemon.probes:
             ood.add_metric([probe], counts.out_of_distribution.get(probe, 0))
         yield ood
+        failures = CounterMetricFamily(
+            f"{PREFIX}_store_write_failures",
+            "Failed store writes, by reason (each retried with backoff, or written frame by"
+            " frame); frames are not lost by them.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(counts.store_failures.items()):
+            failures.add_metric([reason], count)
+        yield failures
+        yield GaugeMetricFamily(
+            f"{PREFIX}_store_writable",
+            "1 while the store accepts writes, 0 while writes fail and are being retried.",
+            value=0 if daemon.recorder.problem else 1,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_frames_unstorable",
+            "Frames that could not be stored even as an error row (each logged).",
+            value=counts.unstorable,
+        )
 
     def _queues(self, daemon: Daemon) -> Iterator[Metric]:
         batcher_config = daemon.settings.batcher
@@ -252,6 +272,56 @@ class DaemonCollector(Collector):
                 alarm_active.add_metric(labels, float(alarm["active"]))
                 alarm_unacked.add_metric(labels, float(not alarm["acknowledged"]))
         yield from (age, fraction, window_n, alarm_active, alarm_unacked)
+
+
+class HttpCollector(Collector):
+    """The HTTP server's own counters: connections, the ones it closed and why, accept
+    errors, wrong tokens and throttled requests."""
+
+    def __init__(self, counters: HttpCounters) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self._counters
+        connections = GaugeMetricFamily(f"{PREFIX}_http_connections", "Open HTTP connections.")
+        connections.add_metric([], float(counters.open_connections))
+        yield connections
+        in_progress = GaugeMetricFamily(
+            f"{PREFIX}_http_requests_in_progress",
+            "HTTP connections busy with a request (the rest wait for one).",
+        )
+        in_progress.add_metric([], float(counters.requests_in_progress))
+        yield in_progress
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_http_connections_dropped",
+            "HTTP connections the server closed, by reason: over_limit (refused, every "
+            "connection busy), evicted (the longest idle one, to make room), idle_timeout, "
+            "header_timeout, body_timeout.",
+            labels=["reason"],
+        )
+        for reason in DROP_REASONS:  # fixed names: never iterates the live Counter
+            dropped.add_metric([reason], counters.dropped.get(reason, 0))
+        yield dropped
+        for name, documentation, value in (
+            (
+                "http_accept_errors",
+                "Failed accepts of HTTP connections (e.g. EMFILE: out of descriptors).",
+                counters.accept_errors,
+            ),
+            (
+                "http_token_failures",
+                "Wrong tokens offered at /login or as a Bearer header.",
+                counters.token_failures,
+            ),
+            (
+                "http_throttled",
+                "Requests answered 429 because their peer offered too many wrong tokens.",
+                counters.throttled,
+            ),
+        ):
+            counter = CounterMetricFamily(f"{PREFIX}_{name}", documentation)
+            counter.add_metric([], value)
+            yield counter
 
 
 def create_registry(daemon: Daemon) -> CollectorRegistry:

@@ -11,6 +11,13 @@ needs `Authorization: Bearer TOKEN` or the session cookie that /login sets. POST
 be JSON with an `X-Requested-By` header, which a cross-site form or simple request
 cannot send, and a present Origin must be this server. Without a token the Host header
 must name this server (loopback), so a DNS-rebinding page cannot reach it either.
+
+Wrong tokens (at /login or as a Bearer header) are throttled per peer
+(`monitor.web.throttle`): a few at once, then one every few seconds, answered 429 with
+Retry-After in between. Connections are limited and timed out (`http.max_connections`,
+`http.idle_timeout`, `http.header_timeout`; `monitor.web.connections`), and the loop's
+accept errors are counted and logged once per interval, never as a traceback each.
+JSON bodies are at most 64 KiB; one nested too deeply for the parser is a 400.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import structlog
 from aiohttp import web
@@ -36,7 +43,15 @@ from monitor import __version__
 from monitor.publishers.opcua_config import is_loopback_host
 from monitor.web import views
 from monitor.web.config import HttpConfig, resolve_token
-from monitor.web.metrics import create_registry, render_metrics
+from monitor.web.connections import (
+    ConnectionGuard,
+    ErrorReporter,
+    GuardedConnection,
+    HttpCounters,
+    Listener,
+)
+from monitor.web.metrics import HttpCollector, create_registry, render_metrics
+from monitor.web.throttle import FailureThrottle
 
 if TYPE_CHECKING:
     from monitor.daemon import Daemon
@@ -56,6 +71,11 @@ JOURNAL_LIMIT = 200
 # plus slack for the frames that just left its deque.
 FRAME_CACHE_PER_FRAME = 3
 FRAME_MAX_AGE_S = 600
+MAX_BODY_BYTES = 64 * 1024
+# Characters of a frame key that stay as they are in the X-Frame-Key header; the rest
+# (control characters such as a newline in a file name, '%', non-ASCII) are
+# percent-encoded (RFC 3986), so any key makes a valid header.
+_KEY_HEADER_SAFE = "/:@!$&'()*+,;=-._~ "
 
 _STATIC_TYPES = {
     ".html": "text/html",
@@ -131,7 +151,10 @@ class WebServer:
         self._token = token if token is not None else resolve_token(config)
         self._session = None if self._token is None else session_value(self._token)
         self._static = _load_static()
+        self.counters = HttpCounters()
+        self._throttle = FailureThrottle()
         self._registry = create_registry(daemon)
+        self._registry.register(HttpCollector(self.counters))
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="http-worker")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -173,11 +196,30 @@ class WebServer:
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        runner = web.AppRunner(self._application(), access_log=None, shutdown_timeout=1.0)
+        reporter = ErrorReporter(self.counters)
+        loop.set_exception_handler(reporter)
+        config = self.config
+        runner = web.AppRunner(
+            self._application(),
+            access_log=None,
+            shutdown_timeout=1.0,
+            # aiohttp's own keep-alive timer only as a backstop: the guard's timers decide.
+            keepalive_timeout=2 * config.idle_timeout + config.header_timeout,
+        )
         try:
             loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True)
-            loop.run_until_complete(site.start())
+            assert runner.server is not None
+            # What web.TCPSite does, with aiohttp's protocol factory (runner.server)
+            # wrapped in the guard and an accept loop of our own.
+            guard = ConnectionGuard(
+                runner.server,
+                max_connections=config.max_connections,
+                idle_timeout=config.idle_timeout,
+                header_timeout=config.header_timeout,
+                counters=self.counters,
+            )
+            listener = Listener(guard, reporter)
+            loop.run_until_complete(listener.start(config.host, config.port))
         except BaseException as exc:  # reported to start(), which raises it
             with contextlib.suppress(Exception):
                 loop.run_until_complete(runner.cleanup())
@@ -189,6 +231,7 @@ class WebServer:
         try:
             loop.run_forever()
         finally:
+            loop.run_until_complete(listener.close())
             loop.run_until_complete(runner.cleanup())
             loop.close()
 
@@ -207,8 +250,8 @@ class WebServer:
 
     def _application(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._headers, self._guard],
-            client_max_size=64 * 1024,
+            middlewares=[self._track_request, self._headers, self._read_body, self._guard],
+            client_max_size=MAX_BODY_BYTES,
         )
         get = app.router.add_get
         get("/healthz", self._healthz)
@@ -236,6 +279,37 @@ class WebServer:
         return await loop.run_in_executor(self._pool, function, *args)
 
     # -- middlewares ----------------------------------------------------------------------
+
+    @web.middleware
+    async def _track_request(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Tell the connection guard a request's headers are in (its header timer stops)
+        and when the answer is ready (its idle timer starts)."""
+        transport = request.transport
+        connection = transport.get_protocol() if transport is not None else None
+        if not isinstance(connection, GuardedConnection):
+            return await handler(request)
+        connection.request_started()
+        try:
+            return await handler(request)
+        finally:
+            connection.request_finished()
+
+    @web.middleware
+    async def _read_body(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A body must arrive within http.header_timeout (at most MAX_BODY_BYTES, 413)."""
+        if request.body_exists:
+            try:
+                await asyncio.wait_for(request.read(), self.config.header_timeout)
+            except TimeoutError:
+                self.counters.dropped["body_timeout"] += 1
+                response = _error(
+                    408,
+                    f"the request body did not arrive within {self.config.header_timeout:g} s "
+                    "(http.header_timeout)",
+                )
+                response.force_close()
+                return response
+        return await handler(request)
 
     @web.middleware
     async def _headers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -267,15 +341,10 @@ class WebServer:
             if refusal is not None:
                 return _error(403, refusal)
         needs_token = self._token is not None and request.path not in OPEN_PATHS
-        if needs_token and not self._authorised(request):
-            if request.path == "/" and request.method == "GET":
-                raise web.HTTPSeeOther("/login")
-            response = _error(
-                401,
-                "authentication required: send 'Authorization: Bearer TOKEN' or log in at /login",
-            )
-            response.headers["WWW-Authenticate"] = 'Bearer realm="crystal-monitor"'
-            return response
+        if needs_token:
+            unauthorised = self._credentials_refusal(request)
+            if unauthorised is not None:
+                return unauthorised
         return await handler(request)
 
     def _host_allowed(self, host_header: str) -> bool:
@@ -295,16 +364,70 @@ class WebServer:
             )
         return None
 
-    def _authorised(self, request: web.Request) -> bool:
-        assert self._token is not None and self._session is not None
-        header = request.headers.get("Authorization", "")
-        scheme, _, credentials = header.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-            credentials.strip().encode(), self._token.encode()
-        ):
-            return True
+    def _credentials_refusal(self, request: web.Request) -> web.StreamResponse | None:
+        """None when the session cookie or the Bearer token is right; else 401, or 429
+        while the peer is throttled for wrong tokens (the token is then not checked)."""
+        assert self._session is not None
         cookie = request.cookies.get(SESSION_COOKIE, "")
-        return hmac.compare_digest(cookie.encode(), self._session.encode())
+        if cookie and hmac.compare_digest(cookie.encode(), self._session.encode()):
+            return None  # a cookie derived from the token: not a way to guess it
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            throttled = self._throttled(request)
+            if throttled is not None:
+                return throttled
+            if self._token_matches(credentials):
+                self._throttle.succeeded(self._peer(request))
+                return None
+            self._token_failed(request, "bearer")
+        if request.path == "/" and request.method == "GET":
+            raise web.HTTPSeeOther("/login")
+        response = _error(
+            401,
+            "authentication required: send 'Authorization: Bearer TOKEN' or log in at /login",
+        )
+        response.headers["WWW-Authenticate"] = 'Bearer realm="crystal-monitor"'
+        return response
+
+    def _token_matches(self, offered: str) -> bool:
+        assert self._token is not None
+        return hmac.compare_digest(offered.strip().encode(), self._token.encode())
+
+    @staticmethod
+    def _peer(request: web.Request) -> str:
+        return request.remote or "unknown"
+
+    def _token_failed(self, request: web.Request, where: str) -> None:
+        """Count a wrong token against its peer; log when that peer's tries are used up."""
+        peer = self._peer(request)
+        self.counters.token_failures += 1
+        exhausted = self._throttle.failed(peer)
+        log.warning("http_token_refused", remote=peer, where=where)
+        if exhausted:
+            log.warning(
+                "http_peer_throttled",
+                remote=peer,
+                retry_after_s=self._throttle.retry_after(peer),
+                burst=self._throttle.burst,
+                refill_s=self._throttle.refill_s,
+            )
+
+    def _retry_after(self, request: web.Request) -> int:
+        retry = self._throttle.retry_after(self._peer(request))
+        if retry:
+            self.counters.throttled += 1
+        return retry
+
+    def _throttled(self, request: web.Request) -> web.Response | None:
+        retry = self._retry_after(request)
+        if not retry:
+            return None
+        response = _error(
+            429,
+            f"too many wrong tokens from {self._peer(request)}: try again in {retry} s",
+        )
+        response.headers["Retry-After"] = str(retry)
+        return response
 
     # -- health and metrics ---------------------------------------------------------------
 
@@ -362,7 +485,16 @@ class WebServer:
         else:
             offered = request.query.get("token", "")
         if offered:
-            if hmac.compare_digest(offered.strip().encode(), self._token.encode()):
+            retry = self._retry_after(request)
+            if retry:
+                page = self._login_page(
+                    f"Too many wrong tokens from this address: try again in {retry} s.",
+                    status=429,
+                )
+                page.headers["Retry-After"] = str(retry)
+                return page
+            if self._token_matches(offered):
+                self._throttle.succeeded(self._peer(request))
                 response = web.HTTPSeeOther("/")
                 assert self._session is not None
                 response.set_cookie(
@@ -375,7 +507,7 @@ class WebServer:
                 )
                 log.info("http_login", remote=request.remote)
                 raise response
-            log.warning("http_login_refused", remote=request.remote)
+            self._token_failed(request, "login")
             return self._login_page("That token is not valid.", status=401)
         return self._login_page("")
 
@@ -494,7 +626,7 @@ class WebServer:
             self._remember_jpeg(cache_key, data)
         headers = {
             "X-Frame-Ts": repr(frame.ts),
-            "X-Frame-Key": frame.key,
+            "X-Frame-Key": quote(frame.key, safe=_KEY_HEADER_SAFE, errors="surrogateescape"),
             "X-Frame-Index": str(index),
         }
         if selection.exact:
@@ -517,6 +649,11 @@ class WebServer:
             body = await request.json()
         except ValueError as exc:
             raise web.HTTPBadRequest(reason="the body is not valid JSON") from exc
+        except RecursionError as exc:
+            raise web.HTTPBadRequest(
+                reason="the body is JSON nested too deeply to parse (an action needs a flat "
+                "object: who, comment, minutes)"
+            ) from exc
         if not isinstance(body, dict):
             raise web.HTTPBadRequest(reason="the body must be a JSON object")
         who = body.get("who")
