@@ -376,6 +376,16 @@ def test_old_names_survive_retention_and_future_names_use_the_arrival_time(
 # -- item 6: retained commands ------------------------------------------------------------
 
 
+def _mosquitto_pub(port: int, topic: str, body: dict[str, Any], *, retain: bool) -> None:
+    """Publish as an operator's tool would: mosquitto_pub, QoS 1, retained or not."""
+    flags = ["-r"] if retain else []
+    subprocess.run(
+        ["mosquitto_pub", "-p", str(port), "-t", topic, *flags, "-q", "1", "-m", json.dumps(body)],
+        check=True,
+        timeout=10,
+    )
+
+
 def test_a_retained_command_is_refused_with_the_reason_and_never_executed(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
@@ -385,22 +395,7 @@ def test_a_retained_command_is_refused_with_the_reason_and_never_executed(
     config = _config(tmp_path, tmp_path / "state", folder, mqtt_port=broker.port)
     topic = f"{PREFIX}/R1/cmd/batch"
     command = {"action": "start", "batch_id": "B-retained", "who": "op", "request_id": "r1"}
-    subprocess.run(
-        [
-            "mosquitto_pub",
-            "-p",
-            str(broker.port),
-            "-t",
-            topic,
-            "-r",
-            "-q",
-            "1",
-            "-m",
-            json.dumps(command),
-        ],
-        check=True,
-        timeout=10,
-    )
+    _mosquitto_pub(broker.port, topic, command, retain=True)
     with (
         Subscriber(broker.port, [f"{PREFIX}/R1/cmd/reply", f"{PREFIX}/R1/events"]) as sub,
         DaemonProcess(config, tmp_path / "daemon.log") as daemon,
@@ -425,21 +420,7 @@ def test_a_retained_command_is_refused_with_the_reason_and_never_executed(
             lambda got: len([m for m in got if m.topic.endswith("cmd/reply")]) >= 1, timeout=60
         )
         live = {**command, "batch_id": "B-live", "request_id": "r2"}
-        subprocess.run(
-            [
-                "mosquitto_pub",
-                "-p",
-                str(broker.port),
-                "-t",
-                topic,
-                "-q",
-                "1",
-                "-m",
-                json.dumps(live),
-            ],
-            check=True,
-            timeout=10,
-        )
+        _mosquitto_pub(broker.port, topic, live, retain=False)
         assert sub.wait_for(
             lambda got: any(
                 m.topic.endswith("cmd/reply") and m.json()["request_id"] == "r2" for m in got
