@@ -1,7 +1,7 @@
 """Batched classify (ONNX Runtime) against one-file-at-a-time torch eager, same model, same files.
 
-Both arms decode and preprocess every file with the same code (monitor.decode and
-monitor.preprocess); only the way the network runs differs. Prints a table and, with
+Both arms decode and preprocess every file with the same code (monitor.imaging.decode and
+monitor.imaging.preprocess); only the way the network runs differs. Prints a table and, with
 --write, records it in BENCHMARKS.md.
 
     python -m bench.classify_throughput --run runs/default-mnv3s --files data/test-crops
@@ -22,11 +22,11 @@ import torch
 from bench.report import machine_line, replace_section
 from model_zoo.checkpoint import load_state_dict
 from model_zoo.registry import create_model
-from monitor.classify import classify_files, collect_image_files
-from monitor.decode import read_image_file
-from monitor.inference import resolve_backend
+from monitor.cli.classify import classify_files, collect_image_files
+from monitor.imaging.decode import read_image_file
+from monitor.imaging.preprocess import prepare_image
+from monitor.inference.factory import resolve_backend
 from monitor.manifest import default_model_dir, load_manifest
-from monitor.preprocess import prepare_image
 
 
 def eager_one_at_a_time(files: list[Path], run_dir: Path, spec) -> float:  # type: ignore[no-untyped-def]

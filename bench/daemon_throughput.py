@@ -24,14 +24,14 @@ import cv2
 import numpy as np
 
 from bench.report import machine_line, replace_section
-from monitor.config import QualityConfig, load_settings
+from monitor.config.settings import QualityConfig, load_settings
 from monitor.daemon import Daemon
-from monitor.decode import decode_image
-from monitor.inference import resolve_backend
+from monitor.imaging.decode import decode_image
+from monitor.imaging.preprocess import prepare_batch
+from monitor.inference.factory import resolve_backend
 from monitor.manifest import load_manifest
-from monitor.preprocess import prepare_batch
-from monitor.quality import assess_frame
-from monitor.sampling import ParticleSampler
+from monitor.pipeline.quality_gate import assess_frame
+from monitor.pipeline.sampling import ParticleSampler
 from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
 from monitor.store import Store
 

@@ -5,7 +5,7 @@ For each batch size from 1 to 256 (powers of two):
 - engine only: preprocessed tensors already in memory, submitted back to back with one
   batch in flight (what the GPU can do);
 - end to end: PNG crops held in memory, decoded and preprocessed by worker threads with
-  the daemon's own code (monitor.decode, monitor.preprocess), packed by the daemon's
+  the daemon's own code (monitor.imaging.decode, monitor.imaging.preprocess), packed by the daemon's
   MicroBatcher (max_batch = the batch size) and run on the same backend, until every
   crop's probabilities are back (what the daemon can do, without file system and store).
 
@@ -34,13 +34,14 @@ import cv2
 import numpy as np
 
 from bench.report import machine_line, replace_section
-from monitor.batcher import MicroBatcher
-from monitor.config import TensorRTConfig
-from monitor.decode import decode_image
-from monitor.inference import Backend, OnnxRuntimeBackend, PipelinedBackend
+from monitor.config.settings import TensorRTConfig
+from monitor.imaging.decode import decode_image
+from monitor.imaging.preprocess import prepare_batch
+from monitor.inference.backend import Backend, PipelinedBackend
+from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
 from monitor.inference.tensorrt_backend import create_tensorrt_backend, probe_tensorrt
 from monitor.manifest import InputSpec, load_manifest
-from monitor.preprocess import prepare_batch
+from monitor.pipeline.batcher import MicroBatcher
 from monitor.simulator import LABELS, CropSimulator
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)

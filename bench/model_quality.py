@@ -23,10 +23,10 @@ import numpy as np
 from bench.report import machine_line, replace_section
 from model_zoo.imagefolder import list_labelled_files, load_images
 from model_zoo.metrics import compute_metrics, expected_calibration_error
+from monitor.imaging.preprocess import prepare_batch
 from monitor.inference.decision import DecisionRule
 from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
 from monitor.manifest import LoadedModel, load_manifest
-from monitor.preprocess import prepare_batch
 from tests.ood_images import build_ood_set
 
 

@@ -26,7 +26,7 @@ import numpy.typing as npt
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from monitor.decode import to_grey_uint8  # noqa: E402
+from monitor.imaging.decode import to_grey_uint8  # noqa: E402
 from monitor.simulator import (  # noqa: E402  (the repository root must be importable first)
     CEX,
     PG,

@@ -1,6 +1,6 @@
 """Training augmentations for microscope crops, on the 2-D uint8 image.
 
-They run before `monitor.preprocess`, so the network still sees exactly the
+They run before `monitor.imaging.preprocess`, so the network still sees exactly the
 resize and normalisation the daemon applies. Chosen for in-situ probe images:
 particles have no preferred orientation (any rotation, both flips), their
 apparent size varies with distance from the window (scale jitter), illumination

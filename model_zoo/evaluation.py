@@ -16,10 +16,10 @@ import numpy as np
 from model_zoo.imagefolder import DatasetError, find_classes, list_labelled_files, load_images
 from model_zoo.metrics import compute_metrics, expected_calibration_error
 from model_zoo.plots import plot_confusion_matrices
+from monitor.imaging.preprocess import prepare_batch
 from monitor.inference.decision import DecisionRule
 from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
 from monitor.manifest import EvaluationMetrics, ModelManifest, load_manifest
-from monitor.preprocess import prepare_batch
 
 EVALUATION_FILE = "evaluation.json"
 CONFUSION_FILE = "confusion_matrix.png"

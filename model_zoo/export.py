@@ -44,6 +44,7 @@ from model_zoo.ood import (
 )
 from model_zoo.registry import create_model
 from model_zoo.training import ARGS_FILE, CHECKPOINT_FILE, EVALUATION_FILE, SPLITS_FILE
+from monitor.imaging.preprocess import prepare_batch
 from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
 from monitor.manifest import (
     MANIFEST_FILE,
@@ -56,7 +57,6 @@ from monitor.manifest import (
     TrainingData,
     sha256_of_file,
 )
-from monitor.preprocess import prepare_batch
 from monitor.simulator.writer import GROUND_TRUTH_FILE
 
 ONNX_FILE = "model.onnx"

@@ -7,7 +7,7 @@ Layouts:
   each a class-folder layout; used as given.
 
 Crops are small and decoding dominates a naive epoch on two cores, so each image
-is decoded once (by `monitor.decode`, like the daemon does) and kept as a 2-D uint8
+is decoded once (by `monitor.imaging.decode`, like the daemon does) and kept as a 2-D uint8
 array.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model_zoo.errors import ModelZooError
-from monitor.decode import IMAGE_SUFFIXES, DecodeError, read_image_file
+from monitor.imaging.decode import IMAGE_SUFFIXES, DecodeError, read_image_file
 
 Layout = Literal["class-folders", "split-folders"]
 SPLIT_FOLDERS = {"train": "train", "validation": "val", "test": "test"}

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from model_zoo.errors import ModelZooError
+from monitor.imaging.preprocess import prepare_batch
 from monitor.manifest import InputSpec
-from monitor.preprocess import prepare_batch
 
 DEFAULT_FALSE_REJECT_RATE = 0.01
 # Intermediate blocks whose output statistics make the score, as fractions of the depth

@@ -11,7 +11,7 @@ A run directory holds everything `export` needs and everything a reviewer wants:
   checkpoint on the validation and test splits.
 
 Images pass through `augment_crop` (training only) and then
-`monitor.preprocess.prepare_image`/`prepare_batch`, the functions the daemon uses.
+`monitor.imaging.preprocess.prepare_image`/`prepare_batch`, the functions the daemon uses.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ from model_zoo.registry import (
     input_normalisation,
     load_imagenet_weights,
 )
+from monitor.imaging.preprocess import prepare_batch, prepare_image
 from monitor.manifest import EvaluationMetrics, InputSpec, sha256_of_file
-from monitor.preprocess import prepare_batch, prepare_image
 
 ARGS_FILE = "args.json"
 SPLITS_FILE = "splits.json"

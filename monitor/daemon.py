@@ -23,8 +23,7 @@ import structlog
 from monitor import __version__
 from monitor.aggregate import FrameRecord, WindowAggregator
 from monitor.alarms import AlarmEngine, quality_of
-from monitor.batcher import MicroBatcher
-from monitor.config import (
+from monitor.config.settings import (
     ConfigError,
     FolderSourceConfig,
     ProbeConfig,
@@ -34,19 +33,20 @@ from monitor.config import (
     check_environment,
     load_settings,
 )
-from monitor.decode import DecodeLimits
-from monitor.inference import resolve_backend
+from monitor.imaging.decode import DecodeLimits
+from monitor.inference.factory import resolve_backend
 from monitor.log_limit import RepeatLimiter
 from monitor.manifest import describe_model_quality, load_manifest
-from monitor.pipeline import FrameOutcome, FrameQueue, ParticleBox, Pipeline
+from monitor.pipeline.batcher import MicroBatcher
+from monitor.pipeline.recorder import Recorder, failure_reason, result_document
+from monitor.pipeline.workers import FrameOutcome, FrameQueue, ParticleBox, Pipeline
 from monitor.publishers.base import CommandResult, DurableResults, ProbeUpdate, Publisher
-from monitor.recorder import Recorder, failure_reason, result_document
-from monitor.reload import ReloadPlan, plan_reload
+from monitor.runtime.reload import ReloadPlan, plan_reload
+from monitor.runtime.systemd_notify import SystemdNotifier, watchdog_interval
+from monitor.runtime.watchdog_feeder import WatchdogFeeder, WatchdogPolicy, feeder_interval
 from monitor.sources.base import Source
 from monitor.sources.folder import FolderSource
 from monitor.store import Store, StoreTransaction
-from monitor.systemd_notify import SystemdNotifier, watchdog_interval
-from monitor.watchdog_feeder import WatchdogFeeder, WatchdogPolicy, feeder_interval
 
 if TYPE_CHECKING:
     from monitor.web.server import WebServer

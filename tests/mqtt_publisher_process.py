@@ -21,10 +21,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from monitor.config.mqtt import MqttConfig
 from monitor.logs import configure_logging
 from monitor.publishers.base import CommandResult, ProbeUpdate
 from monitor.publishers.mqtt import MqttPublisher
-from monitor.publishers.mqtt_config import MqttConfig
 
 PREFIX = "crystal-monitor"
 CLASSES = ("CEX", "PG")

@@ -133,10 +133,10 @@ def test_reference_crops_are_read(tmp_path: Path) -> None:
 
 def _held_out_macro_f1(simulator: CropSimulator, count: int) -> float:
     from model_zoo.metrics import compute_metrics
-    from monitor.decode import to_grey_uint8
-    from monitor.inference import resolve_backend
+    from monitor.imaging.decode import to_grey_uint8
+    from monitor.imaging.preprocess import prepare_batch
     from monitor.inference.decision import DecisionRule
-    from monitor.preprocess import prepare_batch
+    from monitor.inference.factory import resolve_backend
 
     model = load_manifest()
     backend = resolve_backend("onnxruntime", model)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from monitor.commands import DEFAULT_CONFIG
-from monitor.config import EX_CONFIG, ConfigError, load_settings
-from monitor.durations import parse_duration
+from monitor.cli.subcommands import DEFAULT_CONFIG
+from monitor.config.durations import parse_duration
+from monitor.config.settings import EX_CONFIG, ConfigError, load_settings
 
 GOOD_PROBE = """
 [[probes]]

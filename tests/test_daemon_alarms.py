@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from monitor.config import load_settings
+from monitor.config.settings import load_settings
 from monitor.daemon import Daemon
 from monitor.publishers.base import CommandHandler, ProbeUpdate
 from monitor.store import Store
@@ -135,8 +135,8 @@ def test_mqtt_outbox_overflow_raises_the_publish_overflow_alarm(tmp_path: Path) 
     """With no broker and a tiny outbox, per-frame results overflow it: the dropped
     messages raise a system alarm on the other publishers, even while nothing else is wrong."""
     from monitor import __version__
+    from monitor.config.mqtt import MqttConfig
     from monitor.publishers.mqtt import MqttPublisher
-    from monitor.publishers.mqtt_config import MqttConfig
     from tests.mosquitto import free_port
 
     settings = _settings(tmp_path / "state")

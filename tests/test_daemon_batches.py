@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from monitor.config import load_settings
+from monitor.config.settings import load_settings
 from monitor.daemon import Daemon
 from monitor.store import Store
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from monitor.config import load_settings
+from monitor.config.settings import load_settings
 from monitor.daemon import Daemon
-from monitor.decode import to_grey_uint8
+from monitor.imaging.decode import to_grey_uint8
 from monitor.simulator import CropSimulator
 from tests.daemon_process import write_like_probe
 from tests.ood_images import build_ood_set

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitor.config import load_settings
+from monitor.config.settings import load_settings
 from monitor.daemon import Daemon
 from monitor.sources.simulated import SimulatedSource
 from monitor.store import Store

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from monitor.config import load_settings
+from monitor.config.settings import load_settings
 from monitor.daemon import RECENT_FRAMES, Daemon
 from tests.daemon_process import wait_for
 from tests.mosquitto import free_port

@@ -8,7 +8,13 @@ import cv2
 import numpy as np
 import pytest
 
-from monitor.decode import DecodeError, DecodeLimits, decode_image, read_image_file, to_grey_uint8
+from monitor.imaging.decode import (
+    DecodeError,
+    DecodeLimits,
+    decode_image,
+    read_image_file,
+    to_grey_uint8,
+)
 from tests.bad_images import png_claiming, png_rgba16_zeros
 
 

@@ -15,13 +15,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pytest
 
-from monitor.classify import classify_files, collect_image_files
-from monitor.decode import to_grey_uint8
-from monitor.inference import resolve_backend
+from monitor.cli.classify import classify_files, collect_image_files
+from monitor.imaging.decode import to_grey_uint8
+from monitor.imaging.preprocess import prepare_batch
 from monitor.inference.backend import Backend
 from monitor.inference.decision import Decision, DecisionRule
+from monitor.inference.factory import resolve_backend
 from monitor.manifest import LoadedModel, load_manifest
-from monitor.preprocess import prepare_batch
 from monitor.simulator import CropSimulator
 from tests.ood_images import build_ood_set
 from tests.test_classify import REFERENCE

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from monitor.cli import main
-from monitor.config import EX_CONFIG
-from monitor.doctor import TENSORRT_MISSING, Check, check_opcua_port, exit_code, format_check
+from monitor.cli.doctor import TENSORRT_MISSING, Check, check_opcua_port, exit_code, format_check
+from monitor.cli.main import main
+from monitor.config.settings import EX_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "deploy" / "examples"
@@ -155,7 +155,7 @@ def test_example_config_validates_once_its_paths_exist(
 
 
 def test_two_reactor_instances_do_not_share_state_topics_or_ports() -> None:
-    from monitor.config import load_settings
+    from monitor.config.settings import load_settings
 
     r1, r2 = (load_settings(EXAMPLES / "two-reactors" / f"{r}.toml") for r in ("R1", "R2"))
     assert r1.daemon.state_dir != r2.daemon.state_dir

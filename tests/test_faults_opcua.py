@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import ValidationError
 
+from monitor.config.opcua import OpcUaConfig
 from monitor.publishers.opcua import OpcUaPublisher
 from monitor.publishers.opcua_certificates import write_files_atomically
-from monitor.publishers.opcua_config import OpcUaConfig
 from monitor.publishers.opcua_security import RepeatedLog
 from monitor.publishers.opcua_users import LoginThrottle, write_user
 from tests.test_opcua import (

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from monitor.config import FolderSourceConfig
-from monitor.decode import DecodeError
+from monitor.config.settings import FolderSourceConfig
+from monitor.imaging.decode import DecodeError
 from monitor.sources.base import FrameItem
 from monitor.sources.folder import FolderSource, frame_time_from_name
 

@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor.config import EX_CONFIG, load_settings
+from monitor.config.http import HttpConfig
+from monitor.config.settings import EX_CONFIG, load_settings
 from monitor.daemon import RECENT_FRAMES, Daemon
 from monitor.publishers.base import CommandHandler, ProbeUpdate
 from monitor.simulator import CropSimulator
 from monitor.web import views
-from monitor.web.config import HttpConfig
 from monitor.web.server import SESSION_COOKIE, WebServer, WebStartError
 from tests.daemon_process import wait_for, write_like_probe
 from tests.mosquitto import free_port
@@ -779,7 +779,7 @@ def test_a_long_history_is_thinned_evenly_in_the_store(tmp_path: Path) -> None:
 
 
 def test_http_config_errors_name_the_key_and_the_fix() -> None:
-    from monitor.config import ConfigError
+    from monitor.config.settings import ConfigError
 
     probes = [{"id": "R1", "source": {"type": "folder", "path": "/srv/x"}}]
     both = {"enabled": True, "token_env": "A", "token_credential": "b"}

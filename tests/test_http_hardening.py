@@ -32,10 +32,10 @@ import cv2
 import numpy as np
 import pytest
 
-from monitor.config import EX_CONFIG
+from monitor.config.http import MIN_TOKEN_BITS, estimate_token_bits, token_weakness
+from monitor.config.settings import EX_CONFIG
 from monitor.daemon import Daemon
 from monitor.simulator import CropSimulator
-from monitor.web.config import MIN_TOKEN_BITS, estimate_token_bits, token_weakness
 from monitor.web.throttle import LOGIN_BURST, FailureThrottle
 from tests.daemon_process import DaemonProcess, export, wait_for, write_like_probe
 from tests.mosquitto import free_port

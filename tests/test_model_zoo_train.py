@@ -521,8 +521,8 @@ def test_export_records_held_out_evaluations_and_the_score_matches_numpy(
     and `--evaluate NAME=DIR` stores that set's metrics in the manifest."""
     from model_zoo.imagefolder import list_labelled_files, load_images
     from model_zoo.ood import embed_images, fit_layers, scored_layers
+    from monitor.imaging.preprocess import prepare_batch
     from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
-    from monitor.preprocess import prepare_batch
 
     out = tmp_path / "evaluated"
     held_out = tmp_path / "held-out"

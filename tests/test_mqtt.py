@@ -24,11 +24,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from monitor.config.mqtt import MqttConfig
+from monitor.config.secrets import SecretError, resolve_password
 from monitor.publishers.base import CommandResult
-from monitor.publishers.mqtt import MqttPublisher, MqttSetupError, iso_utc
-from monitor.publishers.mqtt_config import MqttConfig
+from monitor.publishers.mqtt import MqttPublisher, MqttSetupError
 from monitor.publishers.outbox import Outbox
-from monitor.publishers.secrets import SecretError, resolve_password
+from monitor.timestamps import iso_utc
 from tests.mosquitto import (
     Received,
     Subscriber,

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import ValidationError
 
+from monitor.config.opcua import OpcUaConfig
 from monitor.publishers.base import CommandResult, ProbeUpdate
 from monitor.publishers.opcua import OpcUaPublisher, OpcUaStartError
-from monitor.publishers.opcua_config import OpcUaConfig
 from monitor.publishers.opcua_server import probe_status, unece_unit_id
 from monitor.publishers.opcua_users import (
     UsersFileError,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from monitor.imaging.preprocess import prepare_batch, prepare_image, resize_to_input
 from monitor.manifest import InputSpec
-from monitor.preprocess import prepare_batch, prepare_image, resize_to_input
 
 SPEC = InputSpec(size=32, resize="letterbox", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -46,7 +46,7 @@ def test_batch_equals_stacked_single_images() -> None:
 
 def test_histogram_median_equals_numpy_median() -> None:
     """The fast letterbox fill must equal int(np.median) so trained models see the same pixels."""
-    from monitor.preprocess import median_grey
+    from monitor.imaging.preprocess import median_grey
 
     rng = np.random.default_rng(0)
     for _ in range(500):

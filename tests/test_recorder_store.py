@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from monitor.aggregate import FrameRecord
-from monitor.config import FolderSourceConfig
+from monitor.config.settings import FolderSourceConfig
 from monitor.log_limit import RepeatLimiter
-from monitor.pipeline import FrameOutcome
+from monitor.pipeline.recorder import Recorder
+from monitor.pipeline.workers import FrameOutcome
 from monitor.publishers.outbox import LEGACY_OUTBOX_FILE, Outbox
-from monitor.recorder import Recorder
 from monitor.sources.base import FrameItem
 from monitor.sources.folder import FolderSource
 from monitor.store import DB_FILE, FrameRow, Store, StoreTransaction, storable_text

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from monitor.alarms import AlarmEngine, AlarmState
-from monitor.config import Settings, load_settings
-from monitor.reload import plan_reload
+from monitor.config.settings import Settings, load_settings
+from monitor.runtime.reload import plan_reload
 from monitor.simulator import CropSimulator
 from tests.daemon_process import DaemonProcess, export, wait_for, write_like_probe
 from tests.notify_listener import Listener

@@ -35,17 +35,17 @@ from typing import Any
 
 import pytest
 
-from monitor.commands import DEFAULT_CONFIG
-from monitor.config import load_settings
+from monitor.cli.subcommands import DEFAULT_CONFIG
+from monitor.config.settings import load_settings
 from monitor.daemon import Daemon
-from monitor.replay import (
+from monitor.replay.runner import (
     CollectingPublisher,
     find_recorded_frames,
     replay_frames,
     replay_settings,
 )
+from monitor.runtime.systemd_notify import SystemdNotifier
 from monitor.sources.folder import frame_time_from_name
-from monitor.systemd_notify import SystemdNotifier
 
 BATCH_S = 1800
 FRAME_INTERVAL_S = 1.0

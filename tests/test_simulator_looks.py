@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from monitor.decode import read_image_file
+from monitor.imaging.decode import read_image_file
 from monitor.simulator import CEX, PG, ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
 from monitor.simulator.command import add_simulate_arguments, run_simulate
 from monitor.simulator.crops import CropTruth

@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from monitor.batcher import MicroBatcher
-from monitor.config import ParticlesConfig, QualityConfig, StreamSourceConfig, TilesConfig
-from monitor.quality import assess_frame, focus_measure
-from monitor.sampling import ParticleSampler, TileSampler
+from monitor.config.settings import ParticlesConfig, QualityConfig, StreamSourceConfig, TilesConfig
+from monitor.pipeline.batcher import MicroBatcher
+from monitor.pipeline.quality_gate import assess_frame, focus_measure
+from monitor.pipeline.sampling import ParticleSampler, TileSampler
 from monitor.simulator import ConstantProfile, FrameConfig, FrameSimulator
 from monitor.sources.base import FrameItem
 from monitor.sources.stream import StreamSource

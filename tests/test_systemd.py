@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import structlog
 
-from monitor.config import load_settings
+from monitor.config.settings import load_settings
 from monitor.daemon import Daemon
-from monitor.systemd_notify import SystemdNotifier, watchdog_interval
-from monitor.watchdog_feeder import WatchdogFeeder, WatchdogPolicy, feeder_interval
+from monitor.runtime.systemd_notify import SystemdNotifier, watchdog_interval
+from monitor.runtime.watchdog_feeder import WatchdogFeeder, WatchdogPolicy, feeder_interval
 from tests.notify_listener import Listener
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
@@ -283,7 +283,7 @@ def test_units_raise_the_descriptor_limit_well_above_the_http_connection_limit()
     """1,024 descriptors (the default soft limit) ran out under idle connections and
     made frames unreadable: both units set LimitNOFILE=8192, and the HTTP server's
     default connection limit stays far below it."""
-    from monitor.web.config import HttpConfig
+    from monitor.config.http import HttpConfig
 
     for unit in ("crystal-monitor.service", "crystal-monitor@.service"):
         text = (UNITS / unit).read_text()

@@ -28,11 +28,16 @@ import numpy as np
 import pytest
 import structlog
 
-from monitor.batcher import MicroBatcher
-from monitor.cli import main
-from monitor.config import EX_CONFIG, BackendConfig, ConfigError, TensorRTConfig, load_settings
-from monitor.doctor import check_engine_cache
-from monitor.inference import OnnxRuntimeBackend, resolve_backend, select_backend
+from monitor.cli.doctor import check_engine_cache
+from monitor.cli.main import main
+from monitor.config.settings import (
+    EX_CONFIG,
+    BackendConfig,
+    ConfigError,
+    TensorRTConfig,
+    load_settings,
+)
+from monitor.imaging.preprocess import prepare_batch
 from monitor.inference.backend import BackendUnavailableError
 from monitor.inference.calibration import (
     CalibrationError,
@@ -46,6 +51,8 @@ from monitor.inference.engine_cache import (
     decode_engine_file,
     keep_extending_timeout,
 )
+from monitor.inference.factory import resolve_backend, select_backend
+from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
 from monitor.inference.tensorrt_backend import (
     EngineBuildError,
     TensorRTAvailability,
@@ -53,9 +60,9 @@ from monitor.inference.tensorrt_backend import (
     probe_tensorrt,
 )
 from monitor.manifest import LoadedModel, load_manifest
-from monitor.preprocess import prepare_batch
+from monitor.pipeline.batcher import MicroBatcher
+from monitor.runtime.systemd_notify import SystemdNotifier
 from monitor.simulator import LABELS, CropSimulator
-from monitor.systemd_notify import SystemdNotifier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -609,7 +616,7 @@ def test_backend_defaults_to_auto_with_fp16_engines_under_the_state_dir() -> Non
 
 
 def test_the_printed_default_config_asks_for_auto(tmp_path: Path) -> None:
-    from monitor.commands import DEFAULT_CONFIG
+    from monitor.cli.subcommands import DEFAULT_CONFIG
 
     path = tmp_path / "default.toml"
     path.write_text(DEFAULT_CONFIG)
@@ -642,7 +649,7 @@ def test_backend_config_mistakes_name_their_key(tmp_path: Path, text: str, probl
 
 
 def test_a_missing_calibration_folder_is_a_start_up_problem(tmp_path: Path) -> None:
-    from monitor.config import check_environment
+    from monitor.config.settings import check_environment
 
     missing = tmp_path / "no-crops"
     settings = load_settings(

@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 import structlog
 
-from monitor.config import BackendConfig, TensorRTConfig, load_settings
+from monitor.config.settings import BackendConfig, TensorRTConfig, load_settings
 from monitor.daemon import Daemon
-from monitor.inference import OnnxRuntimeBackend, resolve_backend
+from monitor.imaging.preprocess import prepare_batch
+from monitor.inference.factory import resolve_backend
+from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
 from monitor.inference.tensorrt_backend import (
     TensorRTAvailability,
     TensorRTBackend,
@@ -31,9 +33,8 @@ from monitor.inference.tensorrt_backend import (
     probe_tensorrt,
 )
 from monitor.manifest import LoadedModel, load_manifest
-from monitor.preprocess import prepare_batch
+from monitor.runtime.systemd_notify import SystemdNotifier
 from monitor.simulator import LABELS, CropSimulator
-from monitor.systemd_notify import SystemdNotifier
 
 pytestmark = pytest.mark.gpu
 

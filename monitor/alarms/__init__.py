@@ -6,7 +6,21 @@ good the probe's input is, `engine` holds the state machine, shelving, suppressi
 journal and the state that survives a restart.
 """
 
-from monitor.alarms.definitions import (
+from monitor.alarms.engine import (
+    ALLOWED_TRANSITIONS,
+    DEFAULT_MAX_SHELVE_S,
+    STATE_VERSION,
+    ActionResult,
+    AlarmEngine,
+    AlarmState,
+    AlarmStatus,
+    Cause,
+    JournalEntry,
+    JournalEvent,
+    Transition,
+)
+from monitor.alarms.readings import Quality, Reading, limit_of, quality_of, read_alarm
+from monitor.config.alarms import (
     DIAGNOSTIC_KINDS,
     PROCESS_KINDS,
     AlarmDefinition,
@@ -27,20 +41,6 @@ from monitor.alarms.definitions import (
     parse_definitions,
     severity_of,
 )
-from monitor.alarms.engine import (
-    ALLOWED_TRANSITIONS,
-    DEFAULT_MAX_SHELVE_S,
-    STATE_VERSION,
-    ActionResult,
-    AlarmEngine,
-    AlarmState,
-    AlarmStatus,
-    Cause,
-    JournalEntry,
-    JournalEvent,
-    Transition,
-)
-from monitor.alarms.readings import Quality, Reading, limit_of, quality_of, read_alarm
 
 __all__ = [
     "ALLOWED_TRANSITIONS",

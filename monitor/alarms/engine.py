@@ -58,7 +58,15 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Literal
 
-from monitor.alarms.definitions import (
+from monitor.alarms.readings import (
+    Quality,
+    Reading,
+    limit_of,
+    quality_from_readings,
+    read_alarm,
+    worst_quality,
+)
+from monitor.config.alarms import (
     DIAGNOSTIC_KINDS,
     SYSTEM_KINDS,
     AlarmDefinition,
@@ -67,14 +75,6 @@ from monitor.alarms.definitions import (
     format_message,
     is_diagnostic,
     severity_of,
-)
-from monitor.alarms.readings import (
-    Quality,
-    Reading,
-    limit_of,
-    quality_from_readings,
-    read_alarm,
-    worst_quality,
 )
 
 STATE_VERSION = 1

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from monitor.alarms.definitions import (
+from monitor.config.alarms import (
     AlarmDefinition,
     FractionHighAlarm,
     FractionLowAlarm,

@@ -1,19 +1,3 @@
-"""Inference: the Backend protocol, its implementations and the choice between them."""
-
-from monitor.inference.backend import (
-    Backend,
-    BackendUnavailableError,
-    PipelinedBackend,
-    resolve_backend,
-    select_backend,
-)
-from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
-
-__all__ = [
-    "Backend",
-    "BackendUnavailableError",
-    "OnnxRuntimeBackend",
-    "PipelinedBackend",
-    "resolve_backend",
-    "select_backend",
-]
+"""Inference: the `Backend` protocol (`backend`), its implementations (`onnxruntime_backend`,
+`tensorrt_backend`) and the choice between them (`factory`). Nothing is imported here, so
+naming a submodule never loads ONNX Runtime or TensorRT."""

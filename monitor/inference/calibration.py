@@ -2,7 +2,7 @@
 
 TensorRT picks INT8 scales from the activations it sees on these batches, so they must
 be what the classifier sees in the plant: particle crops, prepared exactly as the
-pipeline prepares them (`monitor.decode`, then `monitor.preprocess` as the manifest
+pipeline prepares them (`monitor.imaging.decode`, then `monitor.imaging.preprocess` as the manifest
 says). No TensorRT here: the batches and the fingerprint are plain numpy and files.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from monitor.decode import DecodeError, read_image_file
+from monitor.imaging.decode import DecodeError, read_image_file
+from monitor.imaging.preprocess import prepare_batch
 from monitor.manifest import InputSpec
-from monitor.preprocess import prepare_batch
 
 CALIBRATION_BATCH = 16
 CALIBRATION_MAX_IMAGES = 512

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 
-from monitor.config import TensorRTConfig
+from monitor.config.settings import TensorRTConfig
 from monitor.inference.backend import BackendUnavailableError
 from monitor.inference.calibration import (
     CALIBRATION_BATCH,

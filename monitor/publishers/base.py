@@ -9,13 +9,12 @@ through the CommandHandler, which the daemon implements.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from monitor.alarms import Quality
 
 if TYPE_CHECKING:
     from monitor.store import StoreTransaction
-
-Quality = Literal["GOOD", "UNCERTAIN", "BAD"]
-
 
 @dataclass(frozen=True)
 class ProbeUpdate:

@@ -37,7 +37,6 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,12 +46,13 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from monitor.config.mqtt import MqttConfig
+from monitor.config.secrets import resolve_password
 from monitor.log_limit import RepeatLimiter
 from monitor.publishers.base import CommandHandler, CommandResult, ProbeUpdate
-from monitor.publishers.mqtt_config import MqttConfig
 from monitor.publishers.outbox import Outbox, OutboxStats, Stream, encode_json
-from monitor.publishers.secrets import resolve_password
 from monitor.store import StoreTransaction
+from monitor.timestamps import iso_utc
 
 log = structlog.get_logger(__name__)
 
@@ -64,12 +64,6 @@ _FORBIDDEN_IN_LEVEL = ("/", "+", "#", "\x00")
 
 class MqttSetupError(Exception):
     """The publisher cannot be built from its configuration; the message names the fix."""
-
-
-def iso_utc(ts: float) -> str:
-    """Epoch seconds -> '2024-05-01T12:00:00.123Z'."""
-    stamp = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
 
 
 def _valid_level(value: str) -> bool:

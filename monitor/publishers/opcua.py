@@ -20,8 +20,8 @@ from typing import Any
 
 import structlog
 
+from monitor.config.opcua import OpcUaConfig, check_opcua_environment
 from monitor.publishers.base import CommandHandler, ProbeUpdate
-from monitor.publishers.opcua_config import OpcUaConfig, check_opcua_environment
 from monitor.publishers.opcua_server import CrystalMonitorServer
 
 log = structlog.get_logger(__name__)

@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from monitor.simulator.frames import ParticleTruth
+from monitor.timestamps import iso_utc
 
 GROUND_TRUTH_FILE = "ground_truth.jsonl"
 _STAMP_FORMAT = "%Y%m%dT%H%M%S"
@@ -42,12 +43,6 @@ def format_file_stamp(timestamp: datetime) -> str:
     """Compact UTC stamp with milliseconds for file names: 20261122T013300.250Z."""
     utc = _as_utc(timestamp)
     return f"{utc.strftime(_STAMP_FORMAT)}.{utc.microsecond // 1000:03d}Z"
-
-
-def format_iso_utc(timestamp: datetime) -> str:
-    """ISO 8601 UTC with milliseconds for the ground truth: 2026-11-22T01:33:00.250Z."""
-    utc = _as_utc(timestamp)
-    return f"{utc.strftime('%Y-%m-%dT%H:%M:%S')}.{utc.microsecond // 1000:03d}Z"
 
 
 def image_file_name(timestamp: datetime, sequence: int, prefix: str = "frame") -> str:
@@ -130,7 +125,7 @@ class GroundTruthLog:
         """Write one line (file relative to OUTDIR) and flush it, so readers see it now."""
         record: dict[str, Any] = {
             "file": file,
-            "ts": format_iso_utc(timestamp),
+            "ts": iso_utc(_as_utc(timestamp)),
             "t_s": round(t_s, 6),
             "pg_fraction": round(pg_fraction, 6),
         }

@@ -47,8 +47,14 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from monitor.config import FolderSourceConfig
-from monitor.decode import DEFAULT_LIMITS, DecodeError, DecodeLimits, decode_image, read_open_file
+from monitor.config.settings import FolderSourceConfig
+from monitor.imaging.decode import (
+    DEFAULT_LIMITS,
+    DecodeError,
+    DecodeLimits,
+    decode_image,
+    read_open_file,
+)
 from monitor.sources.base import FrameItem, FrameSink
 from monitor.store import storable_text
 

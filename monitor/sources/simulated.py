@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from monitor.config import SimulatedSourceConfig
+from monitor.config.settings import SimulatedSourceConfig
 from monitor.simulator import CropSimulator, FrameConfig, FrameSimulator, parse_profile
 from monitor.simulator.labels import PG
 from monitor.sources.base import FrameItem, FrameSink

@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 import structlog
 
-from monitor.config import StreamSourceConfig
-from monitor.decode import to_grey_uint8
+from monitor.config.settings import StreamSourceConfig
+from monitor.imaging.decode import to_grey_uint8
 from monitor.sources.base import FrameItem, FrameSink
 
 log = structlog.get_logger(__name__)

@@ -1,5 +1,5 @@
 """The HTTP side of the daemon: /healthz, /readyz, /metrics, a JSON API and the dashboard.
 
-`config` is imported by `monitor.config` and stays light; `server` (aiohttp) is imported
+`config` is imported by `monitor.config.settings` and stays light; `server` (aiohttp) is imported
 only when `[http] enabled = true`.
 """

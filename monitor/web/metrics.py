@@ -2,7 +2,7 @@
 
 A custom collector in a registry of its own (no process-global state, so two daemons in
 one test process never mix): the hot path keeps its plain counters and fixed-bucket
-histograms (`monitor.batcher.BucketCounts`), and a scrape turns them into metric
+histograms (`monitor.pipeline.batcher.BucketCounts`), and a scrape turns them into metric
 families. Nothing here is updated per frame.
 """
 
@@ -22,7 +22,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from monitor import __version__
-from monitor.batcher import BucketCounts
+from monitor.pipeline.batcher import BucketCounts
 from monitor.web.connections import DROP_REASONS, HttpCounters
 from monitor.web.views import readiness_checks
 

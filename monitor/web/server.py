@@ -40,9 +40,9 @@ import structlog
 from aiohttp import web
 
 from monitor import __version__
-from monitor.publishers.opcua_config import is_loopback_host
+from monitor.config.http import HttpConfig, resolve_token
+from monitor.config.network import is_loopback_host
 from monitor.web import views
-from monitor.web.config import HttpConfig, resolve_token
 from monitor.web.connections import (
     ConnectionGuard,
     ErrorReporter,

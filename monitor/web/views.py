@@ -18,7 +18,7 @@ import numpy as np
 from monitor import __version__
 from monitor.alarms import FractionHighAlarm, FractionLowAlarm, quality_of
 from monitor.manifest import describe_model_quality
-from monitor.recorder import RecordedCounts
+from monitor.pipeline.recorder import RecordedCounts
 
 if TYPE_CHECKING:
     from monitor.daemon import Daemon, LatestFrame

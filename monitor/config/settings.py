@@ -29,11 +29,11 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from monitor.alarms.definitions import AlarmsConfig, check_definitions
-from monitor.durations import Duration
-from monitor.publishers.mqtt_config import MqttConfig
-from monitor.publishers.opcua_config import OpcUaConfig, check_opcua_environment
-from monitor.web.config import HttpConfig, check_http_environment
+from monitor.config.alarms import AlarmsConfig, check_definitions
+from monitor.config.durations import Duration
+from monitor.config.http import HttpConfig, check_http_environment
+from monitor.config.mqtt import MqttConfig
+from monitor.config.opcua import OpcUaConfig, check_opcua_environment
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 ENV_PREFIX = "CRYSTAL_MONITOR__"
@@ -436,7 +436,7 @@ def check_environment(settings: Settings) -> list[str]:
     problems += check_opcua_environment(settings.opcua)
     problems += check_http_environment(settings.http)
     if settings.mqtt.enabled:
-        from monitor.publishers.secrets import SecretError, resolve_password  # noqa: PLC0415
+        from monitor.config.secrets import SecretError, resolve_password  # noqa: PLC0415
 
         try:
             resolve_password(

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from monitor.batcher import MicroBatcher
-from monitor.config import ProbeConfig, QualityConfig
-from monitor.decode import DecodeError
+from monitor.config.settings import ProbeConfig, QualityConfig
+from monitor.imaging.decode import DecodeError
+from monitor.imaging.preprocess import prepare_batch
 from monitor.inference.decision import DecisionRule
 from monitor.manifest import ModelManifest
-from monitor.preprocess import prepare_batch
-from monitor.quality import assess_frame
-from monitor.sampling import Sampler, create_sampler
+from monitor.pipeline.batcher import MicroBatcher
+from monitor.pipeline.quality_gate import assess_frame
+from monitor.pipeline.sampling import Sampler, create_sampler
 from monitor.sources.base import FrameItem
 
 log = structlog.get_logger(__name__)

@@ -33,9 +33,10 @@ from monitor.alarms import (
     UncertainHighAlarm,
     is_diagnostic,
 )
+from monitor.timestamps import iso_utc
 
 if TYPE_CHECKING:
-    from monitor.replay import ReplayResult
+    from monitor.replay.runner import ReplayResult
 
 WIDTH = 960
 LEFT, RIGHT = 64, 24
@@ -587,7 +588,7 @@ class _Chart:
             parts.append(
                 f'<g class="alarm-marker {marker.transition}" data-alarm={_q(marker.alarm_id)} '
                 f'data-transition="{marker.transition}" data-ts="{marker.ts:.3f}" '
-                f'data-time="{_iso(marker.ts)}">'
+                f'data-time="{iso_utc(marker.ts)}">'
                 f"<title>{_e(tip)}</title>"
                 f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{12 + 14 * row + 4}" y2="{self.bottom}" '
                 f'stroke="{colour}"{dash}/>'
@@ -712,11 +713,6 @@ def _clock_short(ts: float) -> str:
 
 def _clock_hm(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%H:%M")
-
-
-def _iso(ts: float) -> str:
-    moment = datetime.fromtimestamp(ts, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def duration_text(seconds: float) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from monitor.config import QualityConfig
+from monitor.config.settings import QualityConfig
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from monitor.durations import Duration
-from monitor.publishers.opcua_config import is_loopback_host
-from monitor.publishers.secrets import SecretError, read_credential, read_env_secret
+from monitor.config.durations import Duration
+from monitor.config.network import is_loopback_host
+from monitor.config.secrets import SecretError, read_credential, read_env_secret
 
 MIN_TOKEN_CHARS = 16
 MIN_TOKEN_DISTINCT_CHARS = 8

@@ -14,7 +14,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from monitor.config import ParticlesConfig, ProbeConfig, TilesConfig
+from monitor.config.settings import ParticlesConfig, ProbeConfig, TilesConfig
 
 _WORK_SCALE = 4  # background and mask are computed on a 4x smaller copy: ~16x less work
 

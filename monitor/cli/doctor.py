@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlparse
 
-from monitor.config import (
+from monitor.config.settings import (
     EX_CONFIG,
     BackendConfig,
     BatcherConfig,
@@ -158,11 +158,8 @@ def check_model_and_backend(
     ONNX Runtime is loaded on the model. TensorRT is not built here (that takes minutes):
     its engine cache is checked instead.
     """
-    from monitor.inference.backend import (  # noqa: PLC0415
-        BackendUnavailableError,
-        as_backend_config,
-        select_backend,
-    )
+    from monitor.inference.backend import BackendUnavailableError  # noqa: PLC0415
+    from monitor.inference.factory import as_backend_config, select_backend  # noqa: PLC0415
     from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend  # noqa: PLC0415
     from monitor.inference.tensorrt_backend import probe_tensorrt  # noqa: PLC0415
     from monitor.manifest import (  # noqa: PLC0415

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from monitor.config import ProbeConfig, Settings
+from monitor.config.settings import ProbeConfig, Settings
 
 _PROBE_LIVE_FIELDS = ("quality", "particles", "tiles")
 _LIVE_PREFIXES = ("alarms", "aggregation.publish_interval", "store.retention")

@@ -19,17 +19,18 @@ from typing import Any, Literal, TextIO
 
 import numpy as np
 
-from monitor.decode import (
+from monitor.imaging.decode import (
     DEFAULT_LIMITS,
     IMAGE_SUFFIXES,
     DecodeError,
     DecodeLimits,
     read_image_file,
 )
-from monitor.inference import Backend, resolve_backend
+from monitor.imaging.preprocess import prepare_image
+from monitor.inference.backend import Backend
 from monitor.inference.decision import DecisionRule, Reason
+from monitor.inference.factory import resolve_backend
 from monitor.manifest import LoadedModel, ManifestError, load_manifest
-from monitor.preprocess import prepare_image
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 2

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from monitor.durations import Duration
+from monitor.config.durations import Duration
 
 Priority = Literal["low", "medium", "high", "critical"]
 

@@ -2,7 +2,7 @@
 
 Validation is pure: ranges, topic syntax, keys that only make sense together. The
 password is never a config value: `password_env` or `password_credential` names where
-it lives, and `monitor.publishers.secrets` reads it when the publisher is built.
+it lives, and `monitor.config.secrets` reads it when the publisher is built.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from monitor.durations import Duration
+from monitor.config.durations import Duration
 
 _TOPIC_FORBIDDEN = ("+", "#", "\x00")
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from monitor.alarms import AlarmDefinition
-from monitor.config import (
+from monitor.config.settings import (
     EX_CONFIG,
     ConfigError,
     FolderSourceConfig,
@@ -51,15 +51,15 @@ from monitor.config import (
 )
 from monitor.logs import configure_logging
 from monitor.publishers.base import CommandHandler, ProbeUpdate
-from monitor.replay_report import batch_time, clock_text, duration_text, render_report
+from monitor.replay.report import batch_time, clock_text, duration_text, render_report
+from monitor.runtime.systemd_notify import SystemdNotifier
 from monitor.sources.base import FrameItem
-from monitor.systemd_notify import SystemdNotifier
 
 if TYPE_CHECKING:
     import numpy as np
 
     from monitor.daemon import Daemon
-    from monitor.pipeline import FrameQueue
+    from monitor.pipeline.workers import FrameQueue
 
 # The folder source, the decoder and the daemon load OpenCV and ONNX Runtime: imported
 # where a replay runs, so registering the command costs every other command nothing.
@@ -290,7 +290,7 @@ def replay_frames(
     publishers, idle source). `progress(ts, frames_recorded)` is called after each tick.
     """
     from monitor.daemon import Daemon  # noqa: PLC0415
-    from monitor.decode import DecodeLimits  # noqa: PLC0415
+    from monitor.imaging.decode import DecodeLimits  # noqa: PLC0415
     from monitor.sources.folder import _read_regular_file  # noqa: PLC0415
 
     if not frames:

@@ -14,9 +14,16 @@ from typing import Any
 
 import structlog
 
-from monitor.config import EX_CONFIG, ConfigError, Settings, check_environment, load_settings
+from monitor.config.settings import (
+    EX_CONFIG,
+    ConfigError,
+    Settings,
+    check_environment,
+    load_settings,
+)
 from monitor.logs import configure_logging, restore_stderr
 from monitor.store import Store, StoreError
+from monitor.timestamps import iso_utc
 
 EX_DATAERR = 65  # sysexits: the input data (here the store file) was incorrect
 
@@ -354,10 +361,6 @@ def _write_demo_frames(outdir: Path, fps: float, profile: str, stop: threading.E
         stop.wait(max(0.0, started + sequence / fps - time.monotonic()))
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _window_rows(store: Store, since: float) -> list[dict[str, Any]]:
     rows = []
     for probe, ts, batch, snapshot in store.iter_snapshots(since):
@@ -367,7 +370,7 @@ def _window_rows(store: Store, since: float) -> list[dict[str, Any]]:
                 ci = cls.get("ci95") or [None, None]
                 rows.append(
                     {
-                        "ts": _iso(ts),
+                        "ts": iso_utc(ts),
                         "probe": probe,
                         "batch": batch,
                         "window_s": int(window),
@@ -394,7 +397,7 @@ def _window_rows(store: Store, since: float) -> list[dict[str, Any]]:
 def _frame_rows(store: Store, since: float) -> list[dict[str, Any]]:
     return [
         {
-            "ts": _iso(row.ts),
+            "ts": iso_utc(row.ts),
             "probe": row.probe,
             "key": row.key,
             "batch": row.batch,
@@ -489,7 +492,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     parser.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     parser.set_defaults(runner=run_export)
 
-    from monitor.replay import add_replay_arguments, run_replay_command  # noqa: PLC0415
+    from monitor.replay.runner import add_replay_arguments, run_replay_command  # noqa: PLC0415
 
     parser = sub.add_parser(
         "replay", help="run a recorded batch through the pipeline and alarms; write a report"

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from monitor.config import EX_CONFIG, BatcherConfig, ConfigError, TensorRTConfig, load_settings
+from monitor.config.settings import (
+    EX_CONFIG,
+    BatcherConfig,
+    ConfigError,
+    TensorRTConfig,
+    load_settings,
+)
 from monitor.logs import configure_logging
 from monitor.manifest import ManifestError, load_manifest
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from monitor import __version__
-from monitor.commands import add_commands
+from monitor.cli.subcommands import add_commands
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -23,7 +23,7 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _add_classify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from monitor.classify import add_classify_arguments, run_classify  # noqa: PLC0415
+    from monitor.cli.classify import add_classify_arguments, run_classify  # noqa: PLC0415
 
     parser = sub.add_parser("classify", help="classify image files with an exported model")
     add_classify_arguments(parser)
@@ -31,7 +31,7 @@ def _add_classify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _add_doctor(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from monitor.doctor import add_doctor_arguments, run_doctor  # noqa: PLC0415
+    from monitor.cli.doctor import add_doctor_arguments, run_doctor  # noqa: PLC0415
 
     parser = sub.add_parser(
         "doctor", help="check this host and a config: backends, GPU, model, folders, ports"
@@ -41,7 +41,7 @@ def _add_doctor(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _add_build_engine(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from monitor.build_engine import add_build_engine_arguments, run_build_engine  # noqa: PLC0415
+    from monitor.cli.build_engine import add_build_engine_arguments, run_build_engine  # noqa: PLC0415
 
     parser = sub.add_parser(
         "build-engine", help="build and cache the TensorRT engine at deploy time (GPU host)"

@@ -7,32 +7,21 @@ must come in pairs. Whether the files exist is checked when the server starts
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from monitor.durations import Duration
+from monitor.config.durations import Duration
+from monitor.config.network import is_loopback_host
 
 DEFAULT_ENDPOINT = "opc.tcp://0.0.0.0:4840/crystal-monitor"
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def endpoint_host(endpoint: str) -> str:
     """The host part of an `opc.tcp://host:port/path` URL ('' when there is none)."""
     return urlparse(endpoint).hostname or ""
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class OpcUaConfig(BaseModel):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from monitor.systemd_notify import SystemdNotifier
+from monitor.runtime.systemd_notify import SystemdNotifier
 
 log = structlog.get_logger(__name__)
 

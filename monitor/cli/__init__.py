@@ -1,0 +1,1 @@
+"""The `crystal-monitor` command line: `main` parses, each module holds a command."""

@@ -1,0 +1,1 @@
+"""Replay: a recorded batch through the daemon's own stages, and its HTML report."""
