@@ -38,8 +38,10 @@ from monitor.inference.factory import resolve_backend
 from monitor.log_limit import RepeatLimiter
 from monitor.manifest import describe_model_quality, load_manifest
 from monitor.pipeline.batcher import MicroBatcher
+from monitor.pipeline.frame_queue import FrameQueue
+from monitor.pipeline.outcome import FrameOutcome, ParticleBox
 from monitor.pipeline.recorder import Recorder, failure_reason, result_document
-from monitor.pipeline.workers import FrameOutcome, FrameQueue, ParticleBox, Pipeline
+from monitor.pipeline.workers import Pipeline
 from monitor.publishers.base import CommandResult, DurableResults, ProbeUpdate, Publisher
 from monitor.runtime.reload import ReloadPlan, plan_reload
 from monitor.runtime.systemd_notify import SystemdNotifier, watchdog_interval

@@ -21,8 +21,8 @@ import pytest
 from monitor.aggregate import FrameRecord
 from monitor.config.settings import FolderSourceConfig
 from monitor.log_limit import RepeatLimiter
+from monitor.pipeline.outcome import FrameOutcome
 from monitor.pipeline.recorder import Recorder
-from monitor.pipeline.workers import FrameOutcome
 from monitor.publishers.outbox import LEGACY_OUTBOX_FILE, Outbox
 from monitor.sources.base import FrameItem
 from monitor.sources.folder import FolderSource

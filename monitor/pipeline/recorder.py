@@ -30,7 +30,7 @@ import structlog
 
 from monitor.aggregate import FrameRecord
 from monitor.log_limit import RepeatLimiter
-from monitor.pipeline.workers import FrameOutcome
+from monitor.pipeline.outcome import FrameOutcome
 from monitor.store import FrameRow, Store, StoreTransaction, is_transient
 
 # Outcomes waiting for the store. Beyond this, workers wait: frames are held back

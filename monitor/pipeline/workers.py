@@ -10,7 +10,6 @@ aggregators, so what the windows show is always what the store holds.
 from __future__ import annotations
 
 import errno
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,44 +24,13 @@ from monitor.imaging.preprocess import prepare_batch
 from monitor.inference.decision import DecisionRule
 from monitor.manifest import ModelManifest
 from monitor.pipeline.batcher import MicroBatcher
+from monitor.pipeline.frame_queue import FrameQueue
+from monitor.pipeline.outcome import FrameOutcome, ParticleBox
 from monitor.pipeline.quality_gate import assess_frame
 from monitor.pipeline.sampling import Sampler, create_sampler
 from monitor.sources.base import FrameItem
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class ParticleBox:
-    """Where one classified crop sat in its frame, for the dashboard's overlay."""
-
-    x: int
-    y: int
-    w: int
-    h: int
-    label: str
-    confidence: float
-    uncertain: bool
-    out_of_distribution: bool = False
-
-
-@dataclass(frozen=True)
-class FrameOutcome:
-    """What became of one frame: classified counts, or why it was not classified.
-
-    `image` and `boxes` are kept only on classified frames so the daemon can show the
-    latest one; they are references to arrays the worker decoded anyway, not copies.
-    """
-
-    item: FrameItem
-    status: str  # "ok", "rejected" (quality gate) or "error" (unreadable, inference failed)
-    reason: str | None
-    class_counts: tuple[int, ...]
-    n_uncertain: int
-    n_ood: int = 0
-    """Particles the model rejected as out of distribution (not counted as uncertain)."""
-    image: np.ndarray | None = None
-    boxes: tuple[ParticleBox, ...] = ()
 
 
 # Reading may fail and then succeed: a descriptor limit reached for a moment, a share
@@ -88,52 +56,6 @@ def transient_read_error(exc: DecodeError) -> bool:
     """Whether a read failed for a passing cause (an OSError behind the DecodeError)."""
     cause = exc.__cause__
     return isinstance(cause, OSError) and cause.errno in TRANSIENT_READ_ERRNOS
-
-
-class FrameQueue:
-    """Bounded queue between sources and workers.
-
-    A folder source blocks when it is full (its files wait safely on disk); a live
-    stream cannot wait, so its oldest frame is dropped, counted and logged.
-    """
-
-    def __init__(self, maxsize: int) -> None:
-        self._queue: queue.Queue[FrameItem] = queue.Queue(maxsize)
-        self._closed = threading.Event()
-        self.dropped = 0
-
-    def put(self, item: FrameItem, *, block: bool) -> bool:
-        if self._closed.is_set():
-            return False
-        if block:
-            try:
-                self._queue.put(item, timeout=0.2)
-            except queue.Full:
-                return False
-            return True
-        while True:
-            try:
-                self._queue.put_nowait(item)
-                return True
-            except queue.Full:
-                try:
-                    lost = self._queue.get_nowait()
-                except queue.Empty:
-                    continue
-                self.dropped += 1
-                log.warning("frame_dropped", probe=lost.probe, key=lost.key, why="queue full")
-
-    def get(self, timeout: float) -> FrameItem | None:
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def close(self) -> None:
-        self._closed.set()
-
-    def qsize(self) -> int:
-        return self._queue.qsize()
 
 
 @dataclass(frozen=True)

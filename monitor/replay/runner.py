@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from monitor.daemon import Daemon
-    from monitor.pipeline.workers import FrameQueue
+    from monitor.pipeline.frame_queue import FrameQueue
 
 # The folder source, the decoder and the daemon load OpenCV and ONNX Runtime: imported
 # where a replay runs, so registering the command costs every other command nothing.

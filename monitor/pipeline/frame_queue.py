@@ -1,0 +1,58 @@
+"""The bounded frame queue between the sources and the pipeline's workers."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import structlog
+
+from monitor.sources.base import FrameItem
+
+log = structlog.get_logger(__name__)
+
+
+class FrameQueue:
+    """Bounded queue between sources and workers.
+
+    A folder source blocks when it is full (its files wait safely on disk); a live
+    stream cannot wait, so its oldest frame is dropped, counted and logged.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._queue: queue.Queue[FrameItem] = queue.Queue(maxsize)
+        self._closed = threading.Event()
+        self.dropped = 0
+
+    def put(self, item: FrameItem, *, block: bool) -> bool:
+        if self._closed.is_set():
+            return False
+        if block:
+            try:
+                self._queue.put(item, timeout=0.2)
+            except queue.Full:
+                return False
+            return True
+        while True:
+            try:
+                self._queue.put_nowait(item)
+                return True
+            except queue.Full:
+                try:
+                    lost = self._queue.get_nowait()
+                except queue.Empty:
+                    continue
+                self.dropped += 1
+                log.warning("frame_dropped", probe=lost.probe, key=lost.key, why="queue full")
+
+    def get(self, timeout: float) -> FrameItem | None:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
