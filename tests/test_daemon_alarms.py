@@ -101,9 +101,9 @@ def test_acknowledged_alarm_is_journaled_and_not_announced_again_after_restart(
     daemon.start()
     try:
         assert _wait(lambda: _state_of(first, "pg_high") == "active_unacknowledged")
-        refused = daemon.acknowledge("R1", "no_such_alarm", "op-anna", "typo")
+        refused = daemon.commands.acknowledge("R1", "no_such_alarm", "op-anna", "typo")
         assert not refused.accepted and refused.reason
-        accepted = daemon.acknowledge("R1", "pg_high", "op-anna", "sample sent to the lab")
+        accepted = daemon.commands.acknowledge("R1", "pg_high", "op-anna", "sample sent to the lab")
         assert accepted.accepted, accepted.reason
         assert _wait(lambda: _state_of(first, "pg_high") == "active_acknowledged")
     finally:

@@ -34,7 +34,7 @@ def _settings(state: Path):  # type: ignore[no-untyped-def]
 def _wait_for_particles(daemon: Daemon, minimum: int, timeout: float = 20) -> dict:  # type: ignore[type-arg]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        snapshot = daemon.snapshot("sim")
+        snapshot = daemon.view.probe("sim").snapshot
         if snapshot["windows"]["60"]["n"] >= minimum:
             return snapshot
         time.sleep(0.1)
@@ -48,8 +48,8 @@ def test_batch_start_resets_windows_tags_frames_and_survives_a_restart(tmp_path:
     try:
         before = _wait_for_particles(daemon, 20)
         assert before["batch"] is None
-        daemon.start_batch("sim", "B-042")
-        fresh = daemon.snapshot("sim")
+        daemon.commands.start_batch("sim", "B-042")
+        fresh = daemon.view.probe("sim").snapshot
         assert (
             fresh["batch"] == "B-042" and fresh["windows"]["60"]["n"] < before["windows"]["60"]["n"]
         )
@@ -64,10 +64,10 @@ def test_batch_start_resets_windows_tags_frames_and_survives_a_restart(tmp_path:
     restarted = Daemon(_settings(state))
     restarted.start()
     try:
-        restored = restarted.snapshot("sim")
+        restored = restarted.view.probe("sim").snapshot
         assert restored["batch"] == "B-042"
         assert restored["windows"]["60"]["n"] >= 30  # refilled from the store, not blank
-        restarted.stop_batch("sim")
-        assert restarted.snapshot("sim")["batch"] is None
+        restarted.commands.stop_batch("sim")
+        assert restarted.view.probe("sim").snapshot["batch"] is None
     finally:
         restarted.stop()

@@ -82,7 +82,7 @@ def test_non_crystals_are_counted_apart_and_raise_the_one_diagnostic_alarm(
             write_like_probe(folder, f"other_{index:03d}.png", item.image)
         assert _wait(lambda: daemon.recorder.recorded >= 200, 120)
         assert _wait(lambda: _state_of(publisher, "not_crystals") == "active_unacknowledged", 30)
-        snapshot = daemon.snapshot("R1")
+        snapshot = daemon.view.probe("R1").snapshot
         stored = daemon.store.frames_since("R1", 0.0)
         counted = daemon.recorder.counts()
     finally:

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from monitor.config.settings import load_settings
-from monitor.daemon import RECENT_FRAMES, Daemon
+from monitor.daemon import Daemon
+from monitor.runtime.probe_state import RECENT_FRAMES
 from tests.daemon_process import wait_for
 from tests.mosquitto import free_port
 
@@ -161,7 +162,8 @@ def _save(driver: Any, tmp_path: Path, name: str) -> None:
 
 
 def _alarm_state(daemon: Daemon, alarm_id: str) -> str:
-    return str(next(a for a in daemon.alarm_states("R1") if a["alarm_id"] == alarm_id)["state"])
+    states = daemon.view.alarm_states("R1")
+    return str(next(a for a in states if a["alarm_id"] == alarm_id)["state"])
 
 
 # What the page shows of the recent frames, read in one go (the strip is redrawn as

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import cv2
 import numpy as np
@@ -27,12 +27,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config.http import HttpConfig
 from monitor.config.settings import EX_CONFIG, load_settings
-from monitor.daemon import RECENT_FRAMES, Daemon
+from monitor.daemon import Daemon
 from monitor.publishers.base import CommandHandler, ProbeUpdate
+from monitor.runtime.probe_state import RECENT_FRAMES
 from monitor.simulator import CropSimulator
 from monitor.web import views
 from monitor.web.server import SESSION_COOKIE, WebServer, WebStartError
 from tests.daemon_process import wait_for, write_like_probe
+from tests.fake_view import FakeView, RefusingCommands
 from tests.mosquitto import free_port
 
 CSRF = {"X-Requested-By": "test"}
@@ -177,7 +179,7 @@ class Running:
         self.base = f"http://127.0.0.1:{port}"
 
     def alarm(self, alarm_id: str) -> dict[str, Any]:
-        return next(a for a in self.daemon.alarm_states("R1") if a["alarm_id"] == alarm_id)
+        return next(a for a in self.daemon.view.alarm_states("R1") if a["alarm_id"] == alarm_id)
 
 
 @pytest.fixture(scope="module")
@@ -737,7 +739,7 @@ def test_a_busy_port_fails_with_the_fix_in_the_message() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        server = WebServer(HttpConfig(enabled=True, port=port), cast(Daemon, object()))
+        server = WebServer(HttpConfig(enabled=True, port=port), FakeView(), RefusingCommands())
         with pytest.raises(WebStartError, match=r"cannot listen on 127\.0\.0\.1:\d+.*http\.port"):
             server.start()
 
@@ -748,7 +750,7 @@ def test_during_a_batch_the_history_starts_at_the_batch(tokened_daemon: Daemon) 
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     status, history = get_json(f"{base}/api/probes/R1/history", headers=bearer)
     assert status == 200 and history["span"] == "hour"
-    assert tokened_daemon.start_batch("R1", "B-42").accepted
+    assert tokened_daemon.commands.start_batch("R1", "B-42").accepted
     started = tokened_daemon.store.current_batch("R1")
     assert started is not None and started[0] == "B-42"
     status, history = get_json(f"{base}/api/probes/R1/history?window=60", headers=bearer)

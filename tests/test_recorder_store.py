@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from monitor.aggregate import FrameRecord
 from monitor.config.settings import FolderSourceConfig
 from monitor.log_limit import RepeatLimiter
 from monitor.pipeline.outcome import FrameOutcome
@@ -62,7 +61,7 @@ class _FailingStore(Store):
 def _recorder(store: Store, **kwargs: Any) -> tuple[Recorder, list[str]]:
     recorded: list[str] = []
 
-    def on_recorded(probe: str, record: FrameRecord, outcome: FrameOutcome) -> None:
+    def on_recorded(outcome: FrameOutcome) -> None:
         recorded.append(outcome.item.key)
 
     recorder = Recorder(

@@ -552,6 +552,12 @@ class AlarmEngine:
         """Probes the engine has state for, in the order first seen."""
         return tuple(self._probes)
 
+    def input_quality(self, probe: str) -> Quality | None:
+        """The probe's input quality as the last `evaluate` rated it (None before the first):
+        the one figure that publishers, the dashboard and alarm suppression all use."""
+        entry = self._probes.get(probe)
+        return None if entry is None else entry.quality
+
     def alarm_states(self, probe: str) -> list[AlarmStatus]:
         """Status of every alarm of `probe`, in definition order (empty for an unknown probe)."""
         entry = self._probes.get(probe)

@@ -293,6 +293,13 @@ class StoreConfig(_Section):
     retention: Duration = Field(
         default=90 * 86400.0, gt=0, description="How long frame rows and window snapshots stay."
     )
+    commit_delay: Duration = Field(
+        default=0.02,
+        ge=0,
+        le=1.0,
+        description="How long the recorder gathers frame rows into one SQLite transaction; "
+        "longer groups more frames per commit, 0 commits each at once.",
+    )
 
 
 class DaemonConfig(_Section):

@@ -1,4 +1,5 @@
-"""The recorder: commits frame outcomes to the store, then feeds the aggregators.
+"""The recorder: commits frame outcomes to the store, then hands each on (`on_recorded`:
+the windows, the alarms' counts).
 
 Writes are grouped into short transactions (up to `max_rows` or `max_delay`), which
 keeps SQLite far from being the bottleneck while adding only milliseconds of latency.
@@ -28,7 +29,6 @@ from typing import Any
 
 import structlog
 
-from monitor.aggregate import FrameRecord
 from monitor.log_limit import RepeatLimiter
 from monitor.pipeline.outcome import FrameOutcome
 from monitor.store import FrameRow, Store, StoreTransaction, is_transient
@@ -97,7 +97,7 @@ class Recorder:
         classes: tuple[str, ...],
         *,
         batch_of: Callable[[str], str | None],
-        on_recorded: Callable[[str, FrameRecord, FrameOutcome], None],
+        on_recorded: Callable[[FrameOutcome], None],
         stage_results: StageResults | None = None,
         clock: Callable[[], float] = time.time,
         max_rows: int = 256,
@@ -315,15 +315,8 @@ class Recorder:
                 )
 
     def _after_commit(self, outcome: FrameOutcome) -> None:
-        record = FrameRecord(
-            ts=outcome.item.ts,
-            class_counts=outcome.class_counts,
-            n_uncertain=outcome.n_uncertain,
-            n_ood=outcome.n_ood,
-            rejected_reason=None if outcome.status == "ok" else outcome.reason or outcome.status,
-        )
         try:
-            self._on_recorded(outcome.item.probe, record, outcome)
+            self._on_recorded(outcome)
         finally:
             if outcome.item.after_store is not None:
                 outcome.item.after_store()

@@ -52,14 +52,14 @@ from monitor.config.settings import (
 from monitor.logs import configure_logging
 from monitor.publishers.base import CommandHandler, ProbeUpdate
 from monitor.replay.report import batch_time, clock_text, duration_text, render_report
+from monitor.runtime.publish_cycle import ManualSchedule
 from monitor.runtime.systemd_notify import SystemdNotifier
-from monitor.sources.base import FrameItem
+from monitor.sources.base import FrameItem, FrameSink
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from monitor.daemon import Daemon
-    from monitor.pipeline.frame_queue import FrameQueue
+    from monitor.runtime.view import MonitorView
 
 # The folder source, the decoder and the daemon load OpenCV and ONNX Runtime: imported
 # where a replay runs, so registering the command costs every other command nothing.
@@ -229,22 +229,22 @@ def replay_settings(settings: Settings, probe_id: str, state_dir: Path) -> Setti
     """The live configuration narrowed to one probe, for a replay.
 
     Same model, backend, quality gate, sampling, windows and alarms; a private store
-    under `state_dir`; no MQTT or OPC UA; the probe's source swapped for an empty folder,
-    because replay feeds the frames itself; and `batcher.max_wait` 0: replay waits for
-    the last frame of every publish interval anyway, so holding a batch open for more
-    crops only adds that wait to every tick (it changes timing, never a result).
+    under `state_dir`, committing each frame at once (replay waits for every frame at
+    each tick anyway); no MQTT, OPC UA or HTTP; and `batcher.max_wait` 0: holding a batch open
+    for more crops only adds that wait to every tick (it changes timing, never a
+    result). The probe's own source is not started: replay feeds the frames itself.
     """
     probe = next(p for p in settings.probes if p.id == probe_id)
-    idle = state_dir / "no-live-source"
-    idle.mkdir(parents=True, exist_ok=True)
-    source = FolderSourceConfig(type="folder", path=idle, backlog="none")
     return settings.model_copy(
         update={
             "daemon": settings.daemon.model_copy(update={"state_dir": state_dir}),
+            "store": settings.store.model_copy(update={"commit_delay": 0.0}),
             "batcher": settings.batcher.model_copy(update={"max_wait": 0.0}),
             "mqtt": settings.mqtt.model_copy(update={"enabled": False}),
             "opcua": settings.opcua.model_copy(update={"enabled": False}),
-            "probes": (probe.model_copy(update={"source": source}),),
+            # Nor a dashboard: the live daemon's port may be in use on this host.
+            "http": settings.http.model_copy(update={"enabled": False}),
+            "probes": (probe,),
         }
     )
 
@@ -287,7 +287,7 @@ def replay_frames(
     """Run `frames` through a daemon built from `settings` and collect what it published.
 
     `settings` must already be narrowed by `replay_settings` (private store, no
-    publishers, idle source). `progress(ts, frames_recorded)` is called after each tick.
+    publishers). `progress(ts, frames_recorded)` is called after each tick.
     """
     from monitor.daemon import Daemon  # noqa: PLC0415
     from monitor.imaging.decode import DecodeLimits  # noqa: PLC0415
@@ -301,13 +301,15 @@ def replay_frames(
     end = frames[-1].ts
     clock = SimulatedClock(origin)
     collector = CollectingPublisher()
+    feed = ReplayFeed(probe_id)
+    schedule = ManualSchedule()
     daemon = Daemon(
         settings,
         clock=clock,
         publishers=[collector],
+        sources=[feed],
+        publish_schedule=schedule,
         notifier=SystemdNotifier(None),
-        publish_loop=False,
-        record_delay_s=0.0,
     )
     started = time.monotonic()
     daemon.start()
@@ -338,17 +340,14 @@ def replay_frames(
                 frame = frames[index]
                 read_ahead(index + _READ_AHEAD)
                 pacer.wait_until(frame.ts)
-                _feed(
-                    daemon.frames,
-                    FrameItem(probe_id, frame.key, frame.ts, read=decoded.pop(index).result),
-                )
+                feed.put(FrameItem(probe_id, frame.key, frame.ts, read=decoded.pop(index).result))
                 index += 1
                 fed += 1
             read_ahead(index + _READ_AHEAD)
             pacer.wait_until(tick)
-            lost += _wait_recorded(daemon, collector, fed - lost)
+            lost += _wait_recorded(daemon.view, collector, fed - lost)
             clock.set(tick)
-            daemon.publish_once()
+            schedule.tick()
             published = len(collector.updates)
             if progress is not None:
                 progress(tick, len(collector.results))
@@ -361,7 +360,7 @@ def replay_frames(
     # stop() publishes once more at the last tick; that repeat adds nothing to the trend.
     del collector.updates[published:]
     wall_s = time.monotonic() - started
-    manifest = daemon.model.manifest
+    manifest = daemon.view.manifest
     return ReplayResult(
         folder=folder,
         probe=probe,
@@ -383,12 +382,32 @@ def replay_frames(
     )
 
 
-def _feed(queue: FrameQueue, item: FrameItem) -> None:
-    while not queue.put(item, block=True):  # full: wait for the workers, like the source
-        pass
+class ReplayFeed:
+    """The replay's source: frames are put in by the replay loop, in time order, and
+    handed to the daemon's frame queue, waiting while it is full as the folder source
+    waits."""
+
+    def __init__(self, probe_id: str) -> None:
+        self.probe_id = probe_id
+        self._sink: FrameSink | None = None
+
+    def start(self, sink: FrameSink) -> None:
+        self._sink = sink
+
+    def put(self, item: FrameItem) -> None:
+        if self._sink is None:
+            raise RuntimeError("ReplayFeed.put before the daemon started")
+        while not self._sink.put(item, block=True):  # full: wait for the workers
+            pass
+
+    def stop(self) -> None:
+        """Nothing runs on its own."""
+
+    def health(self) -> tuple[bool, str]:
+        return True, "replaying a recorded batch"
 
 
-def _wait_recorded(daemon: Daemon, collector: CollectingPublisher, expected: int) -> int:
+def _wait_recorded(view: MonitorView, collector: CollectingPublisher, expected: int) -> int:
     """Block until `expected` frames are recorded; return how many never will be.
 
     A frame whose inference failed is dropped by the pipeline without a record (a live
@@ -397,7 +416,7 @@ def _wait_recorded(daemon: Daemon, collector: CollectingPublisher, expected: int
     """
     idle_since: float | None = None
     while not collector.wait_results(expected, timeout=0.25):
-        if daemon.frames.qsize() or daemon.pipeline.in_flight:
+        if not view.pipeline_load().idle:
             idle_since = None
             continue
         now = time.monotonic()

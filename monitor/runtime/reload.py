@@ -1,23 +1,38 @@
 """What a SIGHUP reload may change while the daemon runs, and what waits for a restart.
 
-Pure: compares two validated `Settings` and returns the settings to run on from now,
-built from the new file's live parts and the running configuration's other parts.
-Live: alarm definitions and limits, the publish interval, store retention and each
-probe's image thresholds (quality gate, particle segmentation, tiles). Everything else
-(model, backend, sources, windows, connections, ...) is reported as needing a restart
-and keeps its running value, so the running daemon never sees a half-applied change.
+`plan_reload` is pure: it compares two validated `Settings` and returns the settings to
+run on from now, built from the new file's live parts and the running configuration's
+other parts. The live parts are declared once, in `LIVE_KEYS` and `LIVE_PROBE_KEYS`.
+Everything else (model, backend, sources, windows, connections, ...) is reported as
+needing a restart and keeps its running value, so the running daemon never sees a
+half-applied change. `LiveReload` reads the file and applies a plan to the running
+stages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from monitor.config.settings import ProbeConfig, Settings
+import structlog
+from pydantic import BaseModel
 
-_PROBE_LIVE_FIELDS = ("quality", "particles", "tiles")
-_LIVE_PREFIXES = ("alarms", "aggregation.publish_interval", "store.retention")
+from monitor.config.settings import (
+    ConfigError,
+    ProbeConfig,
+    Settings,
+    check_environment,
+    load_settings,
+)
+
+log = structlog.get_logger(__name__)
+
+LIVE_KEYS = ("alarms", "aggregation.publish_interval", "store.retention")
+"""Settings (dotted key paths) a reload applies at once; the README lists the same."""
+LIVE_PROBE_KEYS = ("quality", "particles", "tiles")
+"""Each probe's sections a reload applies at once (the image thresholds)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,7 @@ def plan_reload(current: Settings, new: Settings) -> ReloadPlan:
     applied: list[str] = []
     needs_restart: list[str] = []
     for path in _leaf_differences(old_dump, new_dump, ""):
-        live = any(path == p or path.startswith(p + ".") for p in _LIVE_PREFIXES)
+        live = any(path == p or path.startswith(p + ".") for p in LIVE_KEYS)
         (applied if live else needs_restart).append(path)
 
     old_probes = {probe.id: probe for probe in current.probes}
@@ -78,21 +93,79 @@ def plan_reload(current: Settings, new: Settings) -> ReloadPlan:
         for path in differences:
             key = f"{_probe_key(probe_id)}.{path}"
             field = path.split(".", 1)[0]
-            if field in _PROBE_LIVE_FIELDS:
+            if field in LIVE_PROBE_KEYS:
                 applied.append(key)
                 live_update[field] = getattr(new_probe, field)
             else:
                 needs_restart.append(key)
         probes.append(old_probe.model_copy(update=live_update) if live_update else old_probe)
 
-    settings = current.model_copy(
-        update={
-            "alarms": new.alarms,
-            "aggregation": current.aggregation.model_copy(
-                update={"publish_interval": new.aggregation.publish_interval}
-            ),
-            "store": current.store.model_copy(update={"retention": new.store.retention}),
-            "probes": tuple(probes),
-        }
-    )
+    settings = current
+    for key in LIVE_KEYS:
+        settings = _with_value(settings, key.split("."), _value_at(new, key.split(".")))
+    settings = settings.model_copy(update={"probes": tuple(probes)})
     return ReloadPlan(settings, tuple(applied), tuple(needs_restart))
+
+
+def _value_at(model: BaseModel, path: list[str]) -> Any:
+    value: Any = model
+    for name in path:
+        value = getattr(value, name)
+    return value
+
+
+def _with_value(model: Any, path: list[str], value: Any) -> Any:
+    """A copy of `model` with the field at `path` set to `value` (copies along the path)."""
+    head, *rest = path
+    if not rest:
+        return model.model_copy(update={head: value})
+    return model.model_copy(update={head: _with_value(getattr(model, head), rest, value)})
+
+
+class LiveReload:
+    """Re-reads the configuration file and applies what can change live, through
+    `apply(plan)` (the running stages' part); an invalid file is logged and the daemon
+    keeps running on the configuration it has."""
+
+    def __init__(
+        self,
+        current: Callable[[], Settings],
+        apply: Callable[[ReloadPlan], None],
+        status: Callable[[str], object],
+        reloading: Callable[[], object],
+    ) -> None:
+        self._current = current
+        self._apply = apply
+        self._status = status  # systemd READY=1 with STATUS=
+        self._reloading = reloading  # systemd RELOADING=1
+
+    def reload(self, config_path: Path) -> ReloadPlan | None:
+        self._reloading()
+        try:
+            new_settings = load_settings(config_path)
+        except ConfigError as exc:
+            problems = exc.problems
+        else:
+            problems = check_environment(new_settings)
+        if problems:
+            log.error(
+                "config_reload_failed",
+                config=str(config_path),
+                problems=problems,
+                action="kept the running configuration",
+            )
+            self._status(f"reload failed, running on the old config: {problems[0]}")
+            return None
+        plan = plan_reload(self._current(), new_settings)
+        self._apply(plan)
+        log.info(
+            "config_reloaded",
+            config=str(config_path),
+            applied=list(plan.applied),
+            needs_restart=list(plan.needs_restart),
+        )
+        status = f"reloaded: {len(plan.applied)} change(s) applied"
+        if plan.needs_restart:
+            status += f", restart needed for {', '.join(plan.needs_restart)}"
+        self._status(status)
+        return plan

@@ -2,14 +2,14 @@
 
 A custom collector in a registry of its own (no process-global state, so two daemons in
 one test process never mix): the hot path keeps its plain counters and fixed-bucket
-histograms (`monitor.pipeline.batcher.BucketCounts`), and a scrape turns them into metric
-families. Nothing here is updated per frame.
+histograms, read through the daemon's view (`MonitorView`), and a scrape turns them
+into metric families. Nothing here is updated per frame.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -22,18 +22,17 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from monitor import __version__
-from monitor.pipeline.batcher import BucketCounts
 from monitor.web.connections import DROP_REASONS, HttpCounters
 from monitor.web.views import readiness_checks
 
 if TYPE_CHECKING:
-    from monitor.daemon import Daemon
+    from monitor.runtime.view import Histogram, MonitorView, PipelineLoad
 
 PREFIX = "crystal_monitor"
 
 
-def _histogram(name: str, documentation: str, counts: BucketCounts) -> HistogramMetricFamily:
-    per_bucket, total = counts.read()
+def _histogram(name: str, documentation: str, counts: Histogram) -> HistogramMetricFamily:
+    per_bucket, total = counts.counts, counts.total
     cumulative = 0
     buckets: list[tuple[str, float]] = []
     for bound, count in zip(counts.bounds, per_bucket, strict=False):
@@ -47,20 +46,21 @@ def _histogram(name: str, documentation: str, counts: BucketCounts) -> Histogram
 class DaemonCollector(Collector):
     """Frames, particles, rejects, queues, batches, inference latency, publishers, alarms."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
+    def __init__(self, view: MonitorView) -> None:
+        self._view = view
 
     def collect(self) -> Iterator[Metric]:
-        daemon = self._daemon
-        yield from self._info(daemon)
-        yield from self._recorded(daemon)
-        yield from self._queues(daemon)
-        yield from self._inference(daemon)
-        yield from self._publishers(daemon)
-        yield from self._probes(daemon)
+        view = self._view
+        load = view.pipeline_load()
+        yield from self._info(view)
+        yield from self._recorded(view)
+        yield from self._queues(load)
+        yield from self._inference(load)
+        yield from self._publishers(view)
+        yield from self._probes(view)
 
-    def _info(self, daemon: Daemon) -> Iterator[Metric]:
-        manifest = daemon.model.manifest
+    def _info(self, view: MonitorView) -> Iterator[Metric]:
+        manifest = view.manifest
         info = InfoMetricFamily(f"{PREFIX}_build", "Daemon version and the model it runs.")
         info.add_metric(
             [],
@@ -69,24 +69,24 @@ class DaemonCollector(Collector):
                 "model": manifest.name,
                 "model_version": manifest.version,
                 "model_sha256": manifest.onnx_sha256,
-                "backend": daemon.backend.name,
+                "backend": view.backend_name,
             },
         )
         yield info
         ready = GaugeMetricFamily(
             f"{PREFIX}_ready", "1 when the model is loaded, sources alive, publishers connected."
         )
-        ready.add_metric([], float(all(check.ok for check in readiness_checks(daemon))))
+        ready.add_metric([], float(all(check.ok for check in readiness_checks(view))))
         yield ready
 
-    def _recorded(self, daemon: Daemon) -> Iterator[Metric]:
-        counts = daemon.recorder.counts()
+    def _recorded(self, view: MonitorView) -> Iterator[Metric]:
+        counts = view.recorded_counts()
         frames = CounterMetricFamily(
             f"{PREFIX}_frames",
             "Frames recorded, by probe and status (ok, rejected by the quality gate, error).",
             labels=["probe", "status"],
         )
-        for probe in daemon.probes:
+        for probe in view.probe_ids:
             for status in ("ok", "rejected", "error"):
                 frames.add_metric([probe, status], counts.frames.get((probe, status), 0))
         yield frames
@@ -103,8 +103,8 @@ class DaemonCollector(Collector):
             "Particles classified with confidence, by probe and class.",
             labels=["probe", "class"],
         )
-        for probe in daemon.probes:
-            for name in daemon.model.manifest.classes:
+        for probe in view.probe_ids:
+            for name in view.manifest.classes:
                 particles.add_metric([probe, name], counts.particles.get((probe, name), 0))
         yield particles
         uncertain = CounterMetricFamily(
@@ -112,7 +112,7 @@ class DaemonCollector(Collector):
             "Particles below the model's confidence threshold, by probe.",
             labels=["probe"],
         )
-        for probe in daemon.probes:
+        for probe in view.probe_ids:
             uncertain.add_metric([probe], counts.uncertain.get(probe, 0))
         yield uncertain
         ood = CounterMetricFamily(
@@ -120,7 +120,7 @@ class DaemonCollector(Collector):
             "Particles rejected as out of distribution (not crystals the model knows), by probe.",
             labels=["probe"],
         )
-        for probe in daemon.probes:
+        for probe in view.probe_ids:
             ood.add_metric([probe], counts.out_of_distribution.get(probe, 0))
         yield ood
         failures = CounterMetricFamily(
@@ -135,7 +135,7 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_store_writable",
             "1 while the store accepts writes, 0 while writes fail and are being retried.",
-            value=0 if daemon.recorder.problem else 1,
+            value=0 if view.store_problem() else 1,
         )
         yield CounterMetricFamily(
             f"{PREFIX}_frames_unstorable",
@@ -143,29 +143,28 @@ class DaemonCollector(Collector):
             value=counts.unstorable,
         )
 
-    def _queues(self, daemon: Daemon) -> Iterator[Metric]:
-        batcher_config = daemon.settings.batcher
+    def _queues(self, load: PipelineLoad) -> Iterator[Metric]:
         gauges: list[tuple[str, str, float]] = [
-            ("frame_queue_depth", "Frames waiting for a decode worker.", daemon.frames.qsize()),
+            ("frame_queue_depth", "Frames waiting for a decode worker.", load.frames_queued),
             (
                 "frame_queue_capacity",
                 "Most frames the frame queue holds.",
-                batcher_config.frame_queue_size,
+                load.frame_queue_capacity,
             ),
             (
                 "frames_in_flight",
                 "Frames taken by a worker and not yet recorded.",
-                daemon.pipeline.in_flight,
+                load.frames_in_flight,
             ),
             (
                 "batcher_queue_crops",
                 "Crops waiting for inference in the micro-batcher.",
-                daemon.batcher.queued_crops,
+                load.crops_queued,
             ),
             (
                 "batcher_queue_capacity",
                 "Most crops the micro-batcher queue holds.",
-                max(batcher_config.queue_size, batcher_config.max_batch),
+                load.crop_queue_capacity,
             ),
         ]
         for name, documentation, value in gauges:
@@ -176,31 +175,29 @@ class DaemonCollector(Collector):
             f"{PREFIX}_frames_dropped",
             "Stream frames dropped because the frame queue was full.",
         )
-        dropped.add_metric([], daemon.frames.dropped)
+        dropped.add_metric([], load.frames_dropped)
         yield dropped
 
-    def _inference(self, daemon: Daemon) -> Iterator[Metric]:
-        batcher = daemon.batcher
+    def _inference(self, load: PipelineLoad) -> Iterator[Metric]:
         yield _histogram(
             f"{PREFIX}_inference_batch_size",
             "Crops per inference batch.",
-            batcher.batch_size_histogram,
+            load.batch_sizes,
         )
         yield _histogram(
             f"{PREFIX}_inference_seconds",
             "Time the backend took per inference batch.",
-            batcher.latency_histogram,
+            load.batch_seconds,
         )
-        stats = batcher.stats
         for name, documentation, value in (
-            ("inference_crops", "Crops run through the backend.", stats.crops),
-            ("inference_failures", "Inference batches that raised.", stats.failures),
+            ("inference_crops", "Crops run through the backend.", load.inference_crops),
+            ("inference_failures", "Inference batches that raised.", load.inference_failures),
         ):
             counter = CounterMetricFamily(f"{PREFIX}_{name}", documentation)
             counter.add_metric([], value)
             yield counter
 
-    def _publishers(self, daemon: Daemon) -> Iterator[Metric]:
+    def _publishers(self, view: MonitorView) -> Iterator[Metric]:
         up = GaugeMetricFamily(
             f"{PREFIX}_publisher_connected",
             "1 when the publisher is connected.",
@@ -216,21 +213,19 @@ class DaemonCollector(Collector):
             "Messages dropped because the bounded outbox was full.",
             labels=["publisher"],
         )
-        for publisher in daemon.publishers:
-            connected, _detail = publisher.health()
-            up.add_metric([publisher.name], float(connected))
-            diagnostics = getattr(publisher, "diagnostics", None)
-            if diagnostics is None:
+        for publisher in view.publishers():
+            up.add_metric([publisher.name], float(publisher.ok))
+            numbers = publisher.diagnostics
+            if not numbers:
                 continue
-            numbers: dict[str, Any] = diagnostics()
             backlog.add_metric([publisher.name], float(numbers.get("backlog", 0)))
             dropped.add_metric([publisher.name], float(numbers.get("dropped_total", 0)))
         yield up
         yield backlog
         yield dropped
 
-    def _probes(self, daemon: Daemon) -> Iterator[Metric]:
-        now = daemon.clock()
+    def _probes(self, view: MonitorView) -> Iterator[Metric]:
+        now = view.now()
         age = GaugeMetricFamily(
             f"{PREFIX}_last_frame_age_seconds",
             "Seconds since the probe's newest frame (absent before the first).",
@@ -256,10 +251,9 @@ class DaemonCollector(Collector):
             "1 while the alarm waits for an operator's acknowledgement.",
             labels=["probe", "alarm", "priority"],
         )
-        for probe, state in daemon.probes.items():
-            with state.lock:
-                snapshot = state.aggregator.snapshot(now).to_json()
-                last = state.last_frame_ts
+        for probe in view.probe_ids:
+            reading = view.probe(probe)
+            snapshot, last = reading.snapshot, reading.last_frame_ts
             if last is not None:
                 age.add_metric([probe], max(0.0, now - last))
             for window, stats in snapshot["windows"].items():
@@ -267,7 +261,7 @@ class DaemonCollector(Collector):
                 for name, cls in stats["classes"].items():
                     if cls["fraction"] is not None:
                         fraction.add_metric([probe, name, window], cls["fraction"])
-            for alarm in daemon.alarm_states(probe):
+            for alarm in view.alarm_states(probe):
                 labels = [probe, alarm["alarm_id"], alarm["priority"]]
                 alarm_active.add_metric(labels, float(alarm["active"]))
                 alarm_unacked.add_metric(labels, float(not alarm["acknowledged"]))
@@ -324,10 +318,10 @@ class HttpCollector(Collector):
             yield counter
 
 
-def create_registry(daemon: Daemon) -> CollectorRegistry:
+def create_registry(view: MonitorView) -> CollectorRegistry:
     """A registry holding only this daemon's collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(daemon))
+    registry.register(DaemonCollector(view))
     return registry
 
 

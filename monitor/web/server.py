@@ -54,7 +54,8 @@ from monitor.web.metrics import HttpCollector, create_registry, render_metrics
 from monitor.web.throttle import FailureThrottle
 
 if TYPE_CHECKING:
-    from monitor.daemon import Daemon
+    from monitor.publishers.base import CommandHandler
+    from monitor.runtime.view import MonitorView
 
 log = structlog.get_logger(__name__)
 
@@ -145,15 +146,23 @@ def _error(status: int, message: str) -> web.Response:
 class WebServer:
     """Health, metrics, API and dashboard of one daemon; `start` returns once it listens."""
 
-    def __init__(self, config: HttpConfig, daemon: Daemon, *, token: str | None = None) -> None:
+    def __init__(
+        self,
+        config: HttpConfig,
+        view: MonitorView,
+        commands: CommandHandler,
+        *,
+        token: str | None = None,
+    ) -> None:
         self.config = config
-        self._daemon = daemon
+        self._view = view
+        self._commands = commands
         self._token = token if token is not None else resolve_token(config)
         self._session = None if self._token is None else session_value(self._token)
         self._static = _load_static()
         self.counters = HttpCounters()
         self._throttle = FailureThrottle()
-        self._registry = create_registry(daemon)
+        self._registry = create_registry(view)
         self._registry.register(HttpCollector(self.counters))
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="http-worker")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -441,7 +450,7 @@ class WebServer:
         )
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        checks = await self._work(views.readiness_checks, self._daemon)
+        checks = await self._work(views.readiness_checks, self._view)
         reasons = [f"{check.name}: {check.detail}" for check in checks if not check.ok]
         return _json(
             {
@@ -527,37 +536,37 @@ class WebServer:
 
     def _probe(self, request: web.Request) -> str:
         probe = request.match_info["probe"]
-        if probe not in self._daemon.probes:
+        if probe not in self._view.probe_ids:
             raise web.HTTPNotFound(reason=f"unknown probe {probe!r}")
         return probe
 
     async def _state(self, request: web.Request) -> web.Response:
-        state = await self._work(views.daemon_state, self._daemon, self.config.refresh)
+        state = await self._work(views.daemon_state, self._view, self.config.refresh)
         return _json(state)
 
     async def _alarms(self, request: web.Request) -> web.Response:
         probe = request.query.get("probe")
-        if probe is not None and probe not in self._daemon.probes:
+        if probe is not None and probe not in self._view.probe_ids:
             return _error(404, f"unknown probe {probe!r}")
         try:
             limit = max(1, min(int(request.query.get("limit", JOURNAL_LIMIT)), 5000))
         except ValueError:
             return _error(400, "limit must be a whole number")
-        probes = [probe] if probe is not None else list(self._daemon.probes)
+        probes = [probe] if probe is not None else list(self._view.probe_ids)
 
         def collect() -> dict[str, Any]:
             return {
-                "states": {p: self._daemon.alarm_states(p) for p in probes},
-                "journal": self._daemon.store.recent_alarm_journal(limit, probe),
+                "states": {p: self._view.alarm_states(p) for p in probes},
+                "journal": self._view.recent_alarm_journal(limit, probe),
             }
 
         return _json(await self._work(collect))
 
     async def _history(self, request: web.Request) -> web.Response:
         probe = self._probe(request)
-        windows = [int(w) for w in self._daemon.settings.aggregation.windows]
+        windows = [int(w) for w in self._view.settings.aggregation.windows]
         try:
-            window = int(request.query.get("window", views.default_window(self._daemon, probe)))
+            window = int(request.query.get("window", views.default_window(self._view, probe)))
         except ValueError:
             window = -1
         if window not in windows:
@@ -567,7 +576,7 @@ class WebServer:
             return _error(400, "span must be auto, hour or batch")
         history = await self._work(
             lambda: views.probe_history(
-                self._daemon,
+                self._view,
                 probe,
                 window=window,
                 span=span,
@@ -596,13 +605,13 @@ class WebServer:
     async def _frames(self, request: web.Request) -> web.Response:
         probe = self._probe(request)
         boxes = request.query.get("boxes", "0") not in {"0", "false", "no", ""}
-        listing = await self._work(lambda: views.frames_list(self._daemon, probe, boxes=boxes))
+        listing = await self._work(lambda: views.frames_list(self._view, probe, boxes=boxes))
         return _json(listing)
 
     async def _frame(self, request: web.Request) -> web.Response:
         probe = self._probe(request)
         selection = self._selection(request)
-        boxes = await self._work(views.frame_boxes, self._daemon, probe, selection)
+        boxes = await self._work(views.frame_boxes, self._view, probe, selection)
         if boxes is None:
             return self._no_frame(probe, selection)
         return _json(boxes)
@@ -615,7 +624,7 @@ class WebServer:
         except ValueError:
             return _error(400, "width must be a whole number of pixels")
         width = max(64, min(width, self.config.frame_width))
-        found = views.select_frame(views.recent_frames(self._daemon, probe), selection)
+        found = views.select_frame(self._view.recent_frames(probe), selection)
         if found is None:
             return self._no_frame(probe, selection)
         index, frame = found
@@ -639,7 +648,7 @@ class WebServer:
         """Keep encoded JPEGs of recent frames (each size asked for), the oldest dropped
         first: every dashboard asks for the same frames, each is encoded once."""
         self._frame_cache[cache_key] = data
-        held = sum(state.recent_frames.maxlen or 0 for state in self._daemon.probes.values())
+        held = sum(self._view.recent_capacity(probe) for probe in self._view.probe_ids)
         limit = FRAME_CACHE_PER_FRAME * max(1, held)
         while len(self._frame_cache) > limit:
             self._frame_cache.pop(next(iter(self._frame_cache)))
@@ -673,7 +682,7 @@ class WebServer:
         alarm_id = request.match_info["alarm_id"]
         body = await self._action_body(request)
         result = await self._work(
-            self._daemon.acknowledge, probe, alarm_id, body["who"], body["comment"]
+            self._commands.acknowledge, probe, alarm_id, body["who"], body["comment"]
         )
         log.info(
             "http_acknowledge",
@@ -701,7 +710,7 @@ class WebServer:
         ):
             return _error(400, "'minutes' must be a number of minutes above 0")
         result = await self._work(
-            self._daemon.shelve, probe, alarm_id, float(minutes), body["who"], body["comment"]
+            self._commands.shelve, probe, alarm_id, float(minutes), body["who"], body["comment"]
         )
         log.info(
             "http_shelve",

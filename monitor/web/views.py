@@ -1,8 +1,9 @@
-"""What the HTTP server shows, built from the running daemon: readiness, state, history.
+"""What the HTTP server shows, built from the daemon's read model (`MonitorView`):
+readiness, state, history, the recent frames.
 
-Plain functions over the daemon's public state; they take its locks only as long as a
-copy takes and never touch the network, so the server runs the slow ones (store
-queries, JPEG encoding) on a worker thread and keeps its event loop free.
+Plain functions over copies the view hands out; they never touch the network, so the
+server runs the slow ones (store queries, JPEG encoding) on a worker thread and keeps
+its event loop free.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import cv2
 import numpy as np
 
 from monitor import __version__
-from monitor.alarms import FractionHighAlarm, FractionLowAlarm, quality_of
+from monitor.alarms import FractionHighAlarm, FractionLowAlarm
 from monitor.manifest import describe_model_quality
 from monitor.pipeline.recorder import RecordedCounts
 
 if TYPE_CHECKING:
-    from monitor.daemon import Daemon, LatestFrame
+    from monitor.runtime.probe_state import LatestFrame
+    from monitor.runtime.view import MonitorView
 
 MAX_TREND_POINTS = 720
 JPEG_QUALITY = 80
@@ -46,43 +48,26 @@ class Check:
         return {"check": self.name, "ok": self.ok, "detail": self.detail}
 
 
-def readiness_checks(daemon: Daemon) -> list[Check]:
+def readiness_checks(view: MonitorView) -> list[Check]:
     """Model loaded, the store writable, every probe's source alive, every publisher connected."""
-    checks: list[Check] = []
-    model = getattr(daemon, "model", None)
-    backend = getattr(daemon, "backend", None)
-    if model is None or backend is None:
-        checks.append(Check("model", False, "model not loaded yet"))
-    else:
-        manifest = model.manifest
-        checks.append(Check("model", True, f"{manifest.name} {manifest.version} on {backend.name}"))
-    recorder = getattr(daemon, "recorder", None)
-    if recorder is None:
-        checks.append(Check("store", False, "store not open yet"))
-    else:
-        problem = recorder.problem
-        checks.append(Check("store", problem is None, problem or "writing"))
-    sources = {source.probe_id: source for source in list(daemon.sources)}
-    for probe in daemon.settings.probes:
-        source = sources.get(probe.id)
-        if source is None:
-            checks.append(Check(f"source {probe.id}", False, "source not started yet"))
-        else:
-            alive, detail = source.health()
-            checks.append(Check(f"source {probe.id}", alive, detail))
-    for publisher in daemon.publishers:
-        connected, detail = publisher.health()
-        checks.append(Check(f"publisher {publisher.name}", connected, detail))
+    manifest = view.manifest
+    checks = [Check("model", True, f"{manifest.name} {manifest.version} on {view.backend_name}")]
+    problem = view.store_problem()
+    checks.append(Check("store", problem is None, problem or "writing"))
+    for source in view.sources():
+        checks.append(Check(f"source {source.name}", source.ok, source.detail))
+    for publisher in view.publishers():
+        checks.append(Check(f"publisher {publisher.name}", publisher.ok, publisher.detail))
     return checks
 
 
 # -- current state --------------------------------------------------------------------
 
 
-def fraction_limits(daemon: Daemon, probe: str) -> list[dict[str, Any]]:
+def fraction_limits(view: MonitorView, probe: str) -> list[dict[str, Any]]:
     """The class-fraction alarm limits of `probe`, to draw on its trend (live after a reload)."""
     limits = []
-    for definition in daemon.settings.alarms.definitions:
+    for definition in view.settings.alarms.definitions:
         if not isinstance(definition, FractionHighAlarm | FractionLowAlarm):
             continue
         if not definition.applies_to(probe):
@@ -102,11 +87,11 @@ def fraction_limits(daemon: Daemon, probe: str) -> list[dict[str, Any]]:
     return limits
 
 
-def default_window(daemon: Daemon, probe: str) -> int:
+def default_window(view: MonitorView, probe: str) -> int:
     """The window the trend opens on: the first fraction alarm's, else the middle one."""
-    for limit in fraction_limits(daemon, probe):
+    for limit in fraction_limits(view, probe):
         return int(limit["window"])
-    windows = daemon.settings.aggregation.windows
+    windows = view.settings.aggregation.windows
     return int(windows[len(windows) // 2])
 
 
@@ -126,48 +111,45 @@ def _counts_of(counts: RecordedCounts, probe: str, classes: Sequence[str]) -> di
     }
 
 
-def probe_state(daemon: Daemon, probe: str, counts: RecordedCounts, now: float) -> dict[str, Any]:
+def probe_state(view: MonitorView, probe: str, counts: RecordedCounts) -> dict[str, Any]:
     """One probe as the dashboard shows it."""
-    state = daemon.probes.get(probe)
-    if state is None:
-        raise UnknownProbeError(probe)
-    with state.lock:
-        snapshot = state.aggregator.snapshot(now).to_json()
-        last_frame_ts = state.last_frame_ts
-        latest = state.latest_frame
-    definitions = [d for d in daemon.settings.alarms.definitions if d.applies_to(probe)]
-    quality = quality_of(
-        snapshot, now, last_frame_ts, definitions, watching_since=daemon.started_at
-    )
-    alarms = daemon.alarm_states(probe)
-    source = next((s for s in list(daemon.sources) if s.probe_id == probe), None)
-    alive, detail = source.health() if source is not None else (False, "not started")
+    try:
+        reading = view.probe(probe)
+    except KeyError:
+        raise UnknownProbeError(probe) from None
+    now = view.now()
+    alarms = view.alarm_states(probe)
+    source = next((s for s in view.sources() if s.name == probe), None)
+    last_frame_ts, latest = reading.last_frame_ts, reading.latest_frame
     return {
         "id": probe,
-        "batch": snapshot["batch"],
-        "quality": quality,
+        "batch": reading.snapshot["batch"],
+        # As the plant was told at the last publish tick; before the first, not yet rated.
+        "quality": reading.quality or "UNCERTAIN",
         "last_frame_ts": last_frame_ts,
         "last_frame_age_s": None if last_frame_ts is None else max(0.0, now - last_frame_ts),
-        "source": {"alive": alive, "detail": detail},
-        "snapshot": snapshot,
-        "counts": _counts_of(counts, probe, daemon.model.manifest.classes),
+        "source": {
+            "alive": source is not None and source.ok,
+            "detail": source.detail if source is not None else "not started",
+        },
+        "snapshot": reading.snapshot,
+        "counts": _counts_of(counts, probe, view.manifest.classes),
         "alarms": alarms,
         "active_alarms": [
             alarm for alarm in alarms if alarm["state"] != "normal" or alarm["shelved"]
         ],
-        "limits": fraction_limits(daemon, probe),
-        "default_window": default_window(daemon, probe),
+        "limits": fraction_limits(view, probe),
+        "default_window": default_window(view, probe),
         "latest_frame": None if latest is None else {"ts": latest.ts, "key": latest.key},
     }
 
 
-def daemon_state(daemon: Daemon, refresh_s: float) -> dict[str, Any]:
+def daemon_state(view: MonitorView, refresh_s: float) -> dict[str, Any]:
     """Every probe's current state plus what the page needs to draw it."""
-    now = daemon.clock()
-    manifest = daemon.model.manifest
-    counts = daemon.recorder.counts()
+    manifest = view.manifest
+    counts = view.recorded_counts()
     return {
-        "ts": now,
+        "ts": view.now(),
         "version": __version__,
         "model": {
             "name": manifest.name,
@@ -176,9 +158,9 @@ def daemon_state(daemon: Daemon, refresh_s: float) -> dict[str, Any]:
             "quality": describe_model_quality(manifest),
         },
         "classes": list(manifest.classes),
-        "windows": [int(w) for w in daemon.settings.aggregation.windows],
+        "windows": [int(w) for w in view.settings.aggregation.windows],
         "refresh_s": refresh_s,
-        "probes": [probe_state(daemon, probe, counts, now) for probe in daemon.probes],
+        "probes": [probe_state(view, probe, counts) for probe in view.probe_ids],
     }
 
 
@@ -186,12 +168,12 @@ def daemon_state(daemon: Daemon, refresh_s: float) -> dict[str, Any]:
 
 
 def history_since(
-    daemon: Daemon, probe: str, span: Span, history_s: float, history_max_s: float
+    view: MonitorView, probe: str, span: Span, history_s: float, history_max_s: float
 ) -> tuple[float, str]:
     """Where the trend starts: the running batch's start (auto, batch) or `history_s` ago."""
-    now = daemon.clock()
+    now = view.now()
     if span != "hour":
-        current = daemon.store.current_batch(probe)
+        current = view.current_batch(probe)
         if current is not None:
             return max(current[1], now - history_max_s), "batch"
     return now - history_s, "hour"
@@ -228,7 +210,7 @@ def trend_series(
 
 
 def probe_history(
-    daemon: Daemon,
+    view: MonitorView,
     probe: str,
     *,
     window: int,
@@ -237,17 +219,17 @@ def probe_history(
     history_max_s: float,
 ) -> dict[str, Any]:
     """The trend of one probe in one window, from the store (runs on a worker thread)."""
-    if probe not in daemon.probes:
+    if probe not in view.probe_ids:
         raise UnknownProbeError(probe)
-    since, shown = history_since(daemon, probe, span, history_s, history_max_s)
-    rows = daemon.store.probe_snapshots(probe, since, max_rows=MAX_TREND_POINTS)
-    classes = daemon.model.manifest.classes
+    since, shown = history_since(view, probe, span, history_s, history_max_s)
+    rows = view.probe_snapshots(probe, since, MAX_TREND_POINTS)
+    classes = view.manifest.classes
     return {
         "probe": probe,
         "window": window,
         "span": shown,
         "since": since,
-        "now": daemon.clock(),
+        "now": view.now(),
         "batch": rows[-1][1] if rows else None,
         "classes": list(classes),
         **trend_series(rows, classes, window),
@@ -308,25 +290,12 @@ class FrameSelection:
         return f"frame index {self.index or 0}"
 
 
-def recent_frames(daemon: Daemon, probe: str) -> list[LatestFrame]:
-    """The probe's recent classified frames, newest first (by frame time; a copy of the
-    references, taken under the probe's lock)."""
-    state = daemon.probes.get(probe)
-    if state is None:
-        raise UnknownProbeError(probe)
-    with state.lock:
-        frames = list(state.recent_frames)
-    frames.reverse()  # the newest recorded first; the stable sort keeps that among equal times
-    frames.sort(key=lambda frame: frame.ts, reverse=True)
-    return frames
-
-
-def recent_capacity(daemon: Daemon, probe: str) -> int:
-    """How many recent frames the daemon keeps for `probe`."""
-    state = daemon.probes.get(probe)
-    if state is None:
-        raise UnknownProbeError(probe)
-    return int(state.recent_frames.maxlen or 0)
+def recent_frames(view: MonitorView, probe: str) -> list[LatestFrame]:
+    """The probe's recent classified frames, newest first."""
+    try:
+        return view.recent_frames(probe)
+    except KeyError:
+        raise UnknownProbeError(probe) from None
 
 
 def select_frame(
@@ -394,13 +363,13 @@ def frame_json(
     return body
 
 
-def frames_list(daemon: Daemon, probe: str, *, boxes: bool) -> dict[str, Any]:
+def frames_list(view: MonitorView, probe: str, *, boxes: bool) -> dict[str, Any]:
     """The recent frames of `probe`, newest first, each as frame_json."""
-    frames = recent_frames(daemon, probe)
-    classes = daemon.model.manifest.classes
+    frames = recent_frames(view, probe)
+    classes = view.manifest.classes
     return {
         "probe": probe,
-        "capacity": recent_capacity(daemon, probe),
+        "capacity": view.recent_capacity(probe),
         "classes": list(classes),
         "frames": [
             frame_json(probe, index, frame, classes, boxes=boxes)
@@ -410,15 +379,15 @@ def frames_list(daemon: Daemon, probe: str, *, boxes: bool) -> dict[str, Any]:
 
 
 def frame_boxes(
-    daemon: Daemon, probe: str, selection: FrameSelection | None = None
+    view: MonitorView, probe: str, selection: FrameSelection | None = None
 ) -> dict[str, Any] | None:
     """The selected recent frame (the newest by default) with its size and particle
     boxes (image pixels), or None when the daemon holds no such frame."""
-    found = select_frame(recent_frames(daemon, probe), selection or FrameSelection())
+    found = select_frame(recent_frames(view, probe), selection or FrameSelection())
     if found is None:
         return None
     index, frame = found
-    return frame_json(probe, index, frame, daemon.model.manifest.classes, boxes=True)
+    return frame_json(probe, index, frame, view.manifest.classes, boxes=True)
 
 
 def encode_frame(image: np.ndarray, max_width: int) -> bytes:
@@ -431,11 +400,3 @@ def encode_frame(image: np.ndarray, max_width: int) -> bytes:
     if not ok:
         raise ValueError("JPEG encoding failed")
     return bytes(data.tobytes())
-
-
-def latest_jpeg(daemon: Daemon, probe: str, max_width: int) -> tuple[float, bytes] | None:
-    """(frame time, JPEG) of the probe's newest classified frame, or None before the first."""
-    frames = recent_frames(daemon, probe)
-    if not frames:
-        return None
-    return frames[0].ts, encode_frame(frames[0].image, max_width)

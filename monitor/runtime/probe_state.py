@@ -1,0 +1,133 @@
+"""What the daemon keeps per probe between stages: its windows, its newest frames and
+its input quality as of the last publish tick."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from monitor.aggregate import FrameRecord, WindowAggregator
+from monitor.alarms import Quality
+from monitor.config.settings import ProbeConfig, Settings
+from monitor.manifest import ModelManifest
+from monitor.pipeline.outcome import FrameOutcome, ParticleBox
+from monitor.store import Store
+
+log = structlog.get_logger(__name__)
+
+# Classified frames kept per probe for the dashboard's strip of recent frames. Each is a
+# reference to the array the worker already decoded (nothing is copied or encoded on the
+# hot path), so a probe holds up to RECENT_FRAMES x one frame in memory: 8 x 1.4 MB for
+# 1360 x 1024 8-bit frames. JPEGs are encoded only when the dashboard asks for them.
+RECENT_FRAMES = 8
+
+
+@dataclass(frozen=True)
+class LatestFrame:
+    """One of the probe's recent classified frames, for the dashboard."""
+
+    ts: float
+    key: str
+    image: np.ndarray  # 2-D uint8, as decoded
+    boxes: tuple[ParticleBox, ...]
+
+
+def frame_record(outcome: FrameOutcome) -> FrameRecord:
+    """What the windows count of one stored frame."""
+    return FrameRecord(
+        ts=outcome.item.ts,
+        class_counts=outcome.class_counts,
+        n_uncertain=outcome.n_uncertain,
+        n_ood=outcome.n_ood,
+        rejected_reason=None if outcome.status == "ok" else outcome.reason or outcome.status,
+    )
+
+
+@dataclass
+class ProbeState:
+    """One probe's live state. Every field but `config` is read and written under `lock`."""
+
+    config: ProbeConfig
+    aggregator: WindowAggregator
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_frame_ts: float | None = None
+    quality: Quality | None = None
+    """As the alarm engine rated the input at the last publish tick (None before it)."""
+    # The last RECENT_FRAMES classified frames, oldest first (see RECENT_FRAMES for memory).
+    recent_frames: deque[LatestFrame] = field(default_factory=lambda: deque(maxlen=RECENT_FRAMES))
+
+    def add(self, outcome: FrameOutcome) -> FrameRecord:
+        """Count a stored frame in the windows; keep it for the dashboard if classified."""
+        record = frame_record(outcome)
+        with self.lock:
+            self.aggregator.add(record)
+            self.last_frame_ts = max(self.last_frame_ts or record.ts, record.ts)
+            if outcome.image is not None:  # a reference; the deque drops the oldest
+                self.recent_frames.append(
+                    LatestFrame(record.ts, outcome.item.key, outcome.image, outcome.boxes)
+                )
+        return record
+
+    def snapshot(self, now: float) -> tuple[dict[str, Any], float | None]:
+        """(window snapshot as JSON, newest frame time), read together."""
+        with self.lock:
+            return self.aggregator.snapshot(now).to_json(), self.last_frame_ts
+
+    def newest_first(self) -> list[LatestFrame]:
+        """The recent frames, newest first by frame time (a copy of the references)."""
+        with self.lock:
+            frames = list(self.recent_frames)
+        frames.reverse()  # the newest recorded first; the stable sort keeps that among equal times
+        frames.sort(key=lambda frame: frame.ts, reverse=True)
+        return frames
+
+
+def create_probe_states(
+    settings: Settings, manifest: ModelManifest, store: Store, now: float
+) -> dict[str, ProbeState]:
+    """A state per configured probe, its windows refilled from the store so a restart
+    does not blank the trend."""
+    states = {}
+    for probe in settings.probes:
+        aggregator = WindowAggregator(
+            manifest.classes,
+            windows_s=settings.aggregation.windows,
+            confusion_matrix=manifest.validation.confusion_matrix,
+            ewma_halflife_s=settings.aggregation.ewma_halflife,
+        )
+        state = ProbeState(probe, aggregator)
+        _restore_windows(state, store, manifest.classes, now - max(settings.aggregation.windows))
+        states[probe.id] = state
+    return states
+
+
+def _restore_windows(
+    state: ProbeState, store: Store, classes: Sequence[str], since: float
+) -> None:
+    probe = state.config.id
+    current = store.current_batch(probe)
+    if current is not None:
+        state.aggregator.start_batch(current[0], current[1])
+        since = max(since, current[1])
+    restored = 0
+    for row in store.frames_since(probe, since):
+        if current is not None and row.batch != current[0]:
+            continue
+        state.aggregator.add(
+            FrameRecord(
+                ts=row.ts,
+                class_counts=tuple(row.counts.get(name, 0) for name in classes),
+                n_uncertain=row.n_uncertain,
+                n_ood=row.n_ood,
+                rejected_reason=None if row.status == "ok" else row.reason or row.status,
+            )
+        )
+        restored += 1
+    if restored:
+        log.info("windows_restored", probe=probe, frames=restored)
