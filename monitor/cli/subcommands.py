@@ -240,7 +240,7 @@ def run_run(args: argparse.Namespace) -> int:
     settings = _load_or_report(args.config)
     if settings is None:
         return EX_CONFIG
-    from monitor.daemon import run_daemon  # noqa: PLC0415
+    from monitor.cli.service import run_daemon  # noqa: PLC0415
     from monitor.inference.backend import BackendUnavailableError  # noqa: PLC0415
 
     # The daemon's stderr is its log: native libraries' lines and uncaught exceptions
@@ -303,7 +303,7 @@ def demo_settings(
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from monitor.daemon import run_daemon  # noqa: PLC0415
+    from monitor.cli.service import run_daemon  # noqa: PLC0415
 
     state_dir: Path = args.state_dir
     settings = _load_or_report(
