@@ -117,7 +117,7 @@ def test_a_web_server_that_cannot_listen_stops_the_publishers_that_started(
             sources=[RecordingSource(journal)],
             notifier=SystemdNotifier(None),
         )
-        with pytest.raises(WebStartError, match="http.port"):
+        with pytest.raises(WebStartError, match=r"http\.port"):
             daemon.start()
     assert journal.steps == ["publisher start", "publisher stop"]  # no source ever started
     assert _worker_threads() <= before
