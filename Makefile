@@ -1,11 +1,11 @@
 # The README's commands. `make test` builds .venv with the train and dev extras,
 # installs Mosquitto and Chromium (the browser test) when missing (root only), then lints,
-# type-checks and runs the tests.
+# checks the import layout, type-checks and runs the tests.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest test-gpu bench bench-gpu mosquitto browser clean
+.PHONY: run test lint imports typecheck pytest test-gpu bench bench-gpu mosquitto browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,13 +46,17 @@ browser:
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 
+# The package layout: layers in data-flow order, no cycles, no torch ([tool.importlinter]).
+imports: $(VENV)/.dev-installed
+	$(BIN)/lint-imports
+
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy
 
 pytest: $(VENV)/.dev-installed mosquitto browser
 	$(BIN)/pytest -m "not gpu"
 
-test: lint typecheck pytest
+test: lint imports typecheck pytest
 
 # GPU hosts only: the tensorrt extra as well. `test-gpu` runs just the tests marked gpu and
 # fails when none ran or any was skipped (--require-gpu, see tests/conftest.py).

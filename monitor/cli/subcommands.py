@@ -492,7 +492,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     parser.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     parser.set_defaults(runner=run_export)
 
-    from monitor.replay.runner import add_replay_arguments, run_replay_command  # noqa: PLC0415
+    from monitor.replay.command import add_replay_arguments, run_replay_command  # noqa: PLC0415
 
     parser = sub.add_parser(
         "replay", help="run a recorded batch through the pipeline and alarms; write a report"

@@ -156,7 +156,7 @@ def check_opcua_environment(config: OpcUaConfig) -> list[str]:
             missing = True
     if config.certificate is not None and config.private_key is not None and not missing:
         # Only when configured: cryptography is not needed by a config without one.
-        from monitor.publishers.opcua_certificates import check_configured_pair  # noqa: PLC0415
+        from monitor.config.certificates import check_configured_pair  # noqa: PLC0415
 
         problems += check_configured_pair(config.certificate, config.private_key)
     if config.trust_dir is not None and not config.trust_dir.is_dir():

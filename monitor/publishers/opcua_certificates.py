@@ -1,10 +1,5 @@
-"""The OPC UA server's certificate and key files: read them, check they belong together,
-write them so that a crash never leaves half a file.
-
-Only `cryptography` is imported here (no asyncua), so the configuration check can read an
-operator's certificate without loading the OPC UA stack. PEM or DER is told from the
-content, not the file name.
-"""
+"""The OPC UA server's certificate and key files, written so that a crash never leaves
+half a file (reading and checking them: `monitor.config.certificates`)."""
 
 from __future__ import annotations
 
@@ -12,77 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-
-PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
-PEM_MARKER = b"-----BEGIN"
 TEMPORARY_SUFFIX = ".tmp"
-
-
-class CertificateFileError(ValueError):
-    """A certificate or key file that cannot be read or is not what it should be."""
-
-
-def read_certificate(path: Path) -> x509.Certificate:
-    """The X.509 certificate in `path` (DER or PEM); CertificateFileError if unreadable."""
-    try:
-        data = path.read_bytes()
-        if PEM_CERTIFICATE in data:
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
-    except (OSError, ValueError) as exc:
-        raise CertificateFileError(f"cannot read certificate {path}: {exc}") from exc
-
-
-def read_private_key(path: Path) -> rsa.RSAPrivateKey:
-    """The unencrypted RSA key in `path` (PEM or DER); CertificateFileError otherwise."""
-    try:
-        data = path.read_bytes()
-        key: PrivateKeyTypes
-        if PEM_MARKER in data:
-            key = serialization.load_pem_private_key(data, password=None)
-        else:
-            key = serialization.load_der_private_key(data, password=None)
-    except (OSError, ValueError, TypeError) as exc:  # TypeError: encrypted, no password
-        raise CertificateFileError(f"cannot read private key {path}: {exc}") from exc
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise CertificateFileError(
-            f"private key {path} is not an RSA key (Basic256Sha256 needs RSA)"
-        )
-    return key
-
-
-def key_matches(certificate: x509.Certificate, key: rsa.RSAPrivateKey) -> bool:
-    """True when `key` is the private half of the certificate's public key."""
-    return certificate.public_key() == key.public_key()
-
-
-def check_configured_pair(cert_path: Path, key_path: Path) -> list[str]:
-    """Problems of an operator's certificate and key, each naming its key and the fix."""
-    fix = (
-        "replace it with a valid file, or remove opcua.certificate and opcua.private_key "
-        "to have a self-signed certificate generated"
-    )
-    problems: list[str] = []
-    certificate: x509.Certificate | None = None
-    key: rsa.RSAPrivateKey | None = None
-    try:
-        certificate = read_certificate(cert_path)
-    except CertificateFileError as exc:
-        problems.append(f"opcua.certificate: {exc} ({fix})")
-    try:
-        key = read_private_key(key_path)
-    except CertificateFileError as exc:
-        problems.append(f"opcua.private_key: {exc} ({fix})")
-    if certificate is not None and key is not None and not key_matches(certificate, key):
-        problems.append(
-            f"opcua.private_key: {key_path} is not the key of opcua.certificate {cert_path} "
-            "(replace one of them so that both are the same pair)"
-        )
-    return problems
 
 
 # -- writing ------------------------------------------------------------------------------

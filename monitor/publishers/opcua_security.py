@@ -50,14 +50,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from monitor.publishers.opcua_certificates import (
+from monitor.config.certificates import (
     CertificateFileError,
     key_matches,
     read_certificate,
     read_private_key,
-    remove_leftovers,
-    write_files_atomically,
 )
+from monitor.publishers.opcua_certificates import remove_leftovers, write_files_atomically
 from monitor.publishers.opcua_users import LoginThrottle, UsersFile
 
 log = structlog.get_logger(__name__)

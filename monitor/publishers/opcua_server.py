@@ -70,14 +70,14 @@ from cryptography.hazmat.primitives import serialization
 
 from monitor import __version__
 from monitor.alarms import Quality
-from monitor.config.opcua import OpcUaConfig, endpoint_host
-from monitor.publishers.base import CommandHandler, CommandResult, ProbeUpdate
-from monitor.publishers.opcua_certificates import (
+from monitor.config.certificates import (
     CertificateFileError,
     key_matches,
     read_certificate,
     read_private_key,
 )
+from monitor.config.opcua import OpcUaConfig, endpoint_host
+from monitor.publishers.base import CommandHandler, CommandResult, ProbeUpdate
 from monitor.publishers.opcua_security import (
     CallerAwareInternalServer,
     ClientTrust,

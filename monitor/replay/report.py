@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from monitor.alarms import (
     AlarmDefinition,
@@ -33,10 +33,8 @@ from monitor.alarms import (
     UncertainHighAlarm,
     is_diagnostic,
 )
+from monitor.replay.result import ReplayResult
 from monitor.timestamps import iso_utc
-
-if TYPE_CHECKING:
-    from monitor.replay.runner import ReplayResult
 
 WIDTH = 960
 LEFT, RIGHT = 64, 24
