@@ -12,6 +12,7 @@ import pytest
 
 from monitor.config.settings import ParticlesConfig, QualityConfig, StreamSourceConfig, TilesConfig
 from monitor.pipeline.batcher import MicroBatcher
+from monitor.pipeline.frame_queue import FrameQueue
 from monitor.pipeline.quality_gate import assess_frame, focus_measure
 from monitor.pipeline.sampling import ParticleSampler, TileSampler
 from monitor.simulator import ConstantProfile, FrameConfig, FrameSimulator
@@ -278,3 +279,23 @@ def test_stream_source_reconnects_with_backoff(tmp_path: Path) -> None:
     source.stop()
     assert source.health() == (False, "reconnecting")
     assert 3 <= source.reconnects <= 12  # backoff grew: not 20 attempts in a second
+
+
+def _item(key: str) -> FrameItem:
+    return FrameItem("R1", key, 0.0, read=lambda: np.zeros((4, 4), np.uint8))
+
+
+def test_frame_queue_put_waits_drops_the_oldest_or_refuses_as_documented() -> None:
+    frames = FrameQueue(2)
+    assert frames.put(_item("a"), block=True) and frames.put(_item("b"), block=True)
+    started = time.monotonic()
+    assert not frames.put(_item("c"), block=True)  # full: waited, then said so
+    assert time.monotonic() - started >= 0.19
+    assert frames.dropped == 0 and frames.qsize() == 2
+    assert frames.put(_item("d"), block=False)  # a stream's frame: the oldest makes room
+    assert frames.dropped == 1
+    taken = [frames.get(timeout=0.1), frames.get(timeout=0.1)]
+    assert [item.key for item in taken if item is not None] == ["b", "d"]
+    frames.close()
+    assert not frames.put(_item("e"), block=True) and not frames.put(_item("f"), block=False)
+    assert frames.qsize() == 0

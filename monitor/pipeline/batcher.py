@@ -36,12 +36,11 @@ class _Request:
 class _FrameJob:
     """Reassembles the probabilities of a frame whose crops were split across requests."""
 
-    def __init__(self, parts: int, total: int, on_done: ResultCallback) -> None:
+    def __init__(self, parts: int, on_done: ResultCallback) -> None:
         self._lock = threading.Lock()
         self._remaining = parts
         self._rows: list[np.ndarray | None] = [None] * parts
         self._error: str | None = None
-        self._total = total
         self._on_done = on_done
 
     def part_done(self, index: int, rows: np.ndarray | None, error: str | None) -> None:
@@ -137,7 +136,7 @@ class MicroBatcher:
             on_done(np.empty((0, 0), np.float32), None)
             return True
         pieces = [crops[i : i + self._max_batch] for i in range(0, len(crops), self._max_batch)]
-        job = _FrameJob(len(pieces), len(crops), on_done)
+        job = _FrameJob(len(pieces), on_done)
         for index, piece in enumerate(pieces):
             request = _Request(piece, functools.partial(job.part_done, index))
             with self._cond:
@@ -194,9 +193,7 @@ class MicroBatcher:
                 error = None
             except Exception as exc:  # a failed batch must not kill the batcher
                 probabilities = None
-                error = f"inference_failed: {exc}"
-                self.stats.failures += 1
-                log.error("inference_failed", error=str(exc), crops=len(batch))
+                error = self._failed(exc, len(batch))
             self._deliver(requests, len(batch), probabilities, error, started)
 
     def _run_pipelined(self, backend: PipelinedBackend) -> None:
@@ -216,9 +213,7 @@ class MicroBatcher:
                 try:
                     submitted.pending = backend.submit(batch)
                 except Exception as exc:  # a failed batch must not kill the batcher
-                    submitted.error = f"inference_failed: {exc}"
-                    self.stats.failures += 1
-                    log.error("inference_failed", error=str(exc), crops=len(batch))
+                    submitted.error = self._failed(exc, len(batch))
             if in_flight is not None:
                 self._collect(in_flight)
             elif not requests:
@@ -231,10 +226,14 @@ class MicroBatcher:
             try:
                 probabilities = flight.pending.wait()
             except Exception as exc:  # a failed batch must not kill the batcher
-                flight.error = f"inference_failed: {exc}"
-                self.stats.failures += 1
-                log.error("inference_failed", error=str(exc), crops=flight.size)
+                flight.error = self._failed(exc, flight.size)
         self._deliver(flight.requests, flight.size, probabilities, flight.error, flight.started)
+
+    def _failed(self, exc: Exception, crops: int) -> str:
+        """Count and log a failed batch; the error its frames are answered with."""
+        self.stats.failures += 1
+        log.error("inference_failed", error=str(exc), crops=crops)
+        return f"inference_failed: {exc}"
 
     def _deliver(
         self,

@@ -15,8 +15,9 @@ log = structlog.get_logger(__name__)
 class FrameQueue:
     """Bounded queue between sources and workers.
 
-    A folder source blocks when it is full (its files wait safely on disk); a live
-    stream cannot wait, so its oldest frame is dropped, counted and logged.
+    A folder source waits while it is full (its files wait safely on disk, and it
+    offers the frame again); a live stream cannot wait, so the oldest queued frame is
+    dropped, counted and logged to make room.
     """
 
     def __init__(self, maxsize: int) -> None:
@@ -25,6 +26,14 @@ class FrameQueue:
         self.dropped = 0
 
     def put(self, item: FrameItem, *, block: bool) -> bool:
+        """Queue `item`; whether it was queued.
+
+        `block=True` waits up to 0.2 s for room and returns False if there is still none
+        (the caller offers the frame again, checking meanwhile whether it should stop).
+        `block=False` never waits: when full, the oldest queued frame is dropped (counted
+        in `dropped`, logged as `frame_dropped`) and `item` is queued, so it returns True.
+        After `close`, nothing is queued and it returns False.
+        """
         if self._closed.is_set():
             return False
         if block:

@@ -33,7 +33,10 @@ class FrameItem:
 
 
 class FrameSink(Protocol):
-    """Where a source hands frames: `block=False` returns False when the queue is full."""
+    """Where a source hands frames. Returns whether the frame was queued: `block=True`
+    waits briefly for room and returns False when there is none (offer it again);
+    `block=False` makes room by dropping the oldest queued frame (a live stream cannot
+    wait); False once the sink is closed."""
 
     def put(self, item: FrameItem, *, block: bool) -> bool: ...
 
