@@ -462,3 +462,27 @@ def test_bad_inputs_exit_with_a_message_that_names_the_fix(tmp_path: Path) -> No
     speed = _cli("replay", empty, "--config", config, "--report", report, "--speed", "-3")
     assert speed.returncode == 2 and "must be > 0 or 'max'" in speed.stderr
     assert not report.exists()
+
+
+@pytest.mark.parametrize("recursive", [False, True])
+def test_replay_takes_exactly_the_files_the_folder_source_would(
+    tmp_path: Path, recursive: bool
+) -> None:
+    """One scan for both: hidden part-files, other extensions and (unless recursive)
+    sub-folders are left out the same way; upper-case extensions match."""
+    from monitor.config.settings import FolderSourceConfig
+    from monitor.sources.folder import list_frame_files
+
+    names = ["frame_a.png", "B.PNG", ".frame_c.png.part", "notes.txt", "sub/frame_d.tif"]
+    for index, name in enumerate(names):
+        path = tmp_path / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1_000_000 + index, 1_000_000 + index))
+    patterns = FolderSourceConfig.model_fields["patterns"].default
+    frames = find_recorded_frames(tmp_path, patterns, recursive=recursive)
+    expected = ["frame_a.png", "B.PNG"] + (["sub/frame_d.tif"] if recursive else [])
+    assert [frame.key for frame in frames] == expected  # in mtime order
+    scanned = list_frame_files(str(tmp_path), patterns, recursive=recursive, on_error=print)
+    assert sorted(frame.path for frame in frames) == sorted(scanned)
+    assert not any(frame.ts_from_name for frame in frames)

@@ -22,7 +22,6 @@ the same host; the default runs as fast as the host allows.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import os
 import threading
@@ -44,6 +43,7 @@ from monitor.replay.result import EX_NOINPUT, RecordedFrame, ReplayError, Replay
 from monitor.runtime.publish_cycle import ManualSchedule
 from monitor.runtime.systemd_notify import SystemdNotifier
 from monitor.sources.base import FrameItem, FrameSink
+from monitor.store import storable_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -64,42 +64,31 @@ def find_recorded_frames(
 ) -> list[RecordedFrame]:
     """The frame files of a recorded batch in time order (name stamp, else mtime).
 
-    Hidden files (the `.name.part` of a half-written file) are skipped, as the folder
-    source skips them. Raises ReplayError when the folder is missing or holds no frame.
+    The files are the ones the folder source would take from that folder (its own scan
+    and name patterns: hidden `.name.part` files skipped), keyed as it keys them.
+    Raises ReplayError when the folder is missing or holds no frame.
     """
-    from monitor.sources.folder import frame_time_from_name  # noqa: PLC0415
+    from monitor.sources.folder import frame_time_from_name, list_frame_files  # noqa: PLC0415
 
     if not folder.exists():
         raise ReplayError(f"recorded batch folder not found: {folder}", EX_NOINPUT)
     if not folder.is_dir():
         raise ReplayError(f"not a folder: {folder} (give the folder of frame files)", EX_NOINPUT)
-    lowered = [pattern.lower() for pattern in patterns]
+
+    def unlistable(path: str, exc: OSError) -> None:
+        raise ReplayError(f"cannot list {path}: {exc.strerror or exc}", EX_NOINPUT) from exc
+
     frames: list[RecordedFrame] = []
-    stack = [str(folder)]
-    while stack:
-        current = stack.pop()
+    for path in list_frame_files(str(folder), patterns, recursive=recursive, on_error=unlistable):
+        name = os.path.basename(path)
+        stamp = frame_time_from_name(name)
         try:
-            entries = list(os.scandir(current))
-        except OSError as exc:
-            raise ReplayError(f"cannot list {current}: {exc.strerror or exc}", EX_NOINPUT) from exc
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                if recursive:
-                    stack.append(entry.path)
-                continue
-            name = entry.name.lower()
-            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in lowered):
-                continue
-            stamp = frame_time_from_name(entry.name)
-            try:
-                ts = stamp if stamp is not None else entry.stat().st_mtime
-            except OSError as exc:  # a dangling link: no time, and nothing to read either
-                log.warning("replay_file_skipped", path=entry.path, error=str(exc))
-                continue
-            key = Path(os.path.relpath(entry.path, folder)).as_posix()
-            frames.append(RecordedFrame(entry.path, key, ts, stamp is not None))
+            ts = stamp if stamp is not None else os.stat(path).st_mtime
+        except OSError as exc:  # a dangling link: no time, and nothing to read either
+            log.warning("replay_file_skipped", path=path, error=str(exc))
+            continue
+        key = storable_text(Path(os.path.relpath(path, folder)).as_posix())
+        frames.append(RecordedFrame(path, key, ts, stamp is not None))
     if not frames:
         shown = ", ".join(patterns)
         where = "or its sub-folders " if recursive else ""
@@ -229,7 +218,7 @@ def replay_frames(
     """
     from monitor.daemon import Daemon  # noqa: PLC0415
     from monitor.imaging.decode import DecodeLimits  # noqa: PLC0415
-    from monitor.sources.folder import _read_regular_file  # noqa: PLC0415
+    from monitor.sources.folder import read_frame_file  # noqa: PLC0415
 
     if not frames:
         raise ReplayError(f"no frames to replay in {folder}", EX_NOINPUT)
@@ -255,7 +244,7 @@ def replay_frames(
     # probe's pixel and decoded-size limits. The replay folder is named by the user, so
     # links out of it are followed.
     limits = DecodeLimits(max_pixels=probe.max_pixels, max_decoded_bytes=probe.max_decoded_bytes)
-    read_file = functools.partial(_read_regular_file, limits=limits)
+    read_file = functools.partial(read_frame_file, limits=limits)
     pacer = _Pacer(origin, speed)
     # Files are read and decoded a few frames ahead on a thread of their own, so the
     # workers are busy again at once after each step's wait instead of starting on I/O.

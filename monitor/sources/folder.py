@@ -413,7 +413,7 @@ class FolderSource:
             key=key,
             ts=ts,
             read=functools.partial(
-                _read_regular_file, path, self._limits, within=self._read_within
+                read_frame_file, path, self._limits, within=self._read_within
             ),
             after_store=self._after_store(path),
             retry=functools.partial(self._request_retry, path, attempt),
@@ -494,23 +494,15 @@ class FolderSource:
     # -- helpers ---------------------------------------------------------------------
 
     def _scan(self) -> Iterator[str]:
-        stack = [str(self._root)]
-        while stack:
-            folder = stack.pop()
-            try:
-                with os.scandir(folder) as entries:
-                    for entry in entries:
-                        if entry.is_dir(follow_symlinks=False):
-                            if self._config.recursive:
-                                stack.append(entry.path)
-                        elif not entry.name.startswith(".") and self._matches(entry.name):
-                            yield entry.path
-            except OSError as exc:
-                log.warning("probe_scan_failed", probe=self.probe_id, path=folder, error=str(exc))
+        def failed(folder: str, exc: OSError) -> None:
+            log.warning("probe_scan_failed", probe=self.probe_id, path=folder, error=str(exc))
+
+        return list_frame_files(
+            str(self._root), self._patterns, recursive=self._config.recursive, on_error=failed
+        )
 
     def _matches(self, name: str) -> bool:
-        lowered = name.lower()
-        return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in self._patterns)
+        return is_frame_name(name, self._patterns)
 
     def _key(self, path: str) -> str:
         """The file's name relative to the folder, as the journal stores it (a name that
@@ -525,6 +517,39 @@ class FolderSource:
     @staticmethod
     def _sort_key(path: str) -> str:
         return os.path.basename(path)
+
+
+def is_frame_name(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a file name is a frame the source reads: not hidden (a `.name.part` being
+    written), matching one of `patterns`, compared in lower case."""
+    if name.startswith("."):
+        return False
+    lowered = name.lower()
+    return any(fnmatch.fnmatchcase(lowered, pattern.lower()) for pattern in patterns)
+
+
+def list_frame_files(
+    root: str,
+    patterns: Sequence[str],
+    *,
+    recursive: bool,
+    on_error: Callable[[str, OSError], None],
+) -> Iterator[str]:
+    """Paths of the frame files under `root` (sub-folders only with `recursive`; linked
+    sub-folders are not entered). A folder that cannot be listed goes to `on_error`."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        if recursive:
+                            stack.append(entry.path)
+                    elif is_frame_name(entry.name, patterns):
+                        yield entry.path
+        except OSError as exc:
+            on_error(folder, exc)
 
 
 def _mtime(path: str) -> float:
@@ -542,7 +567,7 @@ def _signature(path: str) -> tuple[int, int] | None:
     return (info.st_size, info.st_mtime_ns)
 
 
-def _read_regular_file(path: str, limits: DecodeLimits, *, within: str | None = None) -> np.ndarray:
+def read_frame_file(path: str, limits: DecodeLimits, *, within: str | None = None) -> np.ndarray:
     """Open once, refuse FIFOs, devices and files over the byte cap, decode.
 
     With `within`, the file must really be inside that folder: a symbolic link (or a
