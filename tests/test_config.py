@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 import subprocess
 import sys
+import tomllib
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from monitor.cli.subcommands import DEFAULT_CONFIG
 from monitor.config.durations import parse_duration
-from monitor.config.settings import EX_CONFIG, ConfigError, load_settings
+from monitor.config.settings import EX_CONFIG, ConfigError, Settings, load_settings
+from monitor.config.template import EXAMPLE_ALARMS, EXAMPLE_PROBE
 
 GOOD_PROBE = """
 [[probes]]
@@ -143,3 +150,148 @@ def test_print_default_config_prints_the_example() -> None:
     result = _cli("print-default-config")
     assert result.returncode == 0
     assert result.stdout == DEFAULT_CONFIG
+
+
+# -- the default file, rendered from the models ---------------------------------------
+
+
+def _model_keys(model: type[BaseModel], path: str) -> set[str]:
+    """Every key path of `model`, recursively, union variants included."""
+    keys: set[str] = set()
+    for name, info in model.model_fields.items():
+        key = f"{path}.{name}" if path else name
+        models = _model_arguments(info.annotation)
+        if models:
+            if name not in {"probes", "definitions"} and len(models) == 1:
+                keys.add(f"[{key}]")
+            for variant in models:
+                keys |= _model_keys(variant, key)
+        else:
+            keys.add(key)
+    return keys
+
+
+def _model_arguments(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for argument in typing.get_args(annotation):
+        found += _model_arguments(argument)
+    return found
+
+
+def _template_keys(text: str) -> set[str]:
+    """Key paths the template shows, commented out or not ([[probes]] -> probes.*)."""
+    keys: set[str] = set()
+    section = ""
+    for raw in text.splitlines():
+        line = raw.removeprefix("# ").strip()
+        table = re.fullmatch(r"\[\[?([a-z_.]+)\]\]?", line)
+        if table:
+            section = table.group(1)
+            if not raw.strip().startswith("[["):
+                keys.add(f"[{section}]")
+            continue
+        assignment = re.fullmatch(r"([a-z_0-9]+) = .+", line)
+        if assignment:
+            keys.add(f"{section}.{assignment.group(1)}")
+    return keys
+
+
+def test_the_default_file_shows_every_key_of_every_settings_model() -> None:
+    missing = _model_keys(Settings, "") - _template_keys(DEFAULT_CONFIG)
+    assert not missing, f"keys missing from print-default-config: {sorted(missing)}"
+    # The ones the hand-written file used to miss, by name:
+    for key in ("mqtt.client_id", "mqtt.keepalive", "http.history_max", "[probes.tiles]",
+                "alarms.definitions.use_adjusted", "alarms.definitions.latching",
+                "store.commit_delay", "probes.source.url", "alarms.definitions.direction"):
+        assert key in _template_keys(DEFAULT_CONFIG), key
+
+
+def test_every_key_of_the_default_file_is_explained() -> None:
+    """Each `key = value` line (commented out or not) has its description right above
+    it; only a source's `type` needs none."""
+    assignment = re.compile(r"(# )?[a-z_0-9]+ = .+")
+    lines = DEFAULT_CONFIG.splitlines()
+    unexplained = [
+        line
+        for above, line in itertools.pairwise(lines)
+        if assignment.fullmatch(line)
+        and not line.removeprefix("# ").startswith("type = ")
+        and (not above.startswith("# ") or assignment.fullmatch(above))
+    ]
+    assert unexplained == []
+
+
+def test_the_default_file_validates_to_the_defaults_but_its_examples() -> None:
+    settings = load_settings(data=tomllib.loads(DEFAULT_CONFIG))
+    defaults = Settings.model_validate(
+        {"probes": [EXAMPLE_PROBE], "alarms": {"definitions": list(EXAMPLE_ALARMS)}}
+    )
+    assert str(settings.daemon.state_dir) == "/var/lib/crystal-monitor"
+    shown = settings.model_dump(exclude={"daemon": {"state_dir"}, "mqtt": {"client_id"}})
+    assert shown == defaults.model_dump(exclude={"daemon": {"state_dir"}, "mqtt": {"client_id"}})
+    assert [d.id for d in settings.alarms.definitions] == [a["id"] for a in EXAMPLE_ALARMS]
+
+
+def _uncommented(text: str, heading: str, section: str) -> str:
+    """`text` with the commented block under `heading` switched on in place of the
+    active `[section]` block (for [[...]] arrays: added as one more entry)."""
+    lines = text.splitlines()
+    start = lines.index(heading) + 1
+    end = start
+    while end < len(lines) and lines[end].startswith("#"):
+        end += 1
+    block = [line.removeprefix("# ") for line in lines[start:end]]
+    block = [line for line in block if re.fullmatch(r"\[.*\]|[a-z_0-9]+ = .+", line)]
+    rest = lines[:start - 1] + lines[end:]
+    if section.startswith("[["):
+        return "\n".join([*rest, "", *block]) + "\n"
+    first = rest.index(section)
+    last = first + 1
+    while last < len(rest) and not rest[last].startswith("["):
+        last += 1
+    return "\n".join(rest[:first] + block + rest[last:]) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("heading", "section", "check"),
+    [
+        ("# Or a stream source instead of the folder:", "[probes.source]",
+         lambda s: s.probes[0].source.type == "stream"),
+        ("# Or a simulated source instead of the folder:", "[probes.source]",
+         lambda s: s.probes[0].source.type == "simulated"),
+        ("# A fraction_low alarm, not enabled here:", "[[alarms.definitions]]",
+         lambda s: s.alarms.definitions[-1].kind == "fraction_low"),
+    ],
+)
+def test_each_commented_variant_validates_once_switched_on(
+    heading: str, section: str, check: Any
+) -> None:
+    assert heading in DEFAULT_CONFIG.splitlines()
+    text = _uncommented(DEFAULT_CONFIG, heading, section)
+    assert check(load_settings(data=tomllib.loads(text)))
+
+
+def test_commented_keys_validate_with_their_example_values() -> None:
+    """Every `# key = value` under an active section, switched on, still validates (the
+    examples are real values, not placeholders)."""
+    lines = DEFAULT_CONFIG.splitlines()
+    switched = []
+    in_variant = False
+    for raw in lines:
+        line = raw
+        variant = r"# (Or a \w+ source instead of the folder|A \w+ alarm, not enabled here):"
+        if re.fullmatch(variant, line):
+            in_variant = True
+        elif line.startswith("[") or not line.strip():
+            in_variant = in_variant and not line.startswith("[")
+        alternative = line.startswith(("# password_credential", "# token_credential"))
+        if not in_variant and not alternative and re.fullmatch(r"# [a-z_0-9]+ = .+", line):
+            line = line.removeprefix("# ")  # (the *_credential keys: or *_env, not both)
+        switched.append(line)
+    text = "\n".join(switched) + "\n"
+    settings = load_settings(data=tomllib.loads(text.replace('after = "keep"', 'after = "move"')))
+    assert str(settings.model.path) == "/opt/crystal-monitor/models/site-2026"
+    assert settings.mqtt.client_id == "crystal-monitor-HOSTNAME"
+    assert settings.probes[0].max_decoded_bytes == 100_000_000

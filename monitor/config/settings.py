@@ -307,7 +307,9 @@ class DaemonConfig(_Section):
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: pretty on a terminal, JSON lines otherwise."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Least severe log lines written: debug, info, warning, error."
+    )
     shutdown_grace: Duration = Field(
         default=10.0, gt=0, description="Time to finish in-flight frames on SIGTERM."
     )

@@ -1,0 +1,304 @@
+"""The commented default configuration (`print-default-config`), rendered from the
+settings models themselves: every key with its default and its `Field` description, so
+the file cannot fall behind the code.
+
+Keys without a default value (an optional path, a user name) are shown commented out
+with an example; so are the variants not chosen (the stream and simulated sources, the
+alarm kinds the example does not enable). The examples below are the only hand-written
+part: what a first plant configuration looks like.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import types
+from pathlib import Path
+from typing import Annotated, Any, Union, get_args, get_origin
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from monitor.config.alarms import AlarmsConfig
+from monitor.config.settings import ProbeConfig, Settings
+
+HEADER = """\
+# crystal-monitor configuration, every key with its default and meaning.
+# Durations: "250ms", "30s", "5m", "2h", "30d". Sizes: "100MB", "2GB".
+# Any key can be overridden from the environment: CRYSTAL_MONITOR__SECTION__KEY,
+# e.g. CRYSTAL_MONITOR__DAEMON__LOG_LEVEL=debug.
+"""
+
+# What a first configuration sets beyond the defaults: one folder probe and the alarms.
+EXAMPLE_PROBE: dict[str, Any] = {
+    "id": "R1",
+    "sampling": "particles",
+    "source": {"type": "folder", "path": "/srv/probe/R1"},
+}
+OTHER_SOURCES: tuple[dict[str, Any], ...] = (
+    {"type": "stream", "url": "rtsp://192.0.2.10/probe"},
+    {"type": "simulated"},
+)
+EXAMPLE_ALARMS: tuple[dict[str, Any], ...] = (
+    {
+        "id": "pg_high",
+        "kind": "fraction_high",
+        "priority": "high",
+        "message": "PG share {value:.1%} above {limit:.0%} (5-min window)",
+        "class_name": "PG",
+        "window": "5m",
+        "limit": 0.15,
+        "deadband": 0.02,
+        "on_delay": "30s",
+        "off_delay": "30s",
+        "min_count": 100,
+    },
+    {
+        "id": "pg_rising",
+        "kind": "rate_of_change",
+        "priority": "medium",
+        "message": "PG share rising {value:.2%}/min",
+        "class_name": "PG",
+        "limit_per_min": 0.01,
+        "deadband": 0.002,
+        "min_count": 100,
+        "min_span": "2m",
+    },
+    {
+        "id": "pg_shift",
+        "kind": "shift",
+        "priority": "medium",
+        "message": "PG onset detected (CUSUM)",
+        "class_name": "PG",
+        "baseline": 0.02,
+        "shifted": 0.08,
+        "threshold": 8.0,
+    },
+    {
+        "id": "probe_stale",
+        "kind": "probe_stale",
+        "priority": "high",
+        "message": "no frame from the probe for {value:.0f} s",
+        "max_age": "30s",
+    },
+    {
+        "id": "image_quality",
+        "kind": "image_quality",
+        "priority": "medium",
+        "message": "{value:.0%} of frames rejected (focus, empty, saturated)",
+        "window": "5m",
+        "limit": 0.5,
+        "min_frames": 20,
+    },
+    {
+        "id": "uncertain_high",
+        "kind": "uncertain_high",
+        "priority": "low",
+        "message": "{value:.0%} of particles uncertain",
+        "window": "5m",
+        "limit": 0.3,
+        "min_count": 50,
+    },
+    {
+        "id": "not_crystals",
+        "kind": "out_of_distribution",
+        "priority": "medium",
+        "message": "{value:.0%} of particles are not crystals the model knows",
+        "window": "5m",
+        "limit": 0.2,
+        "min_count": 50,
+    },
+    {
+        "id": "mqtt_overflow",
+        "kind": "publish_overflow",
+        "priority": "high",
+        "message": "{value:.0f} MQTT messages dropped by the bounded outbox",
+        "publisher": "mqtt",
+        "hold": "10m",
+    },
+)
+OTHER_ALARMS: tuple[dict[str, Any], ...] = (
+    {
+        "id": "cex_low",
+        "kind": "fraction_low",
+        "priority": "medium",
+        "message": "CEX share {value:.1%} below {limit:.0%} (15-min window)",
+        "class_name": "CEX",
+        "window": "15m",
+        "limit": 0.7,
+        "deadband": 0.02,
+        "min_count": 200,
+    },
+)
+EXAMPLE_SETTINGS: dict[str, Any] = {
+    "daemon": {"state_dir": "/var/lib/crystal-monitor"},
+    "probes": [EXAMPLE_PROBE],
+    "alarms": {"definitions": list(EXAMPLE_ALARMS)},
+}
+# Shown commented out where the default is None (or computed on the host).
+EXAMPLE_VALUES: dict[str, Any] = {
+    "model.path": "/opt/crystal-monitor/models/site-2026",
+    "alarms.definitions.window": "5m",
+    "alarms.definitions.max_sum": 16.0,
+    "backend.tensorrt.calibration_dir": "/etc/crystal-monitor/calibration-crops",
+    "backend.tensorrt.engine_cache_dir": "/var/lib/crystal-monitor/engines",
+    "probes.max_decoded_bytes": "100MB",
+    "probes.source.done_dir": "/srv/probe/R1-done",
+    "mqtt.client_id": "crystal-monitor-HOSTNAME",
+    "mqtt.username": "crystal-monitor",
+    "mqtt.password_env": "CRYSTAL_MONITOR_MQTT_PASSWORD",
+    "mqtt.password_credential": "mqtt-password",
+    "mqtt.tls.ca_file": "/etc/crystal-monitor/mqtt-ca.pem",
+    "mqtt.tls.cert_file": "/etc/crystal-monitor/mqtt-client.pem",
+    "mqtt.tls.key_file": "/etc/crystal-monitor/mqtt-client.key",
+    "opcua.users_file": "/etc/crystal-monitor/opcua-users",
+    "opcua.certificate": "/etc/crystal-monitor/opcua-server.der",
+    "opcua.private_key": "/etc/crystal-monitor/opcua-server.pem",
+    "opcua.trust_dir": "/etc/crystal-monitor/opcua-trusted",
+    "http.token_env": "CRYSTAL_MONITOR_HTTP_TOKEN",
+    "http.token_credential": "http-token",
+}
+ALWAYS_COMMENTED = frozenset({"mqtt.client_id"})  # its default depends on the host
+WIDTH = 88
+
+
+def render_default_config() -> str:
+    """The default configuration file: validates as it is, every key documented."""
+    settings = Settings.model_validate(EXAMPLE_SETTINGS)
+    lines = [HEADER.rstrip("\n")]
+    for name, info in Settings.model_fields.items():
+        value = getattr(settings, name)
+        if name == "probes":
+            for probe in value:
+                lines += ["", "[[probes]]"]
+                _render_fields(lines, "probes", probe, commented=False)
+                for source in OTHER_SOURCES:
+                    variant = ProbeConfig.model_validate({**EXAMPLE_PROBE, "source": source})
+                    lines += ["", f"# Or a {source['type']} source instead of the folder:"]
+                    _render_section(lines, "probes.source", variant.source, commented=True)
+        elif name == "alarms":
+            _render_alarms(lines, value)
+        elif isinstance(value, BaseModel):
+            lines.append("")
+            _render_section(lines, name, value, commented=False, info=info)
+    return "\n".join(lines) + "\n"
+
+
+def _render_alarms(lines: list[str], alarms: AlarmsConfig) -> None:
+    lines += ["", "[alarms]"]
+    _render_fields(lines, "alarms", alarms, commented=False, skip={"definitions"})
+    for definition in alarms.definitions:
+        lines += ["", "[[alarms.definitions]]"]
+        _render_fields(lines, "alarms.definitions", definition, commented=False)
+    for example in OTHER_ALARMS:
+        variant = AlarmsConfig.model_validate({"definitions": [example]}).definitions[0]
+        lines += ["", f"# A {example['kind']} alarm, not enabled here:", "# [[alarms.definitions]]"]
+        _render_fields(lines, "alarms.definitions", variant, commented=True)
+
+
+def _render_section(
+    lines: list[str],
+    path: str,
+    model: BaseModel,
+    *,
+    commented: bool,
+    info: FieldInfo | None = None,
+) -> None:
+    if info is not None and info.description:
+        lines += _comment_lines(info.description)
+    lines.append(("# " if commented else "") + f"[{path}]")
+    _render_fields(lines, path, model, commented=commented)
+
+
+def _render_fields(
+    lines: list[str],
+    path: str,
+    model: BaseModel,
+    *,
+    commented: bool,
+    skip: frozenset[str] | set[str] = frozenset(),
+) -> None:
+    """Scalar keys first (TOML needs them before any sub-table), then sub-sections."""
+    nested: list[tuple[str, BaseModel, FieldInfo]] = []
+    fields = type(model).model_fields
+    # The id, then what kind of thing it is, then the rest in the model's order.
+    order = sorted(fields, key=lambda name: {"id": 0, "kind": 1, "type": 1}.get(name, 2))
+    for name in order:
+        info = fields[name]
+        if name in skip:
+            continue
+        value = getattr(model, name)
+        key_path = f"{path}.{name}"
+        if isinstance(value, BaseModel):
+            nested.append((name, value, info))
+            continue
+        lines += _comment_lines(info.description or "", commented=False)
+        example = EXAMPLE_VALUES.get(key_path)
+        if value is None or key_path in ALWAYS_COMMENTED:
+            if example is None:
+                raise ValueError(f"{key_path} has no default: give EXAMPLE_VALUES an example")
+            lines.append(f"# {name} = {_toml(example, info)}")
+        else:
+            lines.append(("# " if commented else "") + f"{name} = {_toml(value, info)}")
+    for name, value, info in nested:
+        lines.append("")
+        _render_section(lines, f"{path}.{name}", value, commented=commented, info=info)
+
+
+def _comment_lines(text: str, *, commented: bool = False) -> list[str]:
+    if not text:
+        return []
+    return ["# " + line for line in textwrap.wrap(text, WIDTH - 2)]
+
+
+def _toml(value: Any, info: FieldInfo) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Path):
+        return json.dumps(str(value))
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(item, info) for item in value) + "]"
+    if isinstance(value, float) and _is_duration(info):
+        return json.dumps(format_duration(value))
+    if isinstance(value, int | float):
+        return repr(value)
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _is_duration(info: FieldInfo) -> bool:
+    """A `Duration` field, or a tuple of them (`aggregation.windows`)."""
+    validators = [getattr(m, "func", None) for m in info.metadata]
+    for argument in _annotation_parts(info.annotation):
+        validators += [getattr(m, "func", None) for m in getattr(argument, "__metadata__", ())]
+    return any(getattr(func, "__name__", "") == "parse_duration" for func in validators)
+
+
+def _annotation_parts(annotation: Any) -> list[Any]:
+    origin = get_origin(annotation)
+    if origin is None:
+        return [annotation]
+    if origin is Annotated:
+        return [annotation]
+    parts = []
+    for argument in get_args(annotation):
+        if argument is not Ellipsis and argument is not type(None):
+            parts.append(argument)
+    if origin in (Union, types.UnionType):
+        return parts
+    return parts
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds in the largest unit that writes them whole: 5400 -> '90m', 0.02 -> '20ms'."""
+    if seconds == 0:
+        return "0s"
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        count = seconds / size
+        if seconds >= size and abs(count - round(count)) < 1e-9:
+            return f"{round(count)}{unit}"
+    milliseconds = seconds * 1000.0
+    if abs(milliseconds - round(milliseconds)) < 1e-6:
+        return f"{round(milliseconds)}ms"
+    return f"{seconds:g}s"
