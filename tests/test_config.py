@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pydantic import BaseModel
 from monitor.cli.subcommands import DEFAULT_CONFIG
 from monitor.config.durations import parse_duration
 from monitor.config.settings import EX_CONFIG, ConfigError, Settings, load_settings
-from monitor.config.template import EXAMPLE_ALARMS, EXAMPLE_PROBE
+from monitor.config.template import EXAMPLE_ALARMS, EXAMPLE_PROBE, format_duration
 
 GOOD_PROBE = """
 [[probes]]
@@ -202,25 +201,110 @@ def test_the_default_file_shows_every_key_of_every_settings_model() -> None:
     missing = _model_keys(Settings, "") - _template_keys(DEFAULT_CONFIG)
     assert not missing, f"keys missing from print-default-config: {sorted(missing)}"
     # The ones the hand-written file used to miss, by name:
-    for key in ("mqtt.client_id", "mqtt.keepalive", "http.history_max", "[probes.tiles]",
-                "alarms.definitions.use_adjusted", "alarms.definitions.latching",
-                "store.commit_delay", "probes.source.url", "alarms.definitions.direction"):
+    for key in (
+        "mqtt.client_id",
+        "mqtt.keepalive",
+        "http.history_max",
+        "[probes.tiles]",
+        "alarms.definitions.use_adjusted",
+        "alarms.definitions.latching",
+        "store.commit_delay",
+        "probes.source.url",
+        "alarms.definitions.direction",
+    ):
         assert key in _template_keys(DEFAULT_CONFIG), key
 
 
-def test_every_key_of_the_default_file_is_explained() -> None:
-    """Each `key = value` line (commented out or not) has its description right above
-    it; only a source's `type` needs none."""
-    assignment = re.compile(r"(# )?[a-z_0-9]+ = .+")
+def _model_descriptions(model: type[BaseModel], path: str) -> set[tuple[str, str]]:
+    """(key path, description) of every field of `model`, recursively, variants included;
+    a section's key path is written `[path]`."""
+    found: set[tuple[str, str]] = set()
+    for name, info in model.model_fields.items():
+        key = f"{path}.{name}" if path else name
+        models = _model_arguments(info.annotation)
+        found.add((f"[{key}]" if models else key, info.description or ""))
+        for variant in models:
+            found |= _model_descriptions(variant, key)
+    return found
+
+
+def _explained_keys(text: str) -> set[tuple[str, str]]:
+    """(key path, the description it carries) of every key and section of the template:
+    the comment on its line, or else the comment lines right above it."""
+    found: set[tuple[str, str]] = set()
+    section = ""
+    above: list[str] = []
+    for raw in text.splitlines():
+        line = raw.removeprefix("# ")
+        table = re.fullmatch(r"\[\[?([a-z_.]+)\]\]?", line)
+        assignment = re.fullmatch(r"([a-z_0-9]+) = (.+?)(?:\s+# (.+))?", line)
+        if table:
+            section = table.group(1)
+            if above:
+                found.add((f"[{section}]", " ".join(above)))
+        elif assignment:
+            inline = assignment.group(3)
+            found.add((f"{section}.{assignment.group(1)}", inline or " ".join(above)))
+        if raw.startswith("# ") and not table and not assignment:
+            above.append(raw.removeprefix("# "))
+        else:
+            above = []
+    return found
+
+
+def test_every_field_of_every_settings_model_has_a_description() -> None:
+    undescribed = sorted(key for key, text in _model_descriptions(Settings, "") if not text)
+    assert undescribed == []
+
+
+def test_every_key_of_the_default_file_carries_its_fields_description() -> None:
+    """Each key and section shows its `Field(description=...)` where it first appears
+    (on its line, or wrapped above it), for every variant."""
+    missing = _model_descriptions(Settings, "") - _explained_keys(DEFAULT_CONFIG)
+    assert sorted(missing) == []
+    shown = _explained_keys(DEFAULT_CONFIG)
+    assert ("probes.source.type", "stream: a camera stream read with OpenCV.") in shown
+    assert ("[probes.tiles]", "Fixed tiles, used with sampling = 'tiles'.") in shown
+    assert (
+        "alarms.definitions.kind",
+        "fraction_low: a class fraction below limit; clears above limit + deadband.",
+    ) in shown
+
+
+def test_short_descriptions_sit_aligned_on_their_key_line_long_ones_above() -> None:
     lines = DEFAULT_CONFIG.splitlines()
-    unexplained = [
-        line
-        for above, line in itertools.pairwise(lines)
-        if assignment.fullmatch(line)
-        and not line.removeprefix("# ").startswith("type = ")
-        and (not above.startswith("# ") or assignment.fullmatch(above))
+    assert 'max_wait = "20ms"                        # Longest wait for a batch to fill.' in lines
+    above = lines.index('commit_delay = "20ms"') - 2
+    assert lines[above : above + 2] == [
+        "# How long the recorder gathers frame rows into one SQLite transaction; longer groups",
+        "# more frames per commit, 0 commits each at once.",
     ]
-    assert unexplained == []
+    assert max(len(line) for line in lines) <= 88
+    inline_at = {
+        line.index("  # ") + 2
+        for line in lines
+        if re.match(r"(# )?[a-z_0-9]+ = ", line) and "  # " in line
+    }
+    assert inline_at == {41}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0, "0s"),
+        (0.02, "20ms"),
+        (1.0, "1s"),
+        (30.0, "30s"),
+        (300.0, "5m"),
+        (5400.0, "90m"),
+        (7200.0, "2h"),
+        (90 * 86400.0, "90d"),
+        (1.5, "1500ms"),
+    ],
+)
+def test_default_file_writes_durations_the_way_users_do(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds
 
 
 def test_the_default_file_validates_to_the_defaults_but_its_examples() -> None:
@@ -244,7 +328,7 @@ def _uncommented(text: str, heading: str, section: str) -> str:
         end += 1
     block = [line.removeprefix("# ") for line in lines[start:end]]
     block = [line for line in block if re.fullmatch(r"\[.*\]|[a-z_0-9]+ = .+", line)]
-    rest = lines[:start - 1] + lines[end:]
+    rest = lines[: start - 1] + lines[end:]
     if section.startswith("[["):
         return "\n".join([*rest, "", *block]) + "\n"
     first = rest.index(section)
@@ -257,12 +341,21 @@ def _uncommented(text: str, heading: str, section: str) -> str:
 @pytest.mark.parametrize(
     ("heading", "section", "check"),
     [
-        ("# Or a stream source instead of the folder:", "[probes.source]",
-         lambda s: s.probes[0].source.type == "stream"),
-        ("# Or a simulated source instead of the folder:", "[probes.source]",
-         lambda s: s.probes[0].source.type == "simulated"),
-        ("# A fraction_low alarm, not enabled here:", "[[alarms.definitions]]",
-         lambda s: s.alarms.definitions[-1].kind == "fraction_low"),
+        (
+            "# Or a stream source instead of the folder:",
+            "[probes.source]",
+            lambda s: s.probes[0].source.type == "stream",
+        ),
+        (
+            "# Or a simulated source instead of the folder:",
+            "[probes.source]",
+            lambda s: s.probes[0].source.type == "simulated",
+        ),
+        (
+            "# A fraction_low alarm, not enabled here:",
+            "[[alarms.definitions]]",
+            lambda s: s.alarms.definitions[-1].kind == "fraction_low",
+        ),
     ],
 )
 def test_each_commented_variant_validates_once_switched_on(

@@ -149,19 +149,25 @@ class _FractionAlarm(_Definition):
 class FractionHighAlarm(_FractionAlarm):
     """Class fraction above `limit`; clears below `limit - deadband`."""
 
-    kind: Literal["fraction_high"] = Field(description="Alarm kind.")
+    kind: Literal["fraction_high"] = Field(
+        description="fraction_high: a class fraction above limit; clears below limit - deadband."
+    )
 
 
 class FractionLowAlarm(_FractionAlarm):
     """Class fraction below `limit`; clears above `limit + deadband`."""
 
-    kind: Literal["fraction_low"] = Field(description="Alarm kind.")
+    kind: Literal["fraction_low"] = Field(
+        description="fraction_low: a class fraction below limit; clears above limit + deadband."
+    )
 
 
 class RateOfChangeAlarm(_Definition):
     """The class fraction moves faster than `limit_per_min` (the snapshot's trend slope)."""
 
-    kind: Literal["rate_of_change"] = Field(description="Alarm kind.")
+    kind: Literal["rate_of_change"] = Field(
+        description="rate_of_change: a class fraction moving faster than limit_per_min."
+    )
     class_name: str = Field(min_length=1, description="Class name from the model manifest.")
     limit_per_min: float = Field(
         gt=0, le=1, description="Fraction per minute, e.g. 0.01 = one percentage point/min."
@@ -203,7 +209,9 @@ class ShiftAlarm(_Definition):
     max_sum / |drift| particles once the rate is back at `baseline`.
     """
 
-    kind: Literal["shift"] = Field(description="Alarm kind.")
+    kind: Literal["shift"] = Field(
+        description="shift: Bernoulli CUSUM on single particles, for a rise of one class's rate."
+    )
     class_name: str = Field(min_length=1, description="Class name from the model manifest.")
     baseline: float = Field(gt=0, lt=1, description="In-control rate p0 of the class.")
     shifted: float = Field(gt=0, lt=1, description="Rate p1 > p0 the chart should detect.")
@@ -241,14 +249,18 @@ class ShiftAlarm(_Definition):
 class ProbeStaleAlarm(_Definition):
     """No frame (accepted or rejected) for longer than `max_age`."""
 
-    kind: Literal["probe_stale"] = Field(description="Alarm kind.")
+    kind: Literal["probe_stale"] = Field(
+        description="probe_stale: no frame at all (accepted or rejected) for max_age."
+    )
     max_age: Duration = Field(gt=0, description="Longest silence before the probe is stale.")
 
 
 class ImageQualityAlarm(_Definition):
     """Share of frames rejected by the quality gate above `limit`."""
 
-    kind: Literal["image_quality"] = Field(description="Alarm kind.")
+    kind: Literal["image_quality"] = Field(
+        description="image_quality: too many frames rejected by the quality gate."
+    )
     window: WindowSeconds = Field(description="Aggregation window (one of aggregation.windows).")
     limit: _Fraction = Field(default=0.5, description="Rejected-frame share limit, 0-1.")
     deadband: _Fraction = Field(default=0.05, description="Clears below limit - deadband.")
@@ -260,7 +272,9 @@ class ImageQualityAlarm(_Definition):
 class UncertainHighAlarm(_Definition):
     """Share of particles below the model's confidence threshold above `limit`."""
 
-    kind: Literal["uncertain_high"] = Field(description="Alarm kind.")
+    kind: Literal["uncertain_high"] = Field(
+        description="uncertain_high: too many particles below the model's confidence threshold."
+    )
     window: WindowSeconds = Field(description="Aggregation window (one of aggregation.windows).")
     limit: _Fraction = Field(description="Uncertain-particle share limit, 0-1.")
     deadband: _Fraction = Field(default=0.05, description="Clears below limit - deadband.")
@@ -277,7 +291,10 @@ class OutOfDistributionAlarm(_Definition):
     what is left, so the process alarms are suppressed while this one stands.
     """
 
-    kind: Literal["out_of_distribution"] = Field(description="Alarm kind.")
+    kind: Literal["out_of_distribution"] = Field(
+        description="out_of_distribution: too many particles unlike anything the model was "
+        "trained on (bubbles, fouling, another material); process alarms are suppressed meanwhile."
+    )
     window: WindowSeconds = Field(description="Aggregation window (one of aggregation.windows).")
     limit: _Fraction = Field(description="Out-of-distribution particle share limit, 0-1.")
     deadband: _Fraction = Field(default=0.05, description="Clears below limit - deadband.")
@@ -293,7 +310,10 @@ class PublishOverflowAlarm(_Definition):
     suppressed by bad input and never makes the input quality bad.
     """
 
-    kind: Literal["publish_overflow"] = Field(description="Alarm kind.")
+    kind: Literal["publish_overflow"] = Field(
+        description="publish_overflow: a publisher's bounded outbox dropped messages during a "
+        "long outage; a system alarm, never suppressed."
+    )
     publisher: str = Field(default="mqtt", min_length=1, description="Publisher name, e.g. mqtt.")
     hold: Duration = Field(
         default=600.0, gt=0, description="Stays active this long after the last dropped message."

@@ -46,7 +46,9 @@ class _Section(BaseModel):
 class FolderSourceConfig(_Section):
     """A folder the probe's vendor software writes image files into."""
 
-    type: Literal["folder"]
+    type: Literal["folder"] = Field(
+        description="folder: watch a folder the probe's software writes image files into."
+    )
     path: Path = Field(description="Folder to watch.")
     patterns: tuple[str, ...] = Field(
         default=("*.png", "*.tif", "*.tiff", "*.bmp", "*.jpg", "*.jpeg"),
@@ -101,7 +103,7 @@ class FolderSourceConfig(_Section):
 class StreamSourceConfig(_Section):
     """A camera stream read with OpenCV (RTSP, HTTP, a video file or a device index)."""
 
-    type: Literal["stream"]
+    type: Literal["stream"] = Field(description="stream: a camera stream read with OpenCV.")
     url: str = Field(min_length=1, description="Stream URL, video file, or device index.")
     max_fps: float = Field(default=5.0, gt=0, le=120, description="Frame-rate cap.")
     reconnect_min: Duration = Field(default=1.0, gt=0, description="First reconnect delay.")
@@ -111,7 +113,7 @@ class StreamSourceConfig(_Section):
 class SimulatedSourceConfig(_Section):
     """The probe simulator as a live probe (demo and tests)."""
 
-    type: Literal["simulated"]
+    type: Literal["simulated"] = Field(description="simulated: the built-in probe simulator.")
     mode: Literal["crop", "frame"] = Field(default="frame", description="Crops or full frames.")
     fps: float = Field(default=4.0, gt=0, le=100, description="Frames per second.")
     profile: str = Field(
@@ -181,15 +183,24 @@ class ProbeConfig(_Section):
     id: str = Field(
         pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Probe id used in topics, tags and rows."
     )
-    source: SourceConfig
+    source: SourceConfig = Field(
+        description="Where the frames come from: type = folder, stream or simulated."
+    )
     sampling: Literal["whole", "particles", "tiles"] = Field(
         default="whole",
         description="whole: each file is one particle crop; particles: segment a frame; "
         "tiles: classify fixed tiles.",
     )
-    quality: QualityConfig = Field(default_factory=QualityConfig)
-    particles: ParticlesConfig = Field(default_factory=ParticlesConfig)
-    tiles: TilesConfig = Field(default_factory=TilesConfig)
+    quality: QualityConfig = Field(
+        default_factory=QualityConfig, description="Per-frame quality gate."
+    )
+    particles: ParticlesConfig = Field(
+        default_factory=ParticlesConfig,
+        description="Particle segmentation, used with sampling = 'particles'.",
+    )
+    tiles: TilesConfig = Field(
+        default_factory=TilesConfig, description="Fixed tiles, used with sampling = 'tiles'."
+    )
     max_pixels: int = Field(
         default=50_000_000, ge=64, description="Images over this are refused before decoding."
     )
@@ -291,7 +302,10 @@ class AggregationConfig(_Section):
 
 class StoreConfig(_Section):
     retention: Duration = Field(
-        default=90 * 86400.0, gt=0, description="How long frame rows and window snapshots stay."
+        default=90 * 86400.0,
+        gt=0,
+        description="How long frame rows, window snapshots and file journal entries stay, "
+        "counted from when each was recorded.",
     )
     commit_delay: Duration = Field(
         default=0.02,
@@ -303,7 +317,10 @@ class StoreConfig(_Section):
 
 
 class DaemonConfig(_Section):
-    state_dir: Path = Field(default=Path(".state"), description="SQLite store and caches.")
+    state_dir: Path = Field(
+        default=Path(".state"),
+        description="SQLite store (frames, windows, file journal, alarm state) and caches.",
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: pretty on a terminal, JSON lines otherwise."
     )
@@ -326,16 +343,37 @@ class Settings(BaseSettings):
         protected_namespaces=(),
     )
 
-    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    backend: BackendConfig = Field(default_factory=BackendConfig)
-    batcher: BatcherConfig = Field(default_factory=BatcherConfig)
-    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
-    store: StoreConfig = Field(default_factory=StoreConfig)
-    alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
-    mqtt: MqttConfig = Field(default_factory=MqttConfig)
-    opcua: OpcUaConfig = Field(default_factory=OpcUaConfig)
-    http: HttpConfig = Field(default_factory=HttpConfig)
+    daemon: DaemonConfig = Field(
+        default_factory=DaemonConfig, description="Daemon process: state folder, logging, shutdown."
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="The exported classifier model."
+    )
+    backend: BackendConfig = Field(
+        default_factory=BackendConfig,
+        description="What runs the network: TensorRT or ONNX Runtime.",
+    )
+    batcher: BatcherConfig = Field(
+        default_factory=BatcherConfig,
+        description="The micro-batcher shared by all probes and its bounded queues.",
+    )
+    aggregation: AggregationConfig = Field(
+        default_factory=AggregationConfig,
+        description="Sliding windows over the classified particles.",
+    )
+    store: StoreConfig = Field(
+        default_factory=StoreConfig, description="The SQLite store in daemon.state_dir."
+    )
+    alarms: AlarmsConfig = Field(
+        default_factory=AlarmsConfig,
+        description="Alarm definitions and engine-wide alarm settings.",
+    )
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="The MQTT publisher.")
+    opcua: OpcUaConfig = Field(default_factory=OpcUaConfig, description="The OPC UA server.")
+    http: HttpConfig = Field(
+        default_factory=HttpConfig,
+        description="The HTTP server: health, metrics, JSON API and dashboard.",
+    )
     probes: tuple[ProbeConfig, ...] = Field(
         min_length=1, description="The probes this daemon reads."
     )

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import textwrap
-import types
 from pathlib import Path
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from monitor.config.alarms import AlarmsConfig
+from monitor.config.durations import parse_duration
 from monitor.config.settings import ProbeConfig, Settings
 
 HEADER = """\
@@ -27,6 +27,7 @@ HEADER = """\
 # Durations: "250ms", "30s", "5m", "2h", "30d". Sizes: "100MB", "2GB".
 # Any key can be overridden from the environment: CRYSTAL_MONITOR__SECTION__KEY,
 # e.g. CRYSTAL_MONITOR__DAEMON__LOG_LEVEL=debug.
+# A `# key = value` line is an optional key or an alternative: drop the `# ` to use it.
 """
 
 # What a first configuration sets beyond the defaults: one folder probe and the alarms.
@@ -160,58 +161,113 @@ EXAMPLE_VALUES: dict[str, Any] = {
 }
 ALWAYS_COMMENTED = frozenset({"mqtt.client_id"})  # its default depends on the host
 WIDTH = 88
+COMMENT_COLUMN = 41  # where a short description starts, on its key's line
+
+
+class _Lines:
+    """The lines of the file; each description is written once, where its key first
+    appears (the alarm definitions share most of their keys)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._explained: set[tuple[str, str]] = set()
+
+    def blank(self) -> None:
+        self.lines.append("")
+
+    def comment(self, text: str) -> None:
+        """`text` as `#` lines above what it explains, wrapped to the page width."""
+        self.lines += ["# " + line for line in textwrap.wrap(text, WIDTH - 2)]
+
+    def key(self, key_path: str, assignment: str, description: str | None) -> None:
+        """`key = value`, its description on the same line when it fits, else above."""
+        text = description or ""
+        if (key_path, text) in self._explained:
+            text = ""
+        self._explained.add((key_path, text))
+        inline = f"{assignment:<{COMMENT_COLUMN}}# {text}"
+        if not text:
+            self.lines.append(assignment)
+        elif len(assignment) <= COMMENT_COLUMN - 2 and len(inline) <= WIDTH:
+            self.lines.append(inline)
+        else:
+            self.comment(text)
+            self.lines.append(assignment)
 
 
 def render_default_config() -> str:
     """The default configuration file: validates as it is, every key documented."""
     settings = Settings.model_validate(EXAMPLE_SETTINGS)
-    lines = [HEADER.rstrip("\n")]
-    for name, info in Settings.model_fields.items():
+    out = _Lines()
+    out.lines.append(HEADER.rstrip("\n"))
+    for name in _section_order():
+        info = Settings.model_fields[name]
         value = getattr(settings, name)
+        out.blank()
         if name == "probes":
             for probe in value:
-                lines += ["", "[[probes]]"]
-                _render_fields(lines, "probes", probe, commented=False)
-                for source in OTHER_SOURCES:
-                    variant = ProbeConfig.model_validate({**EXAMPLE_PROBE, "source": source})
-                    lines += ["", f"# Or a {source['type']} source instead of the folder:"]
-                    _render_section(lines, "probes.source", variant.source, commented=True)
+                _render_entry(out, "probes", probe, info)
         elif name == "alarms":
-            _render_alarms(lines, value)
-        elif isinstance(value, BaseModel):
-            lines.append("")
-            _render_section(lines, name, value, commented=False, info=info)
-    return "\n".join(lines) + "\n"
+            _render_alarms(out, value, info)
+        else:
+            _render_section(out, name, value, commented=False, info=info)
+    return "\n".join(out.lines) + "\n"
 
 
-def _render_alarms(lines: list[str], alarms: AlarmsConfig) -> None:
-    lines += ["", "[alarms]"]
-    _render_fields(lines, "alarms", alarms, commented=False, skip={"definitions"})
+def _section_order() -> list[str]:
+    """The model's order, but the probes before the alarms that watch them."""
+    names = [name for name in Settings.model_fields if name != "probes"]
+    names.insert(names.index("alarms"), "probes")
+    return names
+
+
+def _render_entry(out: _Lines, path: str, model: BaseModel, info: FieldInfo) -> None:
+    """One `[[path]]` entry; the list's description above the first."""
+    if not any(line == f"[[{path}]]" for line in out.lines) and info.description:
+        out.comment(info.description)
+    out.lines.append(f"[[{path}]]")
+    _render_fields(out, path, model, commented=False)
+
+
+def _render_alarms(out: _Lines, alarms: AlarmsConfig, info: FieldInfo) -> None:
+    definitions = AlarmsConfig.model_fields["definitions"]
+    _render_section(out, "alarms", alarms, commented=False, info=info, skip={"definitions"})
     for definition in alarms.definitions:
-        lines += ["", "[[alarms.definitions]]"]
-        _render_fields(lines, "alarms.definitions", definition, commented=False)
+        out.blank()
+        _render_entry(out, "alarms.definitions", definition, definitions)
     for example in OTHER_ALARMS:
         variant = AlarmsConfig.model_validate({"definitions": [example]}).definitions[0]
-        lines += ["", f"# A {example['kind']} alarm, not enabled here:", "# [[alarms.definitions]]"]
-        _render_fields(lines, "alarms.definitions", variant, commented=True)
+        out.blank()
+        out.lines += [f"# A {example['kind']} alarm, not enabled here:", "# [[alarms.definitions]]"]
+        _render_fields(out, "alarms.definitions", variant, commented=True)
+
+
+def _render_other_sources(out: _Lines) -> None:
+    """The source types not chosen, commented out, right after the chosen one."""
+    for source in OTHER_SOURCES:
+        variant = ProbeConfig.model_validate({**EXAMPLE_PROBE, "source": source}).source
+        out.blank()
+        out.lines.append(f"# Or a {source['type']} source instead of the folder:")
+        _render_section(out, "probes.source", variant, commented=True)
 
 
 def _render_section(
-    lines: list[str],
+    out: _Lines,
     path: str,
     model: BaseModel,
     *,
     commented: bool,
     info: FieldInfo | None = None,
+    skip: frozenset[str] | set[str] = frozenset(),
 ) -> None:
-    if info is not None and info.description:
-        lines += _comment_lines(info.description)
-    lines.append(("# " if commented else "") + f"[{path}]")
-    _render_fields(lines, path, model, commented=commented)
+    if info is not None and info.description and not commented:
+        out.comment(info.description)
+    out.lines.append(("# " if commented else "") + f"[{path}]")
+    _render_fields(out, path, model, commented=commented, skip=skip)
 
 
 def _render_fields(
-    lines: list[str],
+    out: _Lines,
     path: str,
     model: BaseModel,
     *,
@@ -225,38 +281,31 @@ def _render_fields(
     order = sorted(fields, key=lambda name: {"id": 0, "kind": 1, "type": 1}.get(name, 2))
     for name in order:
         info = fields[name]
-        if name in skip:
-            continue
         value = getattr(model, name)
         key_path = f"{path}.{name}"
+        if name in skip:
+            continue
         if isinstance(value, BaseModel):
             nested.append((name, value, info))
             continue
-        lines += _comment_lines(info.description or "", commented=False)
-        example = EXAMPLE_VALUES.get(key_path)
         if value is None or key_path in ALWAYS_COMMENTED:
-            if example is None:
+            if key_path not in EXAMPLE_VALUES:
                 raise ValueError(f"{key_path} has no default: give EXAMPLE_VALUES an example")
-            lines.append(f"# {name} = {_toml(example, info)}")
+            assignment = f"# {name} = {_toml(EXAMPLE_VALUES[key_path], info)}"
         else:
-            lines.append(("# " if commented else "") + f"{name} = {_toml(value, info)}")
+            assignment = ("# " if commented else "") + f"{name} = {_toml(value, info)}"
+        out.key(key_path, assignment, info.description)
     for name, value, info in nested:
-        lines.append("")
-        _render_section(lines, f"{path}.{name}", value, commented=commented, info=info)
-
-
-def _comment_lines(text: str, *, commented: bool = False) -> list[str]:
-    if not text:
-        return []
-    return ["# " + line for line in textwrap.wrap(text, WIDTH - 2)]
+        out.blank()
+        _render_section(out, f"{path}.{name}", value, commented=commented, info=info)
+        if f"{path}.{name}" == "probes.source" and not commented:
+            _render_other_sources(out)
 
 
 def _toml(value: Any, info: FieldInfo) -> str:
-    if isinstance(value, str):
-        return json.dumps(value)
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, Path):
+    if isinstance(value, str | Path):
         return json.dumps(str(value))
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml(item, info) for item in value) + "]"
@@ -268,26 +317,18 @@ def _toml(value: Any, info: FieldInfo) -> str:
 
 
 def _is_duration(info: FieldInfo) -> bool:
-    """A `Duration` field, or a tuple of them (`aggregation.windows`)."""
-    validators = [getattr(m, "func", None) for m in info.metadata]
-    for argument in _annotation_parts(info.annotation):
-        validators += [getattr(m, "func", None) for m in getattr(argument, "__metadata__", ())]
-    return any(getattr(func, "__name__", "") == "parse_duration" for func in validators)
+    """A `Duration` field, optional or in a tuple (`aggregation.windows`) included."""
+    return any(_parses_durations(item) for item in info.metadata) or _parses_durations(
+        info.annotation
+    )
 
 
-def _annotation_parts(annotation: Any) -> list[Any]:
-    origin = get_origin(annotation)
-    if origin is None:
-        return [annotation]
-    if origin is Annotated:
-        return [annotation]
-    parts = []
-    for argument in get_args(annotation):
-        if argument is not Ellipsis and argument is not type(None):
-            parts.append(argument)
-    if origin in (Union, types.UnionType):
-        return parts
-    return parts
+def _parses_durations(annotation: Any) -> bool:
+    if getattr(annotation, "func", None) is parse_duration:  # the BeforeValidator itself
+        return True
+    if get_origin(annotation) is Annotated:
+        return any(_parses_durations(item) for item in annotation.__metadata__)
+    return any(_parses_durations(argument) for argument in get_args(annotation))
 
 
 def format_duration(seconds: float) -> str:
