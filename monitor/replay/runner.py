@@ -40,18 +40,17 @@ from monitor.config.settings import (
 )
 from monitor.publishers.base import CommandHandler, ProbeUpdate
 from monitor.replay.result import EX_NOINPUT, RecordedFrame, ReplayError, ReplayResult
-from monitor.runtime.publish_cycle import ManualSchedule
-from monitor.runtime.systemd_notify import SystemdNotifier
-from monitor.sources.base import FrameItem, FrameSink
 from monitor.store import storable_text
 
 if TYPE_CHECKING:
     import numpy as np
 
     from monitor.runtime.view import MonitorView
+    from monitor.sources.base import FrameItem, FrameSink
 
-# The folder source, the decoder and the daemon load OpenCV and ONNX Runtime: imported
-# where a replay runs, so registering the command costs every other command nothing.
+# The sources (any monitor.sources module loads the folder source), the decoder and the
+# daemon load OpenCV and ONNX Runtime, and the runtime loads the sources: imported where
+# a replay runs, so registering the command (`crystal-monitor --help`) loads neither.
 
 log = structlog.get_logger(__name__)
 
@@ -218,6 +217,9 @@ def replay_frames(
     """
     from monitor.daemon import Daemon  # noqa: PLC0415
     from monitor.imaging.decode import DecodeLimits  # noqa: PLC0415
+    from monitor.runtime.publish_cycle import ManualSchedule  # noqa: PLC0415
+    from monitor.runtime.systemd_notify import SystemdNotifier  # noqa: PLC0415
+    from monitor.sources.base import FrameItem  # noqa: PLC0415
     from monitor.sources.folder import read_frame_file  # noqa: PLC0415
 
     if not frames:
@@ -353,5 +355,3 @@ def _wait_recorded(view: MonitorView, collector: CollectingPublisher, expected: 
             log.warning("replay_frames_not_recorded", frames=missing)
             return missing
     return 0
-
-

@@ -329,8 +329,7 @@ class FolderSource:
                 return
 
     def _note(self, path: str, kind: str) -> None:
-        name = os.path.basename(path)
-        if name.startswith(".") or not self._matches(name):
+        if not self._matches(os.path.basename(path)):  # hidden files are no frame
             return
         key = self._key(path)
         if path in self._queued or path in self._retries or key in self._seen:
@@ -412,9 +411,7 @@ class FolderSource:
             probe=self.probe_id,
             key=key,
             ts=ts,
-            read=functools.partial(
-                read_frame_file, path, self._limits, within=self._read_within
-            ),
+            read=functools.partial(read_frame_file, path, self._limits, within=self._read_within),
             after_store=self._after_store(path),
             retry=functools.partial(self._request_retry, path, attempt),
             attempt=attempt,
