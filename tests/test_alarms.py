@@ -978,3 +978,80 @@ def test_property_acknowledged_alarm_not_reannounced_after_restore(
     still_high = [v for v in later if v >= limit] or [1.0]
     assert run(restored, still_high, start=T0 + 40) == []
     assert state_of(restored) is ACK
+
+
+# -- what the plant reads: the occurrence's text and times (issue 13) ----------------------
+
+
+def test_trip_message_is_kept_for_the_occurrence_and_ack_keeps_the_raise_time() -> None:
+    engine = AlarmEngine([high()])
+    engine.evaluate(PROBE, snapshot(0.20), T0, last_frame_ts=T0)
+    engine.evaluate(PROBE, snapshot(0.30), T0 + 5, last_frame_ts=T0 + 5)
+    [status] = engine.alarm_states(PROBE)
+    assert status.state is UNACK
+    assert status.message == status.trip_message == "PG 20.0% above 10%"
+    assert (status.trip_value, status.value) == (0.20, 0.30)
+    assert status.active_since == status.state_since == T0
+    assert (status.acknowledged_at, status.acknowledged_by) == (None, None)
+
+    result = engine.acknowledge(PROBE, "pg_high", "ana", "seen", T0 + 60)
+    assert result.accepted
+    [status] = engine.alarm_states(PROBE)
+    assert status.state is ACK
+    assert status.active_since == T0  # the raise time stays
+    assert status.state_since == T0 + 60
+    assert (status.acknowledged_at, status.acknowledged_by) == (T0 + 60, "ana")
+    assert status.message == "PG 20.0% above 10%"
+    assert result.transitions[0].active_since == T0
+
+    [back] = engine.evaluate(PROBE, snapshot(0.01), T0 + 70, last_frame_ts=T0 + 70)
+    assert back.to_state is NORMAL
+    assert back.message == "back to normal (was: PG 20.0% above 10%)"
+    [status] = engine.alarm_states(PROBE)
+    assert status.message == "normal"
+    assert (status.active_since, status.trip_message, status.acknowledged_at) == (None,) * 3
+    assert status.state_since == T0 + 70
+
+
+def test_returned_and_latched_alarms_say_so_in_their_own_words() -> None:
+    engine = AlarmEngine([high(), high(id="pg_latch", latching=True)])
+    engine.evaluate(PROBE, snapshot(0.25), T0, last_frame_ts=T0)
+    engine.evaluate(PROBE, snapshot(0.01), T0 + 5, last_frame_ts=T0 + 5)
+    returned, latched = engine.alarm_states(PROBE)
+    assert returned.state is RETURNED
+    assert returned.message == "returned to normal, not acknowledged (was: PG 25.0% above 10%)"
+    assert latched.state is UNACK and latched.latched
+    assert latched.message == (
+        "condition cleared, latched until acknowledged (was: PG 25.0% above 10%)"
+    )
+    # A second trip while returned is a new occurrence with its own time and text.
+    engine.evaluate(PROBE, snapshot(0.40), T0 + 9, last_frame_ts=T0 + 9)
+    again = engine.alarm_states(PROBE)[0]
+    assert (again.state, again.active_since, again.message) == (UNACK, T0 + 9, "PG 40.0% above 10%")
+
+
+def test_no_value_is_none_with_a_reason_never_nan() -> None:
+    rising = RateOfChangeAlarm.model_validate(
+        {
+            "kind": "rate_of_change",
+            "id": "pg_rising",
+            "priority": "medium",
+            "message": "PG share rising {value:.1%}/min",
+            "class_name": "PG",
+            "limit_per_min": 0.01,
+            "direction": "rising",
+        }
+    )
+    engine = AlarmEngine([high(), rising])
+    engine.evaluate(PROBE, snapshot(None, n=0), T0, last_frame_ts=T0)
+    text = json.dumps([s.to_json() for s in engine.alarm_states(PROBE)])
+    assert "nan" not in text.lower()
+    fraction, rate = engine.alarm_states(PROBE)
+    assert (fraction.value, rate.value) == (None, None)
+    assert fraction.value_reason == "0 particles in the 60 s window, 100 needed"
+    assert rate.value_reason is not None and "trend" in rate.value_reason
+    assert (fraction.message, rate.message) == ("normal", "normal")
+    # A NaN from upstream counts as no value, not as a reading.
+    engine.evaluate(PROBE, snapshot(math.nan), T0 + 1, last_frame_ts=T0 + 1)
+    assert engine.alarm_states(PROBE)[0].value is None
+    assert engine.alarm_states(PROBE)[0].state is NORMAL

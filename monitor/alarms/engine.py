@@ -137,6 +137,8 @@ class Transition:
     """False while shelved, and for restore markers: journaled, not shown to operators."""
     who: str | None = None
     """The operator, for transitions caused by an operator action."""
+    active_since: float | None = None
+    """When the occurrence was raised (None once back to normal)."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-able values."""
@@ -155,6 +157,7 @@ class Transition:
             "cause": self.cause,
             "announced": self.announced,
             "who": self.who,
+            "active_since": self.active_since,
         }
 
 
@@ -226,11 +229,23 @@ class AlarmStatus:
     shelved_by: str | None
     suppressed: bool
     message: str
+    """Operator text for the current state; see `state_message`."""
+    trip_message: str | None
+    """The text rendered when this occurrence was raised (None while normal)."""
+    trip_value: float | None
+    """The value at the raise (None while normal)."""
     value: float | None
     """Last value with enough data (held while suppressed or short of data)."""
+    value_reason: str | None
+    """Why the latest evaluation had no value (too few particles, ...), else None."""
     limit: float
-    since: float | None
+    active_since: float | None
+    """When this occurrence was raised (None while normal); an acknowledge keeps it."""
+    state_since: float | None
     """When the alarm entered `state`; None if it never changed state."""
+    acknowledged_at: float | None
+    acknowledged_by: str | None
+    """Who acknowledged this occurrence and when (None until then, and while normal)."""
     quality: Quality | None
     """The probe's input quality at the last evaluation."""
 
@@ -252,9 +267,15 @@ class AlarmStatus:
             "shelved_by": self.shelved_by,
             "suppressed": self.suppressed,
             "message": self.message,
+            "trip_message": self.trip_message,
+            "trip_value": self.trip_value,
             "value": self.value,
+            "value_reason": self.value_reason,
             "limit": self.limit,
-            "since": self.since,
+            "active_since": self.active_since,
+            "state_since": self.state_since,
+            "acknowledged_at": self.acknowledged_at,
+            "acknowledged_by": self.acknowledged_by,
             "quality": self.quality,
         }
 
@@ -272,7 +293,14 @@ class _Alarm:
     pending_since: float | None = None
     """When `raw` started to differ from `condition`."""
     since: float | None = None
+    """When `state` was entered."""
     value: float | None = None
+    value_reason: str | None = None
+    active_since: float | None = None
+    trip_message: str | None = None
+    trip_value: float | None = None
+    acknowledged_at: float | None = None
+    acknowledged_by: str | None = None
     shelved_until: float | None = None
     shelved_by: str | None = None
     shelve_comment: str | None = None
@@ -290,6 +318,12 @@ class _Alarm:
             "pending_since": self.pending_since,
             "since": self.since,
             "value": self.value,
+            "value_reason": self.value_reason,
+            "active_since": self.active_since,
+            "trip_message": self.trip_message,
+            "trip_value": self.trip_value,
+            "acknowledged_at": self.acknowledged_at,
+            "acknowledged_by": self.acknowledged_by,
             "shelved_until": self.shelved_until,
             "shelved_by": self.shelved_by,
             "shelve_comment": self.shelve_comment,
@@ -305,6 +339,15 @@ class _Alarm:
         self.pending_since = _optional_float(saved.get("pending_since"))
         self.since = _optional_float(saved.get("since"))
         self.value = _optional_float(saved.get("value"))
+        self.value_reason = saved.get("value_reason")
+        # Absent in state saved before issue 13: the occurrence starts at the state change.
+        self.active_since = _optional_float(saved.get("active_since"))
+        self.trip_message = saved.get("trip_message")
+        self.trip_value = _optional_float(saved.get("trip_value"))
+        self.acknowledged_at = _optional_float(saved.get("acknowledged_at"))
+        self.acknowledged_by = saved.get("acknowledged_by")
+        if self.state is not AlarmState.NORMAL and self.active_since is None:
+            self.active_since = self.since
         self.shelved_until = _optional_float(saved.get("shelved_until"))
         self.shelved_by = saved.get("shelved_by")
         self.shelve_comment = saved.get("shelve_comment")
@@ -464,9 +507,11 @@ class AlarmEngine:
                 alarm.pending_since = None
                 continue
             reading = readings[alarm_id]
-            if reading.value is None:
+            if reading.value is None or not math.isfinite(reading.value):
+                alarm.value_reason = reading.reason or "the value cannot be computed"
                 continue
             alarm.value = reading.value
+            alarm.value_reason = None
             self._follow_condition(alarm, reading, now, may_activate=not suppressed)
             transition = self._step(probe, alarm, now)
             if transition is not None and transition.announced:
@@ -689,25 +734,44 @@ class AlarmEngine:
     ) -> Transition:
         definition = alarm.definition
         limit = limit_of(definition)
+        from_state = alarm.state
+        was = alarm.trip_message
+        if to_state is not from_state:
+            alarm.state = to_state
+            alarm.since = now
+        if to_state is _UNACK and from_state in (_NORMAL, _RETURNED):
+            # A new occurrence: its text and value are fixed now, whatever the value does next.
+            alarm.active_since = now
+            alarm.trip_value = alarm.value
+            alarm.trip_message = _trip_text(alarm)
+            alarm.acknowledged_at = alarm.acknowledged_by = None
+        elif cause == "acknowledge":
+            alarm.acknowledged_at = now
+            alarm.acknowledged_by = who
+        if to_state is _NORMAL and from_state is not _NORMAL:
+            message = f"back to normal (was: {was or _trip_text(alarm)})"
+            alarm.active_since = alarm.trip_value = None
+            alarm.trip_message = None
+            alarm.acknowledged_at = alarm.acknowledged_by = None
+        else:
+            message = state_message(alarm)
         transition = Transition(
             probe=probe,
             alarm_id=definition.id,
             kind=definition.kind,
             priority=definition.priority,
             severity=severity_of(definition.priority),
-            from_state=alarm.state,
+            from_state=from_state,
             to_state=to_state,
             value=alarm.value,
             limit=limit,
-            message=format_message(definition.message, alarm.value, limit),
+            message=message,
             ts=now,
             cause=cause,
             announced=announced,
             who=who,
+            active_since=alarm.active_since,
         )
-        if to_state is not alarm.state:
-            alarm.state = to_state
-            alarm.since = now
         self._journal.append(
             JournalEntry(
                 ts=now,
@@ -832,9 +896,37 @@ class AlarmEngine:
             shelved_until=alarm.shelved_until,
             shelved_by=alarm.shelved_by,
             suppressed=alarm.suppressed,
-            message=format_message(definition.message, alarm.value, limit),
+            message=state_message(alarm),
+            trip_message=alarm.trip_message,
+            trip_value=alarm.trip_value,
             value=alarm.value,
+            value_reason=alarm.value_reason,
             limit=limit,
-            since=alarm.since,
+            active_since=alarm.active_since,
+            state_since=alarm.since,
+            acknowledged_at=alarm.acknowledged_at,
+            acknowledged_by=alarm.acknowledged_by,
             quality=entry.quality,
         )
+
+
+def _trip_text(alarm: _Alarm) -> str:
+    """The definition's message with the alarm's value; its id when no value is known
+    (a state restored from before issue 13)."""
+    value = alarm.trip_value if alarm.trip_value is not None else alarm.value
+    if value is None or not math.isfinite(value):
+        return f"{alarm.definition.id} active"
+    return format_message(alarm.definition.message, value, limit_of(alarm.definition))
+
+
+def state_message(alarm: _Alarm) -> str:
+    """What an operator reads for the alarm's current state: the occurrence's trip text
+    while it is active or returned, never the live value in trip wording."""
+    if alarm.state is _NORMAL:
+        return "normal"
+    trip = alarm.trip_message or _trip_text(alarm)
+    if alarm.state is _RETURNED:
+        return f"returned to normal, not acknowledged (was: {trip})"
+    if alarm.state is _UNACK and alarm.definition.latching and not alarm.condition:
+        return f"condition cleared, latched until acknowledged (was: {trip})"
+    return trip

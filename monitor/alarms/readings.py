@@ -55,6 +55,8 @@ class Reading:
     limit: float
     above: bool
     clear: bool
+    reason: str | None = None
+    """Why `value` is None, in words for an operator."""
 
 
 def limit_of(definition: AlarmDefinition) -> float:
@@ -70,8 +72,8 @@ def limit_of(definition: AlarmDefinition) -> float:
     return definition.limit
 
 
-def _no_data(limit: float) -> Reading:
-    return Reading(value=None, limit=limit, above=False, clear=False)
+def _no_data(limit: float, reason: str) -> Reading:
+    return Reading(value=None, limit=limit, above=False, clear=False, reason=reason)
 
 
 def _window(snapshot: Mapping[str, Any], window_s: float, alarm_id: str) -> Mapping[str, Any]:
@@ -123,7 +125,11 @@ def _read_fraction(
             "use_adjusted = false"
         )
     if value is None or n == 0 or n < definition.min_count:
-        return _no_data(definition.limit)
+        return _no_data(
+            definition.limit,
+            f"{n} particles in the {definition.window:g} s window, "
+            f"{max(1, definition.min_count)} needed",
+        )
     value = float(value)
     if isinstance(definition, FractionHighAlarm):
         return _above_high(value, definition.limit, definition.deadband)
@@ -144,11 +150,15 @@ def _read_rate(definition: RateOfChangeAlarm, snapshot: Mapping[str, Any]) -> Re
     _class_stats(stats, definition.class_name, definition.id)
     trend: Mapping[str, Any] = snapshot.get("trend", {}).get(definition.class_name, {})
     slope = trend.get("slope_per_min")
-    if slope is None or int(stats.get("n", 0)) < definition.min_count:
-        return _no_data(limit)
+    n = int(stats.get("n", 0))
+    if slope is None or n < definition.min_count:
+        return _no_data(limit, f"no trend yet ({n} particles, {definition.min_count} needed)")
     span_s = trend.get("span_s")
     if span_s is not None and float(span_s) < definition.min_span:
-        return _no_data(limit)
+        return _no_data(
+            limit,
+            f"the trend spans {float(span_s):.0f} s, {definition.min_span:g} s needed",
+        )
     slope = float(slope)
     if definition.direction == "rising":
         moving = slope
@@ -169,7 +179,7 @@ def _read_stale(
 ) -> Reading:
     since = last_frame_ts if last_frame_ts is not None else watching_since
     if since is None:
-        return _no_data(definition.max_age)
+        return _no_data(definition.max_age, "not watching the probe yet")
     age = now - since
     stale = age > definition.max_age
     return Reading(value=age, limit=definition.max_age, above=stale, clear=not stale)
@@ -207,7 +217,7 @@ def read_alarm(
         # The daemon adds {"publishing": {name: {"dropped_total", "last_drop_ts"}}}.
         state = snapshot.get("publishing", {}).get(definition.publisher)
         if state is None:
-            return _no_data(0.0)
+            return _no_data(0.0, f"publisher {definition.publisher!r} reports no counts")
         last_drop = state.get("last_drop_ts")
         active = last_drop is not None and now - float(last_drop) <= definition.hold
         return Reading(
@@ -217,21 +227,32 @@ def read_alarm(
     if isinstance(definition, ImageQualityAlarm):
         frames = int(stats.get("frames", 0)) + int(stats.get("rejected_frames", 0))
         if frames < definition.min_frames:
-            return _no_data(definition.limit)
+            return _no_data(
+                definition.limit,
+                f"{frames} frames in the {definition.window:g} s window, "
+                f"{definition.min_frames} needed",
+            )
         share = float(stats.get("rejected_share", 0.0))
         return _above_high(share, definition.limit, definition.deadband)
     if isinstance(definition, OutOfDistributionAlarm):
         particles = sum(int(stats.get(key, 0)) for key in ("n", "n_uncertain", "n_ood"))
         if particles < definition.min_count:
-            return _no_data(definition.limit)
+            return _no_data(definition.limit, _too_few(particles, definition))
         share = float(stats.get("ood_share", 0.0))
         return _above_high(share, definition.limit, definition.deadband)
     assert isinstance(definition, UncertainHighAlarm)
     particles = int(stats.get("n", 0)) + int(stats.get("n_uncertain", 0))
     if particles < definition.min_count:
-        return _no_data(definition.limit)
+        return _no_data(definition.limit, _too_few(particles, definition))
     share = float(stats.get("uncertain_share", 0.0))
     return _above_high(share, definition.limit, definition.deadband)
+
+
+def _too_few(particles: int, definition: OutOfDistributionAlarm | UncertainHighAlarm) -> str:
+    return (
+        f"{particles} particles in the {definition.window:g} s window, "
+        f"{definition.min_count} needed"
+    )
 
 
 def quality_from_readings(readings: Iterable[tuple[AlarmDefinition, Reading]]) -> Quality:

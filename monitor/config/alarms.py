@@ -54,9 +54,10 @@ def severity_of(priority: Priority) -> int:
     return _SEVERITY[priority]
 
 
-def format_message(template: str, value: float | None, limit: float) -> str:
-    """The alarm text with `{value}` and `{limit}` filled in (value 'nan' when unknown)."""
-    return template.format(value=math.nan if value is None else value, limit=limit)
+def format_message(template: str, value: float, limit: float) -> str:
+    """The alarm text with `{value}` and `{limit}` filled in (the engine renders it once,
+    when an alarm trips, with a value that exists)."""
+    return template.format(value=value, limit=limit)
 
 
 class _Definition(BaseModel):
