@@ -50,6 +50,16 @@ def _add_build_engine(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(runner=run_build_engine)
 
 
+def _add_opcua_user(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from monitor.cli.opcua_user import add_opcua_user_arguments, run_opcua_user  # noqa: PLC0415
+
+    parser = sub.add_parser(
+        "opcua-user", help="add, list or remove the users of the OPC UA production profile"
+    )
+    add_opcua_user_arguments(parser)
+    parser.set_defaults(runner=run_opcua_user)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crystal-monitor",
@@ -57,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_simulate, _add_classify, _add_doctor, _add_build_engine):
+    for add in (_add_simulate, _add_classify, _add_doctor, _add_build_engine, _add_opcua_user):
         add(sub)
     add_commands(sub)
     return parser

@@ -48,9 +48,9 @@ class OpcUaConfig(BaseModel):
     )
     users_file: Path | None = Field(
         default=None,
-        description="User file, one `name:scrypt$...` line per user (see "
-        "monitor.publishers.opcua_users); required by the production profile, optional "
-        "in demo.",
+        description="User file, one `name:role:scrypt$...` line per user, written by "
+        "`crystal-monitor opcua-user add|remove`; required by the production profile, "
+        "optional in demo.",
     )
     certificate: Path | None = Field(
         default=None,
@@ -137,9 +137,10 @@ class OpcUaConfig(BaseModel):
             )
         if self.enabled and self.security_profile == "production" and self.users_file is None:
             raise ValueError(
-                "the production profile needs users_file (create one with "
-                "monitor.publishers.opcua_users.write_user), or use security_profile = "
-                "'demo' on a loopback endpoint"
+                "the production profile needs users_file: set it, e.g. users_file = "
+                "'/etc/crystal-monitor/opcua-users', and add its users with `crystal-monitor "
+                "opcua-user add NAME --config FILE`; or use security_profile = 'demo' on a "
+                "loopback endpoint"
             )
         return self
 

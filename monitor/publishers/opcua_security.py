@@ -9,13 +9,15 @@ with any password gets the admin role). What replaces them here:
 - `ClientTrust`: client certificates are accepted when the certificate itself (pinned)
   or its issuing CA is in the trust folder; the newest refused ones are saved for the
   admin (a bounded number).
-- `CrystalMonitorUserManager`: user names and passwords from our users file; everyone
-  who authenticates gets UserRole.User, never Admin (so no one can write values or
-  add and delete nodes through the network). An address that keeps guessing passwords
-  is locked out for a growing time (`LoginThrottle`).
+- `CrystalMonitorUserManager`: user names, passwords and roles from our users file;
+  everyone who authenticates gets asyncua's UserRole.User, never Admin (so no one can
+  write values or add and delete nodes through the network), plus the file's role
+  (`MonitorUser.monitor_role`). An address that keeps guessing passwords is locked out
+  for a growing time (`LoginThrottle`).
 - `CallerAwareInternalServer`: asyncua calls a method without the session and checks a
   user without the peer's address; this server's sessions record the calling user
-  (`current_caller`) and the peer being logged in (`current_peer`) in context variables.
+  (`current_caller`) and the peer being logged in (`current_peer`) in context variables,
+  and refuse a viewer every method but the standard read-only ones (`VIEWER_METHODS`).
 
 Refusals repeat at an attacker's pace, so they are counted and logged once per kind
 per minute (`RepeatedLog`).
@@ -44,6 +46,7 @@ from asyncua.crypto.validator import CertificateValidator, CertificateValidatorO
 from asyncua.server.internal_server import InternalServer
 from asyncua.server.internal_session import InternalSession
 from asyncua.server.user_managers import UserManager
+from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -57,7 +60,7 @@ from monitor.config.certificates import (
     read_private_key,
 )
 from monitor.publishers.opcua_certificates import remove_leftovers, write_files_atomically
-from monitor.publishers.opcua_users import LoginThrottle, UsersFile
+from monitor.publishers.opcua_users import OPERATOR, VIEWER, LoginThrottle, UsersFile
 
 log = structlog.get_logger(__name__)
 
@@ -391,10 +394,39 @@ def _is_self_signed(certificate: x509.Certificate) -> bool:
 # -- users ----------------------------------------------------------------------------
 
 
-class CrystalMonitorUserManager(UserManager):
-    """Users from our users file; every authenticated user gets UserRole.User.
+@dataclass
+class MonitorUser(User):
+    """An asyncua User (role UserRole.User) with its role from our users file."""
 
-    `allow_anonymous` (demo profile) maps an anonymous session to a User named
+    monitor_role: str = OPERATOR
+    """'operator' or 'viewer' (`opcua_users.ROLES`): whether it may call our methods."""
+
+
+VIEWER_METHODS: frozenset[ua.NodeId] = frozenset(
+    ua.NodeId(ua.Int32(identifier))
+    for identifier in (
+        ObjectIds.ConditionType_ConditionRefresh,
+        ObjectIds.ConditionType_ConditionRefresh2,
+        ObjectIds.Server_GetMonitoredItems,
+    )
+)
+"""The methods a viewer may call: standard ones that only re-send what a client reads.
+Every other method (Acknowledge, Shelve, StartBatch, StopBatch) changes the plant's
+record, so a viewer gets BadUserAccessDenied for it."""
+
+
+def may_call(user: User | None, method: ua.NodeId) -> bool:
+    """Whether `user` may call `method`: a viewer only the `VIEWER_METHODS`."""
+    if isinstance(user, MonitorUser) and user.monitor_role == VIEWER:
+        return method in VIEWER_METHODS
+    return True
+
+
+class CrystalMonitorUserManager(UserManager):
+    """Users from our users file; every authenticated user gets UserRole.User and its
+    role from the file (`MonitorUser`).
+
+    `allow_anonymous` (demo profile) maps an anonymous session to an operator named
     'anonymous'. `channel_trusted`, when given, must accept the secure channel's client
     certificate as well: asyncua validates only the certificate a client repeats in
     CreateSession, so this closes the gap of a client that leaves it out there.
@@ -442,7 +474,7 @@ class CrystalMonitorUserManager(UserManager):
             return None
         if username is None:
             if self.allow_anonymous:
-                return User(role=UserRole.User, name=ANONYMOUS)
+                return MonitorUser(role=UserRole.User, name=ANONYMOUS, monitor_role=OPERATOR)
             self._refused("anonymous login is disabled", peer=peer)
             return None
         if self.throttle is not None:
@@ -457,11 +489,12 @@ class CrystalMonitorUserManager(UserManager):
                     refused_total=self.logins_refused_locked_out,
                 )
                 return None
-        if self.users is not None and self.users.check(username, password):
+        role = None if self.users is None else self.users.authenticate(username, password)
+        if role is not None:
             if self.throttle is not None:
                 self.throttle.succeeded(peer)
-            log.info("opcua_login", user=username, peer=peer)
-            return User(role=UserRole.User, name=username)
+            log.info("opcua_login", user=username, role=role, peer=peer)
+            return MonitorUser(role=UserRole.User, name=username, monitor_role=role)
         self.logins_failed += 1
         self._refused(
             "unknown user or wrong password",
@@ -504,11 +537,32 @@ class _CallerAwareSession(InternalSession):
 
     async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
         name = self.user.name if self.user is not None and self.user.name else ANONYMOUS
+        allowed = [request for request in params if may_call(self.user, request.MethodId)]
+        if len(allowed) < len(params):
+            log.warning(
+                "opcua_call_refused",
+                user=name,
+                why="a viewer may not call this method",
+                methods=[
+                    request.MethodId.to_string()
+                    for request in params
+                    if not may_call(self.user, request.MethodId)
+                ],
+            )
         token = _caller.set(name)
         try:
-            return await super().call(params)
+            answers = iter(await super().call(allowed) if allowed else [])
         finally:
             _caller.reset(token)
+        # One result per request, in the order asked; a refused one is BadUserAccessDenied.
+        return [
+            next(answers)
+            if may_call(self.user, request.MethodId)
+            else ua.CallMethodResult(
+                StatusCode=ua.StatusCode(ua.UInt32(StatusCodes.BadUserAccessDenied))
+            )
+            for request in params
+        ]
 
 
 class CallerAwareInternalServer(InternalServer):

@@ -1,21 +1,23 @@
-"""The OPC UA users file: one `name:scrypt$N$r$p$salt$hash` line per user.
+"""The OPC UA users file: one `name:role:scrypt$N$r$p$salt$hash` line per user.
 
-Salt and hash are unpadded URL-safe base64; `#` starts a comment line. Passwords are
-stored only as salted scrypt hashes and compared in constant time. `UsersFile`
-re-reads the file when it changes, so adding a user needs no restart.
-
-    from monitor.publishers.opcua_users import write_user
-    write_user(Path("/etc/crystal-monitor/opcua-users"), "operator1", "s3cret-pass")
+The role is one of `ROLES` (what the production profile grants, see
+`opcua_security`); a line without one (`name:scrypt$...`, the format before roles)
+is an operator. Salt and hash are unpadded URL-safe base64; `#` starts a comment
+line. Passwords are stored only as salted scrypt hashes and compared in constant time.
+`UsersFile` re-reads the file when it changes, so adding a user needs no restart.
+Users are managed with `crystal-monitor opcua-user add|list|remove`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
 import re
 import secrets
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -33,10 +35,24 @@ MAX_SCRYPT_N = 2**20
 """Upper bound on N read from a file, so a corrupt line cannot make a login eat memory."""
 
 USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+USER_NAME_RULE = "must be 1-64 letters, digits, '_', '.', '@' or '-'"
+
+OPERATOR = "operator"
+VIEWER = "viewer"
+ROLES: tuple[str, ...] = (OPERATOR, VIEWER)
+"""The roles the production profile grants: an operator reads, browses, subscribes and
+calls the operator methods (Acknowledge, Shelve, StartBatch, StopBatch); a viewer only
+reads, browses and subscribes (`opcua_security.VIEWER_METHODS` lists what it may call)."""
+DEFAULT_ROLE = OPERATOR
+"""The role of a line that names none: every user had the operator's rights before roles."""
 
 
 class UsersFileError(ValueError):
     """A users file that cannot be read or has a malformed line (names file and line)."""
+
+
+class UserExistsError(UsersFileError):
+    """Adding a user that the file already has, without asking to replace it."""
 
 
 def _b64encode(data: bytes) -> str:
@@ -109,103 +125,189 @@ _DUMMY_HASH = f"{SCHEME}${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${'A' * 22}${'A' * 43}"
 """Verified against for unknown user names, so a login takes as long either way."""
 
 
-def parse_users(text: str, source: str = "<users>") -> dict[str, str]:
-    """name -> encoded hash from the text of a users file; raises UsersFileError."""
-    users: dict[str, str] = {}
+@dataclass(frozen=True)
+class UserEntry:
+    """One user of the file: the role granted and the encoded password hash."""
+
+    role: str
+    password_hash: str
+
+
+def _parse_line(line: str, where: str) -> tuple[str, UserEntry]:
+    fields = line.split(":")
+    if len(fields) == 2:
+        name, role, encoded = fields[0], DEFAULT_ROLE, fields[1]
+    elif len(fields) == 3:
+        name, role, encoded = fields
+    else:
+        raise UsersFileError(f"{where}: expected name:role:{SCHEME}$N$r$p$salt$hash")
+    if not USER_NAME.match(name):
+        raise UsersFileError(f"{where}: user name {name!r} {USER_NAME_RULE}")
+    if role not in ROLES:
+        raise UsersFileError(
+            f"{where}: user {name!r} has role {role!r}; the roles are {', '.join(ROLES)}"
+        )
+    try:
+        _parse_hash(encoded)
+    except ValueError as exc:
+        raise UsersFileError(f"{where}: bad hash for user {name!r}: {exc}") from exc
+    return name, UserEntry(role, encoded)
+
+
+def parse_user_entries(text: str, source: str = "<users>") -> dict[str, UserEntry]:
+    """name -> role and hash from the text of a users file; raises UsersFileError."""
+    users: dict[str, UserEntry] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        name, sep, encoded = line.partition(":")
         where = f"{source}:{number}"
-        if not sep:
-            raise UsersFileError(f"{where}: expected name:{SCHEME}$N$r$p$salt$hash")
-        if not USER_NAME.match(name):
-            raise UsersFileError(
-                f"{where}: user name {name!r} must be 1-64 letters, digits, '_', '.', '@' or '-'"
-            )
+        name, entry = _parse_line(line, where)
         if name in users:
             raise UsersFileError(f"{where}: user {name!r} appears twice")
-        try:
-            _parse_hash(encoded)
-        except ValueError as exc:
-            raise UsersFileError(f"{where}: bad hash for user {name!r}: {exc}") from exc
-        users[name] = encoded
+        users[name] = entry
     return users
 
 
-def load_users(path: Path) -> dict[str, str]:
-    """name -> encoded hash from a users file; raises UsersFileError naming the file."""
+def parse_users(text: str, source: str = "<users>") -> dict[str, str]:
+    """name -> encoded hash from the text of a users file; raises UsersFileError."""
+    return {name: entry.password_hash for name, entry in parse_user_entries(text, source).items()}
+
+
+def load_user_entries(path: Path) -> dict[str, UserEntry]:
+    """name -> role and hash from a users file; raises UsersFileError naming the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsersFileError(f"cannot read users file {path}: {exc}") from exc
-    return parse_users(text, str(path))
+    return parse_user_entries(text, str(path))
 
 
-def format_user_line(name: str, password: str) -> str:
-    """One users-file line for `name` with a fresh hash of `password`."""
+def check_user_name(name: str) -> None:
+    """Raise ValueError unless `name` may stand in a users file."""
     if not USER_NAME.match(name):
-        raise ValueError(f"user name {name!r} must be 1-64 letters, digits, '_', '.', '@' or '-'")
-    return f"{name}:{hash_password(password)}"
+        raise ValueError(f"user name {name!r} {USER_NAME_RULE}")
 
 
-def write_user(path: Path, name: str, password: str) -> None:
-    """Add `name` to the users file, or replace its password; the file is kept mode 0600."""
-    users = load_users(path) if path.exists() else {}
-    users[name] = format_user_line(name, password).partition(":")[2]
-    lines = ["# crystal-monitor OPC UA users: name:scrypt$N$r$p$salt$hash"]
-    lines += [f"{user}:{encoded}" for user, encoded in users.items()]
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
-    os.replace(temporary, path)
+def check_role(role: str) -> None:
+    """Raise ValueError unless `role` is one of `ROLES`."""
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+
+
+def format_user_line(name: str, password: str, role: str = DEFAULT_ROLE) -> str:
+    """One users-file line for `name` with `role` and a fresh hash of `password`."""
+    check_user_name(name)
+    check_role(role)
+    return f"{name}:{role}:{hash_password(password)}"
+
+
+def write_user_entries(path: Path, users: dict[str, UserEntry]) -> None:
+    """Write the whole users file atomically (temporary file, fsync, rename), mode 0600.
+
+    A reader (the running server re-reads the file when it changes) sees the old file or
+    the new one, never half of one. The owner and group of a file being replaced are
+    kept where this process may set them (e.g. run by root for a service's file).
+    """
+    lines = [f"# crystal-monitor OPC UA users: name:role:{SCHEME}$N$r$p$salt$hash"]
+    lines += [f"{name}:{entry.role}:{entry.password_hash}" for name, entry in users.items()]
+    try:
+        previous: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        previous = None
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o600)  # mkstemp's mode already, stated for the reader
+            if previous is not None:
+                with contextlib.suppress(PermissionError):
+                    os.fchown(handle.fileno(), previous.st_uid, previous.st_gid)
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
+
+
+def write_user(
+    path: Path, name: str, password: str, role: str = DEFAULT_ROLE, *, replace: bool = True
+) -> None:
+    """Add `name` to the users file (created when missing), or replace its password and
+    role; with `replace=False` an existing user is refused (UserExistsError)."""
+    line = format_user_line(name, password, role)
+    users = load_user_entries(path) if path.exists() else {}
+    if name in users and not replace:
+        raise UserExistsError(f"user {name!r} is already in {path}")
+    users[name] = UserEntry(role, line.rsplit(":", 1)[1])
+    write_user_entries(path, users)
+
+
+def remove_user(path: Path, name: str) -> None:
+    """Remove `name` from the users file; raises UsersFileError when it is not there."""
+    users = load_user_entries(path)
+    if name not in users:
+        raise UsersFileError(f"no user {name!r} in {path}")
+    del users[name]
+    write_user_entries(path, users)
 
 
 class UsersFile:
     """Checks user names and passwords against a users file, re-read when it changes.
 
     A file that turns unreadable or malformed after start keeps the last good users
-    (and `check` reports nothing new); the error is available as `last_error`.
+    (and `authenticate` reports nothing new); the error is available as `last_error`.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
-        self._users: dict[str, str] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self._users: dict[str, UserEntry] = {}
         self.last_error: str | None = None
-        self._users = load_users(path)  # fail at start-up with the file's own message
+        self._users = load_user_entries(path)  # fail at start-up with the file's own message
         self._stamp = self._file_stamp()
 
-    def _file_stamp(self) -> tuple[int, int] | None:
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        # The inode too: a rewrite is a rename of a new file, and a changed password has
+        # the same size and, on a file system with coarse times, the same mtime.
         try:
             stat = self.path.stat()
         except OSError:
             return None
-        return (stat.st_mtime_ns, stat.st_size)
+        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
     def _refresh(self) -> None:
         stamp = self._file_stamp()
         if stamp is None or stamp == self._stamp:
             return
         try:
-            self._users = load_users(self.path)
+            self._users = load_user_entries(self.path)
             self.last_error = None
         except UsersFileError as exc:
             self.last_error = str(exc)
         self._stamp = stamp
 
-    def check(self, name: str | None, password: str | None) -> bool:
-        """True when `name` is in the file and `password` matches its hash."""
+    def authenticate(self, name: str | None, password: str | None) -> str | None:
+        """The role of `name` when it is in the file and `password` matches its hash."""
         with self._lock:
             self._refresh()
-            encoded = self._users.get(name or "")
-        if encoded is None or not password:
+            entry = self._users.get(name or "")
+        if entry is None or not password:
             verify_password(password or "", _DUMMY_HASH)
-            return False
-        return verify_password(password, encoded)
+            return None
+        return entry.role if verify_password(password, entry.password_hash) else None
+
+    def check(self, name: str | None, password: str | None) -> bool:
+        """True when `name` is in the file and `password` matches its hash."""
+        return self.authenticate(name, password) is not None
 
 
 @dataclass
