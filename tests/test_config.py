@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 
 from monitor.cli.subcommands import DEFAULT_CONFIG
 from monitor.config.durations import parse_duration
+from monitor.config.overrides import override_keys
 from monitor.config.settings import EX_CONFIG, ConfigError, Settings, load_settings
 from monitor.config.template import EXAMPLE_ALARMS, EXAMPLE_PROBE, format_duration
 
@@ -388,3 +390,175 @@ def test_commented_keys_validate_with_their_example_values() -> None:
     assert str(settings.model.path) == "/opt/crystal-monitor/models/site-2026"
     assert settings.mqtt.client_id == "crystal-monitor-HOSTNAME"
     assert settings.probes[0].max_decoded_bytes == 100_000_000
+
+
+# -- every error in one pass, fraction hints, unknown environment overrides (issue 13) --
+
+ALARM = """
+[[alarms.definitions]]
+id = "{id}"
+kind = "fraction_high"
+priority = "high"
+message = "PG share {{value:.1%}} above {{limit:.0%}}"
+class_name = "PG"
+window = "{window}"
+limit = {limit}
+"""
+
+
+def test_validate_config_reports_every_error_in_one_pass(tmp_path: Path) -> None:
+    """A typo, a bad duration, a limit in percent and a bad window in the same alarm, a
+    bad window in another one and a missing users file: all in one run, exit 78."""
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        "[daemon]\nlog_levl = 'debug'\n[aggregation]\npublish_interval = '5 parsecs'\n"
+        f"[opcua]\nusers_file = '{tmp_path / 'no-users'}'\n"
+        + ALARM.format(id="pg_high", window="2m", limit=15)
+        + ALARM.format(id="pg_high_long", window="7m", limit=0.2)
+        + GOOD_PROBE
+    )
+    result = _cli("validate-config", str(path))
+    assert result.returncode == EX_CONFIG
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("config error: ") for line in lines), lines
+    expected = [
+        "daemon.log_levl: unknown key",
+        "aggregation.publish_interval: expected a duration",
+        "alarms.definitions[0].limit: Input should be less than or equal to 1, got 15",
+        "alarm 'pg_high': window 120s is not an aggregation window (60s, 300s, 900s)",
+        "alarm 'pg_high_long': window 420s is not an aggregation window",
+        f"opcua.users_file: not found: {tmp_path / 'no-users'}",
+    ]
+    for words in expected:
+        assert sum(words in line for line in lines) == 1, (words, lines)
+    assert len(lines) == len(expected), lines
+
+
+def test_an_alarm_window_is_a_config_error_of_load_settings_itself() -> None:
+    """Known from the file alone, so it no longer waits for the start-up checks."""
+    text = ALARM.format(id="pg_high", window="2m", limit=0.15) + GOOD_PROBE
+    with pytest.raises(ConfigError) as caught:
+        load_settings(data=tomllib.loads(text))
+    assert caught.value.problems == [
+        "alarms.definitions: alarm 'pg_high': window 120s is not an aggregation window "
+        "(60s, 300s, 900s); add it to aggregation.windows or pick one of those"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "given", "write"),
+    [
+        ("alarm", "alarms.definitions[0].limit", "15", "0.15"),
+        ("quality", "probes[0].quality.max_saturated_share", "25", "0.25"),
+    ],
+)
+def test_a_fraction_above_1_says_that_0_15_means_15_percent(
+    table: str, key: str, given: str, write: str
+) -> None:
+    if table == "alarm":
+        text = ALARM.format(id="pg_high", window="5m", limit=given) + GOOD_PROBE
+    else:
+        text = GOOD_PROBE + f"[probes.quality]\nmax_saturated_share = {given}\n"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(data=tomllib.loads(text))
+    assert caught.value.problems == [
+        f"{key}: Input should be less than or equal to 1, got {given}: this is a fraction, "
+        f"0.15 means 15 % (for {given} % write {write})"
+    ]
+
+
+def test_a_fraction_within_0_and_1_and_a_negative_one_keep_their_messages() -> None:
+    ok = load_settings(data=tomllib.loads(ALARM.format(id="a", window="5m", limit=1) + GOOD_PROBE))
+    assert ok.alarms.definitions[0].limit == 1.0  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="greater than or equal to 0"):
+        load_settings(data=tomllib.loads(ALARM.format(id="a", window="5m", limit=-1) + GOOD_PROBE))
+
+
+@pytest.mark.parametrize(
+    ("variable", "nearest"),
+    [
+        pytest.param(
+            "CRYSTAL_MONITOR__DAEMN__LOG_LEVEL",
+            "CRYSTAL_MONITOR__DAEMON__LOG_LEVEL (daemon.log_level)",
+            id="section misspelled (was silently ignored)",
+        ),
+        pytest.param(
+            "CRYSTAL_MONITOR__DAEMON__LOG_LEVLE",
+            "CRYSTAL_MONITOR__DAEMON__LOG_LEVEL (daemon.log_level)",
+            id="key misspelled",
+        ),
+        pytest.param(
+            "CRYSTAL_MONITOR__BACKEND__TENSORRT__PRECISON",
+            "CRYSTAL_MONITOR__BACKEND__TENSORRT__PRECISION (backend.tensorrt.precision)",
+            id="nested section",
+        ),
+        pytest.param(
+            "CRYSTAL_MONITOR__OPCUA__USER_FILE",
+            "CRYSTAL_MONITOR__OPCUA__USERS_FILE (opcua.users_file)",
+            id="key of another section",
+        ),
+    ],
+)
+def test_an_unknown_override_is_one_error_naming_the_nearest_key(
+    variable: str, nearest: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, "debug")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(data=tomllib.loads(GOOD_PROBE))
+    assert caught.value.problems == [
+        f"{variable}: this environment variable sets no configuration key; did you mean "
+        f"{nearest}? rename or unset it"
+    ]
+
+
+def test_an_override_far_from_every_key_says_where_the_keys_are_listed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CRYSTAL_MONITOR__ZZZ", "1")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(data=tomllib.loads(GOOD_PROBE))
+    (problem,) = caught.value.problems
+    assert problem.startswith("CRYSTAL_MONITOR__ZZZ: this environment variable sets no")
+    assert "print-default-config" in problem
+
+
+def test_known_overrides_in_any_case_and_whole_sections_are_no_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pydantic-settings reads names in any case and a section as JSON; so does the check.
+    Variables without the double underscore are not overrides (CRYSTAL_MONITOR_MQTT_...)."""
+    monkeypatch.setenv("crystal_monitor__daemon__log_level", "debug")
+    monkeypatch.setenv("CRYSTAL_MONITOR__BACKEND__TENSORRT__PRECISION", "fp16")
+    monkeypatch.setenv("CRYSTAL_MONITOR__STORE", '{"retention": "30d"}')
+    monkeypatch.setenv("CRYSTAL_MONITOR_MQTT_PASSWORD", "secret")
+    settings = load_settings(data=tomllib.loads(GOOD_PROBE))
+    assert settings.daemon.log_level == "debug"
+    assert settings.store.retention == 30 * 86400.0
+
+
+def test_the_keys_an_override_can_set_stop_at_lists() -> None:
+    """Sections, their keys and nested sections' keys; never an item of a list (probes,
+    alarm definitions), which pydantic-settings cannot address one by one."""
+    keys = override_keys(Settings)
+    assert {"daemon", "daemon__log_level", "backend__tensorrt__precision", "probes"} <= set(keys)
+    assert "alarms__definitions" in keys
+    assert not [key for key in keys if key.startswith(("probes__", "alarms__definitions__"))]
+
+
+@pytest.mark.parametrize("command", ["validate-config", "run"])
+def test_an_unknown_override_stops_validate_config_and_run_with_exit_78(
+    command: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "config.toml"
+    state = tmp_path / "state"
+    path.write_text(f"[daemon]\nstate_dir = '{state}'\n" + GOOD_PROBE)
+    env = {**os.environ, "CRYSTAL_MONITOR__DAEMON__LOG_LEVLE": "debug"}
+    args = ["run", "--config", str(path)] if command == "run" else [command, str(path)]
+    result = _cli(*args, env=env)
+    assert result.returncode == EX_CONFIG
+    assert result.stderr == (
+        "config error: CRYSTAL_MONITOR__DAEMON__LOG_LEVLE: this environment variable sets no "
+        "configuration key; did you mean CRYSTAL_MONITOR__DAEMON__LOG_LEVEL "
+        "(daemon.log_level)? rename or unset it\n"
+    )
+    assert not state.exists()

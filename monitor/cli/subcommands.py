@@ -19,6 +19,7 @@ from monitor.config.settings import (
     ConfigError,
     Settings,
     check_environment,
+    check_sections_environment,
     load_settings,
 )
 from monitor.config.template import render_default_config
@@ -35,7 +36,9 @@ def _load_or_report(path: Path | None, data: dict[str, Any] | None = None) -> Se
     try:
         settings = load_settings(path, data)
     except ConfigError as exc:
-        for problem in exc.problems:
+        # The files the valid sections name are checked too: every error in one pass.
+        problems = [*exc.problems, *check_sections_environment(exc.sections)]
+        for problem in problems:
             print(f"config error: {problem}", file=sys.stderr)
         return None
     problems = check_environment(settings)

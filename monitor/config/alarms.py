@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import string
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from monitor.config.durations import Duration
+from monitor.config.fractions import Fraction
 
 Priority = Literal["low", "medium", "high", "critical"]
 
@@ -125,7 +126,7 @@ def _whole_seconds(value: float) -> float:
 WindowSeconds = Annotated[Duration, AfterValidator(_whole_seconds)]
 """A window length: whole seconds, the key of a snapshot's window ("60", "300", ...)."""
 
-_Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+_Fraction = Fraction  # 0-1; above 1 the message says that 0.15 means 15 %
 
 
 class _FractionAlarm(_Definition):
@@ -170,8 +171,8 @@ class RateOfChangeAlarm(_Definition):
         description="rate_of_change: a class fraction moving faster than limit_per_min."
     )
     class_name: str = Field(min_length=1, description="Class name from the model manifest.")
-    limit_per_min: float = Field(
-        gt=0, le=1, description="Fraction per minute, e.g. 0.01 = one percentage point/min."
+    limit_per_min: Annotated[Fraction, Field(gt=0)] = Field(
+        description="Fraction per minute, e.g. 0.01 = one percentage point/min."
     )
     direction: Literal["rising", "falling", "both"] = Field(
         default="rising", description="Which movement alarms: rising, falling or both."
@@ -334,6 +335,14 @@ AlarmDefinition = Annotated[
     Field(discriminator="kind"),
 ]
 
+WINDOWED_KINDS: frozenset[str] = frozenset(
+    kind
+    for model in get_args(get_args(AlarmDefinition)[0])
+    if "window" in model.model_fields
+    for kind in get_args(model.model_fields["kind"].annotation)
+)
+"""Kinds whose definitions have a `window` (one of the aggregation windows)."""
+
 _DEFINITIONS_ADAPTER: TypeAdapter[tuple[AlarmDefinition, ...]] = TypeAdapter(
     tuple[AlarmDefinition, ...]
 )
@@ -369,16 +378,39 @@ def check_definitions(
 
     Returns one line per problem (empty when all fit), naming the alarm and the fix.
     """
+    alarm_windows = [
+        (definition.id, window)
+        for definition in definitions
+        if (window := getattr(definition, "window", None)) is not None
+    ]
+    return check_windows(alarm_windows, windows_s) + check_classes(definitions, class_names)
+
+
+def check_windows(
+    alarm_windows: Iterable[tuple[str, float]], windows_s: Sequence[float]
+) -> list[str]:
+    """Problems of (alarm id, window in s) pairs against the aggregation windows.
+
+    Pairs rather than definitions: the configuration checks each alarm's window even
+    when another key of that alarm is wrong, so one pass of `validate-config` reports
+    both (the classes need the model: `check_classes`).
+    """
     problems: list[str] = []
     windows = {float(w) for w in windows_s}
     shown = ", ".join(f"{w:g}s" for w in sorted(windows))
-    for definition in definitions:
-        window = getattr(definition, "window", None)
-        if window is not None and float(window) not in windows:
+    for alarm_id, window in alarm_windows:
+        if float(window) not in windows:
             problems.append(
-                f"alarm {definition.id!r}: window {window:g}s is not an aggregation window "
+                f"alarm {alarm_id!r}: window {window:g}s is not an aggregation window "
                 f"({shown}); add it to aggregation.windows or pick one of those"
             )
+    return problems
+
+
+def check_classes(definitions: Sequence[AlarmDefinition], class_names: Sequence[str]) -> list[str]:
+    """Problems of the definitions' classes against the model manifest's classes."""
+    problems: list[str] = []
+    for definition in definitions:
         class_name = getattr(definition, "class_name", None)
         if class_name is not None and class_name not in class_names:
             problems.append(

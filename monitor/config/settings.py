@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,24 +20,39 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
-from monitor.config.alarms import AlarmsConfig, check_definitions
+from monitor.config.alarms import (
+    DIAGNOSTIC_KINDS,
+    PROCESS_KINDS,
+    SYSTEM_KINDS,
+    WINDOWED_KINDS,
+    AlarmsConfig,
+    WindowSeconds,
+    check_classes,
+    check_windows,
+)
 from monitor.config.durations import Duration
+from monitor.config.fractions import Fraction
 from monitor.config.http import HttpConfig, check_http_environment
 from monitor.config.mqtt import MqttConfig
 from monitor.config.opcua import OpcUaConfig, check_opcua_environment
+from monitor.config.overrides import UnknownOverride, find_unknown_overrides
+from monitor.config.sections import merge_values, validate_sections
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 ENV_PREFIX = "CRYSTAL_MONITOR__"
+ENV_DELIMITER = "__"  # CRYSTAL_MONITOR__SECTION__KEY
 
 
 class _Section(BaseModel):
@@ -144,8 +160,8 @@ class QualityConfig(_Section):
     min_contrast: float = Field(
         default=2.0, ge=0, description="Frames whose grey-level std is below this are empty."
     )
-    max_saturated_share: float = Field(
-        default=0.25, gt=0, le=1, description="Reject frames with more pixels at 255 than this."
+    max_saturated_share: Annotated[Fraction, Field(gt=0)] = Field(
+        default=0.25, description="Reject frames with more pixels at 255 than this."
     )
 
 
@@ -166,7 +182,7 @@ class ParticlesConfig(_Section):
         description="Per-object focus (variance of Laplacian) below which "
         "an object is out of focus and not counted.",
     )
-    margin: float = Field(default=0.15, ge=0, le=1, description="Crop margin around the box.")
+    margin: Fraction = Field(default=0.15, description="Crop margin around the box.")
     max_per_frame: int = Field(default=300, ge=1, description="Most particles taken per frame.")
 
 
@@ -243,9 +259,7 @@ class TensorRTConfig(_Section):
     @model_validator(mode="after")
     def _int8_needs_calibration(self) -> TensorRTConfig:
         if self.precision == "int8" and self.calibration_dir is None:
-            raise ValueError(
-                "precision = 'int8' needs calibration_dir (a folder of crop images)"
-            )
+            raise ValueError("precision = 'int8' needs calibration_dir (a folder of crop images)")
         return self
 
 
@@ -339,7 +353,7 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
+        env_nested_delimiter=ENV_DELIMITER,
         protected_namespaces=(),
     )
 
@@ -402,20 +416,37 @@ class Settings(BaseSettings):
 
 
 class ConfigError(Exception):
-    """Invalid configuration: one line per problem, each naming its key."""
+    """Invalid configuration: one line per problem, each naming its key.
 
-    def __init__(self, problems: list[str]) -> None:
+    `sections` holds the top-level sections that are valid on their own (all of them when
+    only a cross-section check or an environment variable failed), so a caller can run
+    `check_sections_environment` on them in the same pass.
+    """
+
+    def __init__(self, problems: list[str], sections: Mapping[str, object] | None = None) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.sections = dict(sections or {})
+
+
+_DISCRIMINATOR_TAGS = frozenset(
+    {"folder", "stream", "simulated", *PROCESS_KINDS, *DIAGNOSTIC_KINDS, *SYSTEM_KINDS}
+)
+"""The `type` of a source and the `kind` of an alarm, which pydantic puts in locations."""
 
 
 def _format_location(location: tuple[int | str, ...]) -> str:
-    """('probes', 0, 'source', 'folder', 'path') -> 'probes[0].source.path'."""
+    """('probes', 0, 'source', 'folder', 'path') -> 'probes[0].source.path';
+    ('alarms', 'definitions', 1, 'fraction_high', 'limit') -> 'alarms.definitions[1].limit'."""
     parts: list[str] = []
     for item in location:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in {"folder", "stream", "simulated"} and parts and parts[-1] == ".source":
+        elif (
+            item in _DISCRIMINATOR_TAGS
+            and parts
+            and (parts[-1] == ".source" or parts[-1][0] == "[")
+        ):
             continue  # the discriminator tag is noise in a key path
         else:
             parts.append(f".{item}")
@@ -437,21 +468,82 @@ def read_toml(path: Path) -> dict[str, Any]:
 def load_settings(path: Path | None = None, data: dict[str, Any] | None = None) -> Settings:
     """Validate a TOML file (or a dict) plus environment overrides.
 
-    Raises ConfigError listing every problem with its key path.
+    Raises ConfigError listing every problem with its key path, all in one pass: types,
+    ranges and unknown keys; alarm windows that are no aggregation window (each read
+    alone, so no other mistake hides one); `CRYSTAL_MONITOR__` variables that set no
+    key, each with the nearest key. `ConfigError.sections` has the sections valid alone.
     """
     values = dict(data or {})
     if path is not None:
         values = read_toml(path)
+    unknown = find_unknown_overrides(os.environ, Settings, ENV_PREFIX, ENV_DELIMITER)
+    problems = [override.describe() for override in unknown]
+    # The values as pydantic-settings sees them: the environment's laid over the file's.
+    effective = merge_values(values, EnvSettingsSource(Settings)())
     try:
-        return Settings(**values)
+        settings = Settings(**values)
     except ValidationError as exc:
         errors = exc.errors()
-        # pydantic adds "too short" for a list whose items failed; the item errors suffice.
-        failed_items = {tuple(e["loc"][:1]) for e in errors if len(e["loc"]) > 1}
-        relevant = [
-            e for e in errors if not (e["type"] == "too_short" and tuple(e["loc"]) in failed_items)
-        ]
-        raise ConfigError([_describe(error) for error in relevant]) from exc
+        failed = {str(error["loc"][0]) for error in errors if error["loc"]}
+        problems += _validation_problems(errors, unknown)
+        problems += _alarm_window_problems(effective)
+        raise ConfigError(problems, validate_sections(Settings, effective, failed)) from exc
+    problems += _alarm_window_problems(effective)
+    if problems:
+        raise ConfigError(problems, dict(settings))
+    return settings
+
+
+def _validation_problems(errors: list[Any], unknown: list[UnknownOverride]) -> list[str]:
+    # pydantic adds "too short" for a list whose items failed; the item errors suffice.
+    failed_items = {tuple(e["loc"][:1]) for e in errors if len(e["loc"]) > 1}
+    # An unknown override inside a known section is also an unknown key to pydantic;
+    # the override's own line says more (the variable and the nearest key).
+    override_paths = {override.path for override in unknown}
+    relevant = [
+        e
+        for e in errors
+        if not (e["type"] == "too_short" and tuple(e["loc"]) in failed_items)
+        and not (
+            e["type"] == "extra_forbidden"
+            and tuple(str(part).lower() for part in e["loc"]) in override_paths
+        )
+    ]
+    return [_describe(error) for error in relevant]
+
+
+_WINDOW: TypeAdapter[float] = TypeAdapter(WindowSeconds)
+
+
+def _aggregation_windows(values: Mapping[str, Any]) -> tuple[float, ...] | None:
+    """aggregation.windows validated alone (None when invalid: that error is reported)."""
+    section = values.get("aggregation")
+    given = section.get("windows") if isinstance(section, Mapping) else None
+    try:
+        return AggregationConfig.model_validate({} if given is None else {"windows": given}).windows
+    except ValidationError:
+        return None
+
+
+def _alarm_window_problems(values: Mapping[str, Any]) -> list[str]:
+    """Each alarm's window against aggregation.windows, read from the raw values: a
+    mistake anywhere else, in the same alarm too, hides neither."""
+    windows = _aggregation_windows(values)
+    section = values.get("alarms")
+    definitions = section.get("definitions") if isinstance(section, Mapping) else None
+    if windows is None or not isinstance(definitions, list | tuple):
+        return []
+    alarm_windows: list[tuple[str, float]] = []
+    for raw in definitions:
+        if not (isinstance(raw, Mapping) and raw.get("kind") in WINDOWED_KINDS):
+            continue
+        if raw.get("window") is None:
+            continue  # optional for rate_of_change; required elsewhere, and then reported
+        try:
+            alarm_windows.append((str(raw.get("id", "?")), _WINDOW.validate_python(raw["window"])))
+        except ValidationError:
+            continue  # not a window at all: the validation's own error says so
+    return [f"alarms.definitions: {problem}" for problem in check_windows(alarm_windows, windows)]
 
 
 def _describe(error: Any) -> str:
@@ -466,49 +558,62 @@ def _describe(error: Any) -> str:
 
 def check_environment(settings: Settings) -> list[str]:
     """Start-up checks that touch the file system; each problem names its key."""
+    return check_sections_environment(dict(settings))
+
+
+def check_sections_environment(sections: Mapping[str, object]) -> list[str]:
+    """`check_environment` over the sections that are there (e.g. `ConfigError.sections`,
+    those valid alone), so a missing file is reported with the typos in one pass."""
     from monitor.manifest import ManifestError, load_manifest  # noqa: PLC0415
 
     problems = []
-    try:
-        model = load_manifest(settings.model.path)
-    except ManifestError as exc:
-        problems.append(f"model.path: {exc}")
-    else:
-        problems += [
-            f"alarms.definitions: {problem}"
-            for problem in check_definitions(
-                settings.alarms.definitions, settings.aggregation.windows, model.manifest.classes
-            )
-        ]
-    problems += check_opcua_environment(settings.opcua)
-    problems += check_http_environment(settings.http)
-    if settings.mqtt.enabled:
+    model, alarms = sections.get("model"), sections.get("alarms")
+    if isinstance(model, ModelConfig):
+        try:
+            loaded = load_manifest(model.path)
+        except ManifestError as exc:
+            problems.append(f"model.path: {exc}")
+        else:
+            if isinstance(alarms, AlarmsConfig):
+                problems += [
+                    f"alarms.definitions: {problem}"
+                    for problem in check_classes(alarms.definitions, loaded.manifest.classes)
+                ]
+    opcua, http, mqtt = sections.get("opcua"), sections.get("http"), sections.get("mqtt")
+    if isinstance(opcua, OpcUaConfig):
+        problems += check_opcua_environment(opcua)
+    if isinstance(http, HttpConfig):
+        problems += check_http_environment(http)
+    if isinstance(mqtt, MqttConfig) and mqtt.enabled:
         from monitor.config.secrets import SecretError, resolve_password  # noqa: PLC0415
 
         try:
             resolve_password(
-                env_var=settings.mqtt.password_env,
-                credential=settings.mqtt.password_credential,
-                section="mqtt",
+                env_var=mqtt.password_env, credential=mqtt.password_credential, section="mqtt"
             )
         except SecretError as exc:
             problems.append(str(exc))
-    state_dir = settings.daemon.state_dir
-    existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK):
-        problems.append(f"daemon.state_dir: {state_dir} cannot be created or written")
-    tensorrt = settings.backend.tensorrt
-    if (
-        settings.backend.type != "onnxruntime"
-        and tensorrt.calibration_dir is not None
-        and not tensorrt.calibration_dir.is_dir()
-    ):
-        problems.append(
-            f"backend.tensorrt.calibration_dir: folder {tensorrt.calibration_dir} not found "
-            "(point it at a folder of crop images)"
-        )
-    for index, probe in enumerate(settings.probes):
-        source = probe.source
+    daemon = sections.get("daemon")
+    if isinstance(daemon, DaemonConfig):
+        state_dir = daemon.state_dir
+        existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), None)
+        if existing is None or not os.access(existing, os.W_OK):
+            problems.append(f"daemon.state_dir: {state_dir} cannot be created or written")
+    backend = sections.get("backend")
+    if isinstance(backend, BackendConfig):
+        tensorrt = backend.tensorrt
+        if (
+            backend.type != "onnxruntime"
+            and tensorrt.calibration_dir is not None
+            and not tensorrt.calibration_dir.is_dir()
+        ):
+            problems.append(
+                f"backend.tensorrt.calibration_dir: folder {tensorrt.calibration_dir} not "
+                "found (point it at a folder of crop images)"
+            )
+    probes = sections.get("probes")
+    for index, probe in enumerate(probes if isinstance(probes, tuple) else ()):
+        source = probe.source if isinstance(probe, ProbeConfig) else None
         if isinstance(source, FolderSourceConfig) and source.after == "move":
             assert source.done_dir is not None
             if source.done_dir.resolve() == source.path.resolve():

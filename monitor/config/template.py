@@ -17,6 +17,7 @@ from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from monitor.config.alarms import AlarmsConfig
 from monitor.config.durations import parse_duration
@@ -195,9 +196,26 @@ class _Lines:
             self.lines.append(assignment)
 
 
+class _ExampleSettings(Settings):
+    """Settings from the example values alone, never the environment: the printed file is
+    the same on every host, and a misspelled CRYSTAL_MONITOR__ variable cannot stop the
+    command line from loading (`load_settings` reports it, exit 78)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def render_default_config() -> str:
     """The default configuration file: validates as it is, every key documented."""
-    settings = Settings.model_validate(EXAMPLE_SETTINGS)
+    settings = _ExampleSettings.model_validate(EXAMPLE_SETTINGS)
     out = _Lines()
     out.lines.append(HEADER.rstrip("\n"))
     for name in _section_order():
