@@ -1,8 +1,10 @@
 """The dashboard in a real browser: Debian's headless Chromium driven by Selenium against
 the real server of a real daemon. The page loads, the trend grows as frames arrive, the
 latest frame shows its particle boxes, the strip of recent frames shows thumbnails with
-theirs and a click on one holds it in the large view until Live is clicked, and an
-Acknowledge click reaches the alarm engine.
+theirs and a click on one holds it in the large view until Live is clicked, an alarm's
+raise and acknowledge are marked on the trend, and an Acknowledge click reaches the alarm
+engine. The clock and the time axis say the date and the browser's time zone, and the
+page explains "adjusted", "CUSUM" and a "–" value in tooltips.
 
 Screenshots land in the test's folder; with CRYSTAL_MONITOR_SCREENSHOTS=docs they are
 also written to docs/ (dashboard.png, dashboard-acknowledged.png), which is how the
@@ -12,12 +14,15 @@ committed ones are made.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -32,6 +37,8 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SPEED = 20.0  # simulated seconds per real second: minutes of trend in a short test
 SCREENSHOTS = os.environ.get("CRYSTAL_MONITOR_SCREENSHOTS")
 THUMB_WIDTH = 160  # dashboard.js asks for strip thumbnails this wide (the frames are 800)
+ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")  # how the API writes times
+HIGH_COLOUR = "#e5383b"  # dashboard.js PRIORITY_COLOURS.high
 
 
 def _require_browser() -> None:
@@ -54,7 +61,7 @@ class FastClock:
         return self._start + (time.time() - self._start) * SPEED
 
 
-def _settings(state: Path, port: int) -> Any:
+def _settings(state: Path, port: int, extra_alarms: Sequence[dict[str, Any]] = ()) -> Any:
     fraction_alarm = {
         "kind": "fraction_high",
         "class_name": "PG",
@@ -92,6 +99,7 @@ def _settings(state: Path, port: int) -> Any:
                         "message": "no frame for {value:.0f} s",
                         "max_age": "2m",
                     },
+                    *extra_alarms,
                 ]
             },
             "probes": [
@@ -118,6 +126,45 @@ def _settings(state: Path, port: int) -> Any:
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     port = free_port()
     running = Daemon(_settings(tmp_path / "state", port), clock=FastClock())
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+# For the explanations: a shift (CUSUM) alarm, and a fraction alarm that never has enough
+# particles, so its value stays "–" with a reason.
+EXPLAINED_ALARMS = (
+    {
+        "id": "pg_onset",
+        "kind": "shift",
+        "class_name": "PG",
+        "priority": "low",
+        "message": "PG onset detected (CUSUM)",
+        "baseline": 0.02,
+        "shifted": 0.1,
+        "threshold": 5.0,
+    },
+    {
+        "id": "pg_rare",
+        "kind": "fraction_high",
+        "class_name": "PG",
+        "priority": "low",
+        "message": "PG share {value:.1%} above {limit:.0%}",
+        "window": "5m",
+        "limit": 0.5,
+        "min_count": 1_000_000,
+    },
+)
+
+
+@pytest.fixture
+def explained_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """The daemon with EXPLAINED_ALARMS added."""
+    port = free_port()
+    clock = FastClock()
+    running = Daemon(_settings(tmp_path / "state", port, EXPLAINED_ALARMS), clock=clock)
     running.start()
     try:
         yield running
@@ -161,9 +208,31 @@ def _save(driver: Any, tmp_path: Path, name: str) -> None:
         shutil.copyfile(path, target / name)
 
 
+def _alarm_status(daemon: Daemon, alarm_id: str) -> dict[str, Any]:
+    return next(a for a in daemon.view.alarm_states("R1") if a["alarm_id"] == alarm_id)
+
+
 def _alarm_state(daemon: Daemon, alarm_id: str) -> str:
-    states = daemon.view.alarm_states("R1")
-    return str(next(a for a in states if a["alarm_id"] == alarm_id)["state"])
+    return str(_alarm_status(daemon, alarm_id)["state"])
+
+
+# The alarm markers on the trend, read in one go (the trend is redrawn every refresh).
+_MARKERS_JS = """
+return [...arguments[0].querySelectorAll("svg.trend g.alarm-marker")].map((g) => ({
+  alarm_id: g.dataset.alarmId, to_state: g.dataset.toState,
+  raised: g.classList.contains("raised"),
+  stroke: g.querySelector("line.mark").getAttribute("stroke"),
+  title: g.querySelector("title").textContent,
+}));
+"""
+
+
+def _markers(browser: Any, probe: Any, alarm_id: str, to_state: str) -> list[dict[str, Any]]:
+    return [
+        marker
+        for marker in browser.execute_script(_MARKERS_JS, probe)
+        if marker["alarm_id"] == alarm_id and marker["to_state"] == to_state
+    ]
 
 
 # What the page shows of the recent frames, read in one go (the strip is redrawn as
@@ -175,13 +244,13 @@ const wrap = section.querySelector(".frame-wrap");
 const live = section.querySelector(".live-toggle");
 return {
   large: {
-    key: wrap.dataset.key || null, ts: Number(wrap.dataset.ts), loaded: wrap.dataset.loaded,
+    key: wrap.dataset.key || null, ts: wrap.dataset.ts, loaded: wrap.dataset.loaded,
     width: wrap.querySelector("img").naturalWidth, labels: rects(wrap),
   },
   live: live.getAttribute("aria-pressed") === "true",
   refreshes: Number(document.body.dataset.refreshes || 0),
   thumbs: [...section.querySelectorAll(".strip .thumb")].map((thumb) => ({
-    key: thumb.dataset.key, ts: Number(thumb.dataset.ts), index: Number(thumb.dataset.index),
+    key: thumb.dataset.key, ts: thumb.dataset.ts, index: Number(thumb.dataset.index),
     selected: thumb.classList.contains("selected"),
     width: thumb.querySelector("img").naturalWidth, labels: rects(thumb),
   })),
@@ -203,17 +272,17 @@ def _stored_labels(daemon: Daemon) -> dict[str, Counter[str]]:
     return labels
 
 
-def _click_thumb(browser: Any, probe: Any, index: int) -> tuple[str, float]:
-    """Click the strip's thumbnail at `index` (newest is 0); (key, ts) of its frame."""
+def _click_thumb(browser: Any, probe: Any, index: int) -> tuple[str, str]:
+    """Click the strip's thumbnail at `index` (newest is 0); (key, ISO time) of its frame."""
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     for _ in range(20):
         try:
             thumb = probe.find_element(By.CSS_SELECTOR, f'.strip .thumb[data-index="{index}"]')
-            key, ts = thumb.get_attribute("data-key"), float(thumb.get_attribute("data-ts"))
+            key, ts = thumb.get_attribute("data-key"), thumb.get_attribute("data-ts")
             thumb.click()
-            return str(key), ts
+            return str(key), str(ts)
         except StaleElementReferenceException:
             time.sleep(0.05)  # redrawn just then: the next refresh is a second away
     raise AssertionError("the strip kept changing under the click")
@@ -279,6 +348,8 @@ def test_dashboard_trend_grows_and_an_acknowledge_click_reaches_the_engine(
     stored = _stored_labels(daemon)
     thumbs = page["thumbs"]
     assert [thumb["index"] for thumb in thumbs] == list(range(RECENT_FRAMES))
+    # Frame times are ISO 8601 UTC strings with milliseconds: in time order as strings.
+    assert all(ISO_MS.fullmatch(thumb["ts"]) for thumb in thumbs), thumbs
     assert [thumb["ts"] for thumb in thumbs] == sorted((t["ts"] for t in thumbs), reverse=True)
     for thumb in thumbs:
         assert Counter(thumb["labels"]) == stored[thumb["key"]], thumb
@@ -339,6 +410,14 @@ def test_dashboard_trend_grows_and_an_acknowledge_click_reaches_the_engine(
     assert "pg_high > 15 %" in label_text and "pg_warning > 8 %" in label_text
     assert probe.find_elements(By.CSS_SELECTOR, "svg.trend polygon.band")
     assert _alarm_state(daemon, "pg_high") == "active_unacknowledged"
+    # The raise is marked on the trend in the alarm's priority colour, its tooltip with
+    # the time and the message rendered when it tripped.
+    trip_message = _alarm_status(daemon, "pg_high")["trip_message"]
+    raised = wait.until(lambda _: _markers(browser, probe, "pg_high", "active_unacknowledged"))
+    assert len(raised) == 1, raised
+    assert raised[0]["raised"] and raised[0]["stroke"] == HIGH_COLOUR
+    assert re.fullmatch(r"pg_high raised \d\d:\d\d:\d\d — (.+)", raised[0]["title"]), raised
+    assert raised[0]["title"].endswith(f" — {trip_message}")
     _save(browser, tmp_path, "dashboard.png")
 
     # Acknowledge without a name is refused on the page and never reaches the engine.
@@ -363,6 +442,11 @@ def test_dashboard_trend_grows_and_an_acknowledge_click_reaches_the_engine(
     wait.until(lambda _: row.get_attribute("data-state") == "active_acknowledged")
     assert not row.find_element(By.CSS_SELECTOR, "button.ack").is_enabled()
     assert "acknowledged by op-anna" in notice.text
+    # The acknowledge is marked too, muted, with who did it.
+    acked = wait.until(lambda _: _markers(browser, probe, "pg_high", "active_acknowledged"))
+    assert not acked[0]["raised"] and acked[0]["stroke"] is None
+    assert re.fullmatch(r"pg_high acknowledged \d\d:\d\d:\d\d by op-anna", acked[0]["title"])
+    assert len(_markers(browser, probe, "pg_high", "active_unacknowledged")) == 1
     _save(browser, tmp_path, "dashboard-acknowledged.png")
     # No script error, no blocked resource (the page's CSP allows only this server). A held
     # frame the daemon dropped before the page fetched it full-size is a 404 the page
@@ -374,3 +458,161 @@ def test_dashboard_trend_grows_and_an_acknowledge_click_reaches_the_engine(
         and not ("/frame.jpg?key=" in entry["message"] and "404" in entry["message"])
     ]
     assert errors == []
+
+
+# The trend's time axis: [x, text] of its tick labels and of their dates, its zone, and
+# the legend's words on the zone.
+_AXIS_JS = """
+const svg = arguments[0];
+const texts = (css) => [...svg.querySelectorAll(css)].map(
+  (text) => [text.getAttribute("x"), text.textContent]);
+const legend = svg.parentElement.querySelector(".legend .zone");
+return {
+  ticks: texts("text.tick"), dates: texts("text.tick-date"), zone: svg.dataset.zone,
+  legend: legend && legend.textContent,
+};
+"""
+_CLOCK = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (\S+)")
+NO_VALUE = "\u2013"  # what the page shows for a value it does not have
+
+
+def _set_time_zone(browser: Any, zone: str) -> None:
+    """The browser's time zone, as if the machine were in `zone` (reload to apply)."""
+    browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": ""})
+    browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": zone})
+
+
+def _clock(browser: Any, wait: Any) -> tuple[datetime, str]:
+    """The header clock once drawn: (its date and time, naive), its zone name."""
+    from selenium.webdriver.common.by import By
+
+    text = wait.until(lambda d: d.find_element(By.ID, "clock").text)
+    match = _CLOCK.fullmatch(text)
+    assert match, f"clock {text!r} is not 'YYYY-MM-DD HH:MM:SS ZONE'"
+    return datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S"), match[2]
+
+
+def test_dashboard_clock_and_time_axis_say_the_date_and_time_zone(
+    explained_daemon: Daemon, browser: Any
+) -> None:
+    """The header clock reads "2026-12-03 14:38:59 CET": the daemon's time in the
+    browser's zone, named by its short name, or by its UTC offset where it has none; the
+    trend's time axis dates its first tick and every tick where the day changes, and the
+    legend names the zone."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    daemon = explained_daemon
+    assert daemon.web is not None
+    wait = WebDriverWait(browser, 60, poll_frequency=0.2)
+    berlin = ZoneInfo("Europe/Berlin")
+    _set_time_zone(browser, "Europe/Berlin")
+    browser.get(daemon.web.url)
+    shown, zone = _clock(browser, wait)
+    now = datetime.fromtimestamp(daemon.clock(), berlin)
+    assert zone == now.strftime("%Z") and zone in {"CET", "CEST"}
+    # The daemon's clock runs SPEED times fast, the page's ticks once a real second.
+    assert abs(shown - now.replace(tzinfo=None)) < timedelta(seconds=4 * SPEED), (shown, now)
+    assert "Europe/Berlin" in str(browser.find_element(By.ID, "clock").get_attribute("title"))
+
+    probe = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, 'section[data-probe="R1"]'))
+    trend = probe.find_element(By.CSS_SELECTOR, "svg.trend")
+    wait.until(lambda _: int(trend.get_attribute("data-points") or 0) >= 2)
+    axis = browser.execute_script(_AXIS_JS, trend)
+    assert axis["ticks"], axis
+    # Within the trend's span the day does not change (unless it runs over midnight).
+    assert 1 <= len(axis["dates"]) <= 2, axis
+    assert axis["dates"][0][0] == axis["ticks"][0][0]  # under the first tick
+    assert axis["dates"][0][1] in {
+        (now - timedelta(hours=2)).strftime("%Y-%m-%d"),
+        now.strftime("%Y-%m-%d"),
+    }
+    assert axis["zone"] == zone
+    assert axis["legend"] == f"times in {zone}"
+    # Over midnight: the date at the first tick and at midnight's, not at the others.
+    midnight = datetime(2026, 12, 4, tzinfo=berlin).timestamp()
+    ticks = browser.execute_script(
+        "return axisTicks(arguments[0], arguments[1], 600)", midnight - 1800, midnight + 1800
+    )
+    assert [(tick["time"], tick["date"]) for tick in ticks] == [
+        ("23:30", "2026-12-03"),
+        ("23:40", None),
+        ("23:50", None),
+        ("00:00", "2026-12-04"),
+        ("00:10", None),
+        ("00:20", None),
+        ("00:30", None),
+    ]
+
+    # A zone with no English short name is named by its UTC offset.
+    _set_time_zone(browser, "Asia/Kathmandu")
+    browser.get(daemon.web.url)
+    shown, zone = _clock(browser, wait)
+    assert zone == "UTC+05:45"
+    now = datetime.fromtimestamp(daemon.clock(), ZoneInfo("Asia/Kathmandu"))
+    assert abs(shown - now.replace(tzinfo=None)) < timedelta(seconds=4 * SPEED), (shown, now)
+
+
+# The page's explanations, read in one go (figures and alarm values are redrawn every
+# refresh): each as {text, title} or null where the page does not show it.
+_TOOLTIPS_JS = """
+const section = arguments[0];
+const read = (node) => node && {text: node.textContent, title: node.getAttribute("title")};
+const value = (id, css) => read(section.querySelector(
+  `.alarm-values .alarm-value[data-alarm-id="${id}"]${css ? ` ${css}` : ""}`));
+return {
+  adjusted: read(section.querySelector(".figure .ci .adjusted")),
+  onset: value("pg_onset", ""), cusum: value("pg_onset", ".cusum"),
+  rare: value("pg_rare", ".value"),
+  stale: value("probe_stale", ""), stale_value: value("probe_stale", ".value"),
+};
+"""
+
+
+def test_dashboard_explains_adjusted_cusum_and_missing_values_in_tooltips(
+    explained_daemon: Daemon, browser: Any
+) -> None:
+    """Tooltips say what "adjusted" and "CUSUM" are; an alarm whose value cannot be
+    computed shows "–" with the daemon's reason (value_reason) as its tooltip."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    daemon = explained_daemon
+    assert daemon.web is not None
+    wait = WebDriverWait(browser, 60, poll_frequency=0.2)
+    browser.get(daemon.web.url)
+    probe = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, 'section[data-probe="R1"]'))
+
+    def complete(page: dict[str, Any]) -> bool:
+        stale = page["stale"]
+        return all(page.values()) and bool(
+            re.fullmatch(r"probe_stale \d+ s / 120 s", stale["text"])
+        )
+
+    page = dict(
+        wait.until(
+            lambda _: (
+                page if complete(page := browser.execute_script(_TOOLTIPS_JS, probe)) else None
+            )
+        )
+    )
+
+    adjusted = page["adjusted"]
+    assert re.fullmatch(r"adjusted \d+\.\d %", adjusted["text"]), adjusted
+    assert "known confusions" in adjusted["title"]
+    assert "validation confusion matrix" in adjusted["title"]
+
+    assert page["cusum"]["text"] == "CUSUM"
+    for words in ("cumulative sum", "baseline", "threshold"):
+        assert words in page["cusum"]["title"], page["cusum"]
+    # The sum against the threshold.
+    assert re.fullmatch(r"pg_onset CUSUM \d+\.\d\d / 5\.00", page["onset"]["text"]), page
+
+    # pg_rare never has enough particles: "–", and the daemon's reason as the tooltip.
+    reason = _alarm_status(daemon, "pg_rare")["value_reason"]
+    needed = r"\d+ particles in the 300 s window, 1000000 needed"
+    assert re.fullmatch(needed, reason), reason
+    assert page["rare"]["text"] == NO_VALUE
+    assert re.fullmatch(f"no value: {needed}", page["rare"]["title"]), page["rare"]
+    # An alarm with a value shows it, with no such tooltip.
+    assert page["stale_value"]["title"] is None

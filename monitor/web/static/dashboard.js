@@ -12,13 +12,25 @@ const SHELVE_MINUTES = [15, 30, 60, 120, 240, 480];
 const OPERATOR_KEY = "crystal-monitor.operator";
 const TREND_HEIGHT = 340;
 const THUMB_WIDTH = 160;  // px asked of the server for a strip thumbnail (sharp at 2x)
+const JOURNAL_LIMIT = 200;  // alarm journal entries read for the trend's markers
+const JOURNAL_REFRESH_MS = 5000;  // re-read at most this often unless an alarm changed state
+
+// What the page's terms mean, shown as tooltips (title attributes).
+const ADJUSTED_HELP = "adjusted: the fraction corrected for the classifier's known confusions " +
+  "(how often it takes one class for another, from the validation confusion matrix in the " +
+  "model's manifest)";
+const CUSUM_HELP = "CUSUM: the shift alarm's cumulative sum, the evidence that the watched " +
+  "class's share (e.g. the PG share) has moved up from its baseline; it grows with every frame " +
+  "above the baseline and falls back towards 0 below it, and the alarm is raised when it " +
+  "reaches the threshold";
+const NO_VALUE_HELP = "no value: too few particles in the window, or not computable yet";
 
 const views = new Map();  // probe id -> view state
 let classes = [];
 let refreshMs = 2000;
 let timer = null;
 let refreshing = false;
-let daemonOffsetS = 0;  // daemon clock minus browser clock
+let daemonOffsetS = null;  // daemon clock minus browser clock; null until the daemon answers
 
 // -- small helpers ------------------------------------------------------------------
 
@@ -46,18 +58,67 @@ function windowLabel(seconds) {
   return `${+(seconds / 60).toFixed(1)} min`;
 }
 
+// The API writes times as ISO 8601 UTC strings; the page computes with epoch seconds.
+function epochS(value) {
+  if (value === null || value === undefined) return null;
+  return typeof value === "number" ? value : Date.parse(value) / 1000;
+}
+
 function clockText(ts, seconds = true) {
-  const date = new Date(ts * 1000);
+  const date = new Date(epochS(ts) * 1000);
   const pad = (n) => String(n).padStart(2, "0");
   const hm = `${pad(date.getHours())}:${pad(date.getMinutes())}`;
   return seconds ? `${hm}:${pad(date.getSeconds())}` : hm;
 }
 
+function dateText(ts) {
+  const date = new Date(epochS(ts) * 1000);
+  const pad = (n) => String(n).padStart(2, "0");
+  return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}`;
+}
+
+// English short names of the browser's time zone: en-US knows the American ones (EST),
+// en-GB the European ones (CET, BST).
+const ZONE_FORMATS = ["en-US", "en-GB"].map(
+  (locale) => new Intl.DateTimeFormat(locale, { timeZoneName: "short" }));
+
+// The browser's time zone at `ts` by its short name ("CET", "EST", "UTC"), or by its UTC
+// offset ("UTC+05:30") where it has none (Intl then says "GMT+5:30").
+function zoneText(ts) {
+  const date = new Date(epochS(ts) * 1000);
+  for (const format of ZONE_FORMATS) {
+    const part = format.formatToParts(date).find((p) => p.type === "timeZoneName");
+    if (part && !/^(GMT|UTC)[+\-\u2212]/.test(part.value)) return part.value;
+  }
+  return offsetText(date);
+}
+
+function offsetText(date) {
+  const minutes = -date.getTimezoneOffset();
+  if (minutes === 0) return "UTC";
+  const pad = (n) => String(n).padStart(2, "0");
+  const sign = minutes < 0 ? "-" : "+";
+  const size = Math.abs(minutes);
+  return `UTC${sign}${pad(Math.floor(size / 60))}:${pad(size % 60)}`;
+}
+
+// The header clock: "2026-12-03 14:38:59 CET".
+function clockWithDateText(ts) {
+  return `${dateText(ts)} ${clockText(ts)} ${zoneText(ts)}`;
+}
+
+// In seconds, the unit the probe_stale alarm's message uses ("no frame from the probe
+// for 95 s"), so the header and the alarm read alike; a long age also in a rounder unit.
 function ageText(seconds) {
   if (seconds === null || seconds === undefined) return "no frame yet";
   if (seconds < 90) return `last frame ${seconds.toFixed(1)} s ago`;
-  if (seconds < 5400) return `last frame ${(seconds / 60).toFixed(1)} min ago`;
-  return `last frame ${(seconds / 3600).toFixed(1)} h ago`;
+  return `last frame ${seconds.toFixed(0)} s ago (${roundedAge(seconds)})`;
+}
+
+function roundedAge(seconds) {
+  if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
+  if (seconds < 2 * 86400) return `${(seconds / 3600).toFixed(1)} h`;
+  return `${(seconds / 86400).toFixed(1)} d`;
 }
 
 function classColour(name) {
@@ -99,6 +160,7 @@ function createView(probe) {
   head.append(title, batch, quality, age);
 
   const alarms = el("div", "alarms");
+  const alarmValues = el("div", "alarm-values");
 
   const trendPanel = el("div", "trend-panel");
   const figures = el("div", "figures");
@@ -131,11 +193,11 @@ function createView(probe) {
 
   const grid = el("div", "grid");
   grid.append(trendPanel, framePanel, countsPanel);
-  section.append(head, alarms, grid);
+  section.append(head, alarms, alarmValues, grid);
 
   const view = {
     id: probe.id,
-    section, batch, quality, age, alarms, figures, windows, trend, legend,
+    section, batch, quality, age, alarms, alarmValues, figures, windows, trend, legend,
     image, boxes, nothing, caption, counts, frameWrap, strip, stripTitle, live,
     window: probe.default_window,
     state: probe,
@@ -147,6 +209,9 @@ function createView(probe) {
     thumbs: new Map(),  // frame id -> its thumbnail button
     preloads: [],       // full-size images of a held strip, fetched when it was held
     alarmRows: new Map(),
+    markers: [],              // the alarm journal's transitions, drawn on the trend
+    journalSignature: null,   // the alarm states the markers were read for
+    journalAt: 0,             // when they were read (browser ms)
   };
   image.addEventListener("load", () => drawFrame(view));
   image.addEventListener("error", () => frameMissing(view));
@@ -171,18 +236,24 @@ function renderHead(view, probe) {
 }
 
 function renderFigures(view, probe, allWindows) {
-  const stats = probe.snapshot.windows[String(view.window)];
+  const stats = probe.snapshot.windows[`${view.window}s`];
   view.figures.replaceChildren();
   for (const name of plottedClasses(probe)) {
     const cls = stats ? stats.classes[name] : null;
     const figure = el("div", "figure");
     figure.dataset.class = name;
     const label = el("div", "name", `${name} · ${windowLabel(view.window)} window`);
-    const value = el("div", "value", pct(cls ? cls.fraction : null));
+    const fraction = cls ? cls.fraction : null;
+    const value = el("div", "value", pct(fraction));
     value.style.color = classColour(name);
-    const ci = cls && cls.ci95 ? `95 %: ${pct(cls.ci95[0])} – ${pct(cls.ci95[1])}` : "95 %: –";
-    const adjusted = cls && cls.adjusted !== null ? ` · adjusted ${pct(cls.adjusted)}` : "";
-    figure.append(label, value, el("div", "ci", ci + adjusted));
+    if (fraction === null || fraction === undefined) value.title = noValueText(stats, view.window);
+    const ci = el("div", "ci");
+    if (cls && cls.ci95) ci.append(`95 %: ${pct(cls.ci95[0])} – ${pct(cls.ci95[1])}`);
+    else ci.append(helpSpan("95 %: –", noValueText(stats, view.window)));
+    if (cls && cls.adjusted !== null && cls.adjusted !== undefined) {
+      ci.append(" · ", helpSpan(`adjusted ${pct(cls.adjusted)}`, ADJUSTED_HELP, "adjusted"));
+    }
+    figure.append(label, value, ci);
     view.figures.append(figure);
   }
   view.windows.replaceChildren();
@@ -199,6 +270,18 @@ function renderFigures(view, probe, allWindows) {
   view.figures.append(view.windows);
 }
 
+// A term explained by its tooltip (dotted underline, help cursor).
+function helpSpan(text, help, className = "") {
+  const span = el("span", `help${className ? ` ${className}` : ""}`, text);
+  span.title = help;
+  return span;
+}
+
+function noValueText(stats, window) {
+  const n = stats ? stats.n : 0;
+  return `${NO_VALUE_HELP} (${n} particles in the ${windowLabel(window)} window)`;
+}
+
 function renderModel(state) {
   const quality = state.model.quality || {};
   const site = quality.held_out_site_macro_f1;
@@ -212,7 +295,7 @@ function renderModel(state) {
 }
 
 function renderCounts(view, probe) {
-  const stats = probe.snapshot.windows[String(view.window)];
+  const stats = probe.snapshot.windows[`${view.window}s`];
   const rows = [];
   const w = windowLabel(view.window);
   if (stats) {
@@ -236,6 +319,7 @@ function renderCounts(view, probe) {
   for (const [label, value, bad] of rows) {
     const tr = el("tr");
     const td = el("td", bad ? "bad" : "", value);
+    if (value === "–") td.title = NO_VALUE_HELP;
     tr.append(el("th", "", label), td);
     view.counts.append(tr);
   }
@@ -249,7 +333,11 @@ function alarmStateText(alarm) {
   else if (alarm.state === "active_acknowledged") parts.push("active, acknowledged");
   else if (alarm.state === "returned_unacknowledged") parts.push("RETURNED, UNACKNOWLEDGED");
   else parts.push("normal");
-  if (alarm.since) parts.push(`since ${clockText(alarm.since)}`);
+  if (alarm.active_since) parts.push(`raised ${clockText(alarm.active_since)}`);
+  if (alarm.acknowledged_at) {
+    parts.push(`acknowledged ${clockText(alarm.acknowledged_at)}${alarm.acknowledged_by ? ` by ${alarm.acknowledged_by}` : ""}`);
+  }
+  if (alarm.state_since && alarm.state === "normal") parts.push(`since ${clockText(alarm.state_since)}`);
   if (alarm.shelved) {
     const until = alarm.shelved_until ? ` until ${clockText(alarm.shelved_until, false)}` : "";
     parts.push(`shelved${until}${alarm.shelved_by ? ` by ${alarm.shelved_by}` : ""}`);
@@ -316,9 +404,46 @@ function renderAlarms(view, probe) {
     parts.priority.textContent = alarm.priority;
     parts.priority.style.color = PRIORITY_COLOURS[alarm.priority] || "";
     parts.message.textContent = `${alarm.alarm_id}: ${alarm.message}`;
+    parts.message.title = alarm.kind === "shift" ? CUSUM_HELP : "";
     parts.state.textContent = alarmStateText(alarm);
     parts.ack.disabled = !unacked;
     parts.shelve.disabled = alarm.shelved;
+  }
+}
+
+// A number in an alarm's unit (as its status says it).
+function alarmNumberText(value, unit) {
+  if (unit === "fraction") return `${+(value * 100).toFixed(1)} %`;
+  if (unit === "fraction/min") return `${+(value * 100).toFixed(2)} %/min`;
+  if (unit === "s") return `${value.toFixed(0)} s`;
+  if (unit === "messages") return String(Math.round(value));
+  return value.toFixed(2);
+}
+
+// Every alarm of the probe with its current value against its limit, one line under the
+// active alarms: how close each is to tripping. "–" where the value cannot be computed
+// now; the tooltip says why (the alarm's value_reason).
+function renderAlarmValues(view, probe) {
+  view.alarmValues.replaceChildren();
+  if (!probe.alarms.length) return;
+  view.alarmValues.append(el("span", "label", "Alarm values"));
+  for (const alarm of probe.alarms) {
+    const item = el("span", "alarm-value");
+    item.dataset.alarmId = alarm.alarm_id;
+    const missing = alarm.value === null || alarm.value === undefined || alarm.value_reason;
+    const shown = missing ? "–" : alarmNumberText(alarm.value, alarm.unit);
+    const value = el("span", "value", shown);
+    if (missing) {
+      const held = alarm.value === null || alarm.value === undefined ? "" :
+        ` (last value ${alarmNumberText(alarm.value, alarm.unit)})`;
+      value.title = `no value: ${alarm.value_reason || "not computable yet"}${held}`;
+      value.classList.add("help");
+    }
+    item.append(`${alarm.alarm_id} `);
+    if (alarm.kind === "shift") item.append(helpSpan("CUSUM", CUSUM_HELP, "cusum"), " ");
+    item.append(value, ` / ${alarmNumberText(alarm.limit, alarm.unit)}`);
+    item.classList.toggle("active", alarm.active);
+    view.alarmValues.append(item);
   }
 }
 
@@ -358,7 +483,70 @@ async function act(view, row, action, extra) {
 async function loadHistory(view) {
   const path = `/api/probes/${encodeURIComponent(view.id)}/history?window=${view.window}`;
   const { body } = await api(path);
+  body.ts = body.ts.map(epochS);
+  body.now = epochS(body.now);
+  body.since = epochS(body.since);
   view.history = body;
+}
+
+// The probe's alarm journal, for the trend's markers: read when the alarm states changed,
+// else at most every JOURNAL_REFRESH_MS (the journal is written a moment after a change).
+async function loadAlarmJournal(view) {
+  const signature = view.state.alarms
+    .map((alarm) => `${alarm.alarm_id}:${alarm.state}:${alarm.state_since}:${alarm.acknowledged_at}`)
+    .join("|");
+  const now = Date.now();
+  if (signature === view.journalSignature && now - view.journalAt < JOURNAL_REFRESH_MS) return;
+  const query = `probe=${encodeURIComponent(view.id)}&limit=${JOURNAL_LIMIT}`;
+  const { body } = await api(`/api/alarms?${query}`);
+  view.journalSignature = signature;
+  view.journalAt = now;
+  view.markers = alarmMarkers(body.journal);
+}
+
+// The journal's state changes (not shelve or restore markers, nor what shelving hid) as
+// markers: raised in the alarm's priority colour, the others muted.
+function alarmMarkers(journal) {
+  const markers = [];
+  for (const entry of journal) {
+    const change = entry.transition;
+    if (entry.event !== "transition" || !change || change.from_state === change.to_state) continue;
+    if (change.announced === false) continue;
+    markers.push({
+      alarmId: change.alarm_id,
+      toState: change.to_state,
+      ts: epochS(change.ts),
+      priority: change.priority,
+      raised: change.to_state === "active_unacknowledged",
+      text: markerText(change, entry.who || change.who),
+    });
+  }
+  return markers;
+}
+
+function markerText(change, who) {
+  const at = clockText(change.ts);
+  const by = who ? ` by ${who}` : "";
+  if (change.to_state === "active_unacknowledged") return `${change.alarm_id} raised ${at} — ${change.message}`;
+  if (change.to_state === "active_acknowledged") return `${change.alarm_id} acknowledged ${at}${by}`;
+  if (change.to_state === "returned_unacknowledged") {
+    return `${change.alarm_id} condition cleared ${at}, not acknowledged yet`;
+  }
+  const acked = change.from_state === "returned_unacknowledged" ? `, acknowledged${by}` : "";
+  return `${change.alarm_id} back to normal ${at}${acked}`;
+}
+
+// The time axis' ticks between t0 and t1 (epoch seconds) every `step` seconds: each with
+// its clock time, and its date on the first tick and wherever the day changes.
+function axisTicks(t0, t1, step) {
+  const ticks = [];
+  let day = null;
+  for (let t = Math.ceil(t0 / step) * step; t <= t1; t += step) {
+    const date = dateText(t);
+    ticks.push({ t, time: clockText(t, step < 60), date: date === day ? null : date });
+    day = date;
+  }
+  return ticks;
 }
 
 function niceStep(range, target) {
@@ -394,7 +582,7 @@ function drawTrend(view) {
   chart.dataset.window = String(view.window);
   const plotted = plottedClasses(probe);
   const limits = probe.limits.filter((limit) => plotted.includes(limit.class_name));
-  const margin = { left: 62, right: 190, top: 16, bottom: 34 };
+  const margin = { left: 62, right: 190, top: 16, bottom: 50 };
   const plotW = width - margin.left - margin.right;
   const plotH = height - margin.top - margin.bottom;
 
@@ -421,10 +609,37 @@ function drawTrend(view) {
     chart.append(svg("text", { x: margin.left - 8, y: y(v) + 5, "text-anchor": "end" }, pct(v, yStep < 0.01 ? 1 : 0)));
   }
   const tStep = [30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200].find((s) => (t1 - t0) / s <= 7) || 86400;
-  for (let t = Math.ceil(t0 / tStep) * tStep; t <= t1; t += tStep) {
-    chart.append(svg("line", { class: "gridline", x1: x(t), x2: x(t), y1: margin.top, y2: margin.top + plotH }));
-    chart.append(svg("text", { x: x(t), y: height - 10, "text-anchor": "middle" }, clockText(t, tStep < 60)));
+  for (const tick of axisTicks(t0, t1, tStep)) {
+    chart.append(svg("line", { class: "gridline", x1: x(tick.t), x2: x(tick.t), y1: margin.top, y2: margin.top + plotH }));
+    chart.append(svg("text", { class: "tick", x: x(tick.t), y: height - 28, "text-anchor": "middle" }, tick.time));
+    if (tick.date) {
+      chart.append(svg("text", { class: "tick-date", x: x(tick.t), y: height - 10, "text-anchor": "middle" }, tick.date));
+    }
   }
+  const zone = zoneText(t1);
+  chart.dataset.zone = zone;
+
+  let marked = 0;
+  for (const marker of view.markers) {
+    if (marker.ts < t0 || marker.ts > t1) continue;
+    const mx = x(marker.ts);
+    const colour = PRIORITY_COLOURS[marker.priority] || PRIORITY_COLOURS.high;
+    const group = svg("g", {
+      class: `alarm-marker ${marker.raised ? "raised" : "muted"}`,
+      "data-alarm-id": marker.alarmId, "data-to-state": marker.toState,
+    });
+    group.append(svg("title", {}, marker.text));
+    const line = { x1: mx, x2: mx, y1: margin.top, y2: margin.top + plotH };
+    group.append(svg("line", { class: "mark", ...line, ...(marker.raised ? { stroke: colour } : {}) }));
+    if (marker.raised) {
+      const top = margin.top;
+      group.append(svg("path", { class: "flag", d: `M${mx - 6},${top - 8} h12 l-6,9 z`, fill: colour }));
+    }
+    group.append(svg("line", { class: "hit", ...line }));  // a wider target for the tooltip
+    chart.append(group);
+    marked += 1;
+  }
+  chart.dataset.markers = String(marked);
 
   for (const limit of limits) {
     const colour = PRIORITY_COLOURS[limit.priority] || PRIORITY_COLOURS.high;
@@ -477,7 +692,15 @@ function drawTrend(view) {
     item.append(el("span", "swatch limit"), document.createTextNode("alarm limit"));
     view.legend.append(item);
   }
+  if (marked) {
+    const item = el("span");
+    item.title = "hover over a marker for the alarm, its time and its message";
+    item.append(el("span", "swatch marker raised"), document.createTextNode("alarm raised "),
+      el("span", "swatch marker muted"), document.createTextNode("acknowledged / cleared"));
+    view.legend.append(item);
+  }
   const span = history.span === "batch" ? `batch ${history.batch || ""} since ${clockText(history.since, false)}` : "last hour";
+  view.legend.append(el("span", "zone", `times in ${zone}`));
   view.legend.append(el("span", "", `${span} · ${windowLabel(view.window)} window · ${points} points`));
 }
 
@@ -673,7 +896,7 @@ async function refresh() {
     const { body: state } = await api("/api/state");
     classes = state.classes;
     refreshMs = Math.max(500, state.refresh_s * 1000);
-    daemonOffsetS = state.ts - Date.now() / 1000;
+    daemonOffsetS = epochS(state.ts) - Date.now() / 1000;
     tickClock();
     renderModel(state);
     const main = document.getElementById("probes");
@@ -687,11 +910,12 @@ async function refresh() {
       view.state = probe;
       renderHead(view, probe);
       renderAlarms(view, probe);
+      renderAlarmValues(view, probe);
       renderFigures(view, probe, state.windows);
       renderCounts(view, probe);
     }
     await Promise.all([...views.values()].map(async (view) => {
-      await loadHistory(view);
+      await Promise.all([loadHistory(view), loadAlarmJournal(view)]);
       drawTrend(view);
       await loadFrames(view, view.state.latest_frame);
     }));
@@ -713,8 +937,14 @@ function refreshSoon() {
   timer = setTimeout(refresh, 50);
 }
 
+// The daemon's time, in the browser's time zone.
 function tickClock() {
-  document.getElementById("clock").textContent = clockText(Date.now() / 1000 + daemonOffsetS);
+  if (daemonOffsetS === null) return;  // the browser's own clock may be far off the daemon's
+  const clock = document.getElementById("clock");
+  const now = Date.now() / 1000 + daemonOffsetS;
+  clock.textContent = clockWithDateText(now);
+  const zone = Intl.DateTimeFormat().resolvedOptions().timeZone || "";
+  clock.title = `the daemon's clock, in this browser's time zone${zone ? ` (${zone}, ${offsetText(new Date(now * 1000))})` : ""}`;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
