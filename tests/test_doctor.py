@@ -10,9 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from monitor.cli.doctor import TENSORRT_MISSING, Check, check_opcua_port, exit_code, format_check
+from monitor.cli.doctor import (
+    FREE_SPACE_FAIL_BYTES,
+    FREE_SPACE_WARN_BYTES,
+    TENSORRT_MISSING,
+    Check,
+    check_free_space,
+    check_opcua_port,
+    describe_free_space,
+    exit_code,
+    format_check,
+    free_space_status,
+)
 from monitor.cli.main import main
-from monitor.config.settings import EX_CONFIG
+from monitor.config.exit_codes import EX_CONFIG, EX_UNAVAILABLE
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "deploy" / "examples"
@@ -118,13 +129,23 @@ def test_exit_code_is_nonzero_only_when_a_check_failed() -> None:
     assert format_check(fail) == "FAIL  probes[0] R1: folder /x not found"
 
 
-def test_opcua_port_in_use_is_a_warning_and_a_free_one_ok() -> None:
+def test_only_port_failures_exit_69_any_other_failure_78() -> None:
+    """As `run` would exit: a port in the way may free up (69), a config will not (78)."""
+    busy = Check("FAIL", "http 127.0.0.1:8080", "in use", fail_code=EX_UNAVAILABLE)
+    folder = Check("FAIL", "probes[0] R1", "folder /x not found")
+    assert exit_code([Check("ok", "python", "3.11"), busy]) == EX_UNAVAILABLE
+    assert exit_code([busy, folder]) == EX_CONFIG
+    assert exit_code([Check("warn", "gpu", "none", fail_code=EX_UNAVAILABLE)]) == 0
+
+
+def test_opcua_port_in_use_fails_naming_opcua_endpoint_and_a_free_one_is_ok() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
         busy = check_opcua_port(f"opc.tcp://127.0.0.1:{port}/crystal-monitor")
-    assert busy.status == "warn"
+    assert (busy.status, busy.fail_code) == ("FAIL", EX_UNAVAILABLE)
+    assert busy.detail.startswith(f"opcua.endpoint: cannot listen on 127.0.0.1:{port}: ")
     assert "in use" in busy.detail
     port = _free_port()
     free = check_opcua_port(f"opc.tcp://127.0.0.1:{port}/crystal-monitor")
@@ -162,3 +183,55 @@ def test_two_reactor_instances_do_not_share_state_topics_or_ports() -> None:
     assert r1.mqtt.topic_prefix != r2.mqtt.topic_prefix
     assert r1.mqtt.client_id != r2.mqtt.client_id
     assert r1.opcua.endpoint != r2.opcua.endpoint
+
+
+def test_doctor_fails_with_69_on_a_busy_http_port(tmp_path: Path) -> None:
+    """The one FAIL is the port, named by its key with the fix; the rest of the config is fine."""
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        config = _write_config(tmp_path, folder, f"[http]\nenabled = true\nport = {port}\n")
+        result = _doctor("--config", str(config))
+    assert result.returncode == EX_UNAVAILABLE, result.stdout + result.stderr
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert failed == [
+        f"FAIL  http 127.0.0.1:{port}: http.port: cannot listen on 127.0.0.1:{port}: the port "
+        "is in use by another program (a running crystal-monitor?): stop it or set http.port "
+        "to a free port"
+    ]
+    spaces = [line for line in result.stdout.splitlines() if "  free space: " in line]
+    assert len(spaces) == 1, result.stdout  # the state and the probe folder share a disk
+
+
+def test_free_space_fails_under_100_mb_and_warns_under_1_gb() -> None:
+    assert FREE_SPACE_FAIL_BYTES == 100 * 10**6 and FREE_SPACE_WARN_BYTES == 10**9
+    assert free_space_status(0) == "FAIL"
+    assert free_space_status(99_999_999) == "FAIL"
+    assert free_space_status(100_000_000) == "warn"
+    assert free_space_status(999_999_999) == "warn"
+    assert free_space_status(10**9) == "ok"
+    keys = ["daemon.state_dir", "probes[0].source.path"]
+    low = describe_free_space(50 * 10**6, 20 * 10**9, "/var/lib/cm", keys)
+    assert low.startswith("0.05 GB free of 20.00 GB on the filesystem of /var/lib/cm ")
+    assert "(daemon.state_dir, probes[0].source.path)" in low
+    assert "move daemon.state_dir" in low
+    assert "free space soon" in describe_free_space(500 * 10**6, 20 * 10**9, "/x", keys)
+    assert describe_free_space(5 * 10**9, 20 * 10**9, "/x", keys).endswith(
+        "on the filesystem of /x (daemon.state_dir, probes[0].source.path)"
+    )
+
+
+def test_free_space_is_checked_once_per_filesystem_from_the_nearest_existing_folder(
+    tmp_path: Path,
+) -> None:
+    checks = check_free_space(
+        [("daemon.state_dir", tmp_path / "not" / "yet"), ("probes[0].source.path", tmp_path)]
+    )
+    assert len(checks) == 1
+    assert checks[0].what == "free space"
+    assert f"on the filesystem of {tmp_path} (daemon.state_dir, probes[0].source.path)" in (
+        checks[0].detail
+    )

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from monitor.config.exit_codes import EX_CONFIG, EX_UNAVAILABLE
 from monitor.config.settings import (
-    EX_CONFIG,
     BatcherConfig,
     ConfigError,
     TensorRTConfig,
@@ -23,8 +23,6 @@ from monitor.config.settings import (
 )
 from monitor.logs import configure_logging
 from monitor.manifest import ManifestError, load_manifest
-
-EX_UNAVAILABLE = 69  # sysexits.h: a service this command needs is unavailable
 
 
 def add_build_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,10 +1,17 @@
 """`crystal-monitor doctor`: what this host can run, and what a config needs that is missing.
 
 Each check becomes one `Check` (status, what, detail); the probes that gather them touch
-the host (imports, `nvidia-smi`, sockets, folders), while formatting and the exit code are
-plain functions over checks. Only a `FAIL` makes the exit code non-zero, and a `FAIL` is
-reserved for something the configuration needs: an optional accelerator that is absent,
-or an MQTT broker that is down (the daemon queues messages in its outbox), is a `warn`.
+the host (imports, `nvidia-smi`, sockets, folders, free space), while formatting, the
+free-space verdict and the exit code are plain functions over checks and numbers. Only a
+`FAIL` makes the exit code non-zero, and a `FAIL` is reserved for something the
+configuration needs: an optional accelerator that is absent, or an MQTT broker that is
+down (the daemon queues messages in its outbox), is a `warn`.
+
+Exit code, as `run` would exit at start-up: 0 when nothing failed; 69 (EX_UNAVAILABLE)
+when every failure is a port the daemon would listen on that cannot be bound (in use,
+often by a running daemon: restarting later may succeed); 78 (EX_CONFIG) when any other
+check failed, as `validate-config`. Free space is checked on the filesystems of
+`daemon.state_dir` and of each folder probe: FAIL under 100 MB, warn under 1 GB.
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlparse
 
+from monitor.config.exit_codes import EX_CONFIG, EX_UNAVAILABLE
 from monitor.config.settings import (
-    EX_CONFIG,
     BackendConfig,
     BatcherConfig,
     ConfigError,
@@ -35,6 +42,7 @@ from monitor.config.settings import (
     check_environment,
     load_settings,
 )
+from monitor.config.startup_error import describe_bind_error
 
 if TYPE_CHECKING:
     from monitor.inference.tensorrt_backend import TensorRTAvailability
@@ -45,15 +53,23 @@ Status = Literal["ok", "warn", "FAIL"]
 MQTT_CONNECT_TIMEOUT_S = 2.0
 NVIDIA_SMI_TIMEOUT_S = 10.0
 TENSORRT_MISSING = "not installed (pip install 'crystal-monitor[tensorrt]' on a GPU host)"
+# Free space under which the store, the engine cache and the probe's files are at risk
+# (FAIL), and under which a few days of frames and snapshots may not fit (warn).
+FREE_SPACE_FAIL_BYTES = 100 * 10**6
+FREE_SPACE_WARN_BYTES = 10**9
 
 
 @dataclass(frozen=True)
 class Check:
-    """One line of the report: `FAIL` means the configuration cannot run as written."""
+    """One line of the report: `FAIL` means the configuration cannot run as written.
+
+    `fail_code` is the exit code a FAIL stands for: EX_UNAVAILABLE for a port that
+    cannot be bound now, EX_CONFIG for everything else."""
 
     status: Status
     what: str
     detail: str
+    fail_code: int = EX_CONFIG
 
 
 def format_check(check: Check) -> str:
@@ -61,8 +77,12 @@ def format_check(check: Check) -> str:
 
 
 def exit_code(checks: Iterable[Check]) -> int:
-    """EX_CONFIG (78, as `validate-config`) when any check failed, 0 otherwise."""
-    return EX_CONFIG if any(check.status == "FAIL" for check in checks) else 0
+    """0 when no check failed; EX_UNAVAILABLE (69) when only ports that cannot be bound
+    failed; EX_CONFIG (78, as `validate-config`) when anything else failed."""
+    codes = {check.fail_code for check in checks if check.status == "FAIL"}
+    if not codes:
+        return 0
+    return EX_CONFIG if EX_CONFIG in codes else EX_UNAVAILABLE
 
 
 def check_python() -> Check:
@@ -337,23 +357,94 @@ def check_opcua_port(endpoint: str) -> Check:
     parsed = urlparse(endpoint)
     host, port = parsed.hostname or "0.0.0.0", parsed.port or 4840
     what = f"opcua endpoint {host}:{port}"
+    return check_listen_port(what, host, port, key="opcua.endpoint", host_key="opcua.endpoint")
+
+
+def check_http_port(host: str, port: int) -> Check:
+    return check_listen_port(
+        f"http {host}:{port}", host, port, key="http.port", host_key="http.host"
+    )
+
+
+def check_listen_port(what: str, host: str, port: int, *, key: str, host_key: str) -> Check:
+    """Bind `host:port` as the daemon's listener would (SO_REUSEADDR, so a port left in
+    TIME_WAIT counts as free); a FAIL with exit code 69 and the fix when it cannot."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
-        return Check("FAIL", what, f"cannot resolve {host!r}: {exc} (fix opcua.endpoint)")
+        return Check("FAIL", what, f"cannot resolve {host!r}: {exc} (fix {host_key})")
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
-            return Check(
-                "warn",
-                what,
-                f"cannot bind ({exc.strerror}): in use by another process (a running "
-                "daemon?) or not an address of this host",
+            named, problem = describe_bind_error(
+                exc, host=host, port=port, key=key, host_key=host_key
             )
+            return Check("FAIL", what, f"{named}: {problem}", fail_code=EX_UNAVAILABLE)
     return Check("ok", what, "port free to bind")
+
+
+def free_space_status(free_bytes: int) -> Status:
+    """FAIL under FREE_SPACE_FAIL_BYTES, warn under FREE_SPACE_WARN_BYTES, else ok."""
+    if free_bytes < FREE_SPACE_FAIL_BYTES:
+        return "FAIL"
+    if free_bytes < FREE_SPACE_WARN_BYTES:
+        return "warn"
+    return "ok"
+
+
+def describe_free_space(free_bytes: int, total_bytes: int, where: str, keys: Sequence[str]) -> str:
+    """The report line's detail; below the thresholds it says what fills up and the fix."""
+    detail = (
+        f"{_gigabytes(free_bytes)} free of {_gigabytes(total_bytes)} on the filesystem of "
+        f"{where} ({', '.join(keys)})"
+    )
+    status = free_space_status(free_bytes)
+    if status == "FAIL":
+        return (
+            f"{detail}: the store and the probe's files cannot grow; free space or move "
+            f"{keys[0]} (at least {_gigabytes(FREE_SPACE_WARN_BYTES)} recommended)"
+        )
+    if status == "warn":
+        return f"{detail}: under {_gigabytes(FREE_SPACE_WARN_BYTES)}; free space soon"
+    return detail
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 10**9:.2f} GB"
+
+
+def check_free_space(places: Sequence[tuple[str, Path]]) -> list[Check]:
+    """One check per filesystem holding one of `places` ((key, path)); a path not yet
+    created counts by the nearest folder above it that exists."""
+    by_device: dict[int, tuple[Path, list[str]]] = {}
+    checks = []
+    for key, path in places:
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is None:
+            continue
+        try:
+            device = existing.stat().st_dev
+        except OSError as exc:
+            checks.append(Check("warn", "free space", f"cannot stat {existing} ({key}): {exc}"))
+            continue
+        by_device.setdefault(device, (existing, []))[1].append(key)
+    for where, keys in by_device.values():
+        try:
+            usage = shutil.disk_usage(where)
+        except OSError as exc:
+            checks.append(Check("warn", "free space", f"cannot read {where} ({keys[0]}): {exc}"))
+            continue
+        checks.append(
+            Check(
+                free_space_status(usage.free),
+                "free space",
+                describe_free_space(usage.free, usage.total, str(where), keys),
+            )
+        )
+    return checks
 
 
 def _user() -> str:
@@ -397,10 +488,19 @@ def run_checks(config: Path | None) -> list[Check]:
     )
     checks += check_folder_probes(settings)
     checks.append(check_state_dir(settings.daemon.state_dir))
+    places = [("daemon.state_dir", settings.daemon.state_dir)]
+    places += [
+        (f"probes[{index}].source.path", probe.source.path)
+        for index, probe in enumerate(settings.probes)
+        if isinstance(probe.source, FolderSourceConfig)
+    ]
+    checks += check_free_space(places)
     if settings.mqtt.enabled:
         checks.append(check_mqtt_broker(settings.mqtt.host, settings.mqtt.port))
     if settings.opcua.enabled:
         checks.append(check_opcua_port(settings.opcua.endpoint))
+    if settings.http.enabled:
+        checks.append(check_http_port(settings.http.host, settings.http.port))
     return checks
 
 

@@ -80,3 +80,48 @@ def check_configured_pair(cert_path: Path, key_path: Path) -> list[str]:
             "(replace one of them so that both are the same pair)"
         )
     return problems
+
+
+def check_tls_client_files(
+    section: str, *, ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> list[str]:
+    """Problems of a TLS client's PEM files (`{section}.ca_file`, `.cert_file`,
+    `.key_file`: what `ssl` loads when connecting), each naming its key and the fix."""
+    fix = "it must be a PEM file the daemon's user can read"
+    problems: list[str] = []
+    for key, path, read in (
+        ("ca_file", ca_file, _read_pem_certificates),
+        ("cert_file", cert_file, _read_pem_certificates),
+        ("key_file", key_file, _read_pem_private_key),
+    ):
+        if path is None:
+            continue
+        try:
+            read(path)
+        except CertificateFileError as exc:
+            problems.append(f"{section}.{key}: {exc} ({fix})")
+    return problems
+
+
+def _read_pem_certificates(path: Path) -> None:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CertificateFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise CertificateFileError(f"no PEM certificate in {path}") from exc
+
+
+def _read_pem_private_key(path: Path) -> None:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CertificateFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        serialization.load_pem_private_key(data, password=None)
+    except TypeError as exc:  # encrypted: the daemon has no passphrase to give
+        raise CertificateFileError(f"{path} is encrypted; store the key unencrypted") from exc
+    except ValueError as exc:
+        raise CertificateFileError(f"no PEM private key in {path}") from exc

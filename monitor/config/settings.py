@@ -43,6 +43,7 @@ from monitor.config.alarms import (
     check_windows,
 )
 from monitor.config.durations import Duration
+from monitor.config.exit_codes import EX_CONFIG as EX_CONFIG  # noqa: PLC0414 - re-exported
 from monitor.config.fractions import Fraction
 from monitor.config.http import HttpConfig, check_http_environment
 from monitor.config.mqtt import MqttConfig
@@ -50,7 +51,6 @@ from monitor.config.opcua import OpcUaConfig, check_opcua_environment
 from monitor.config.overrides import UnknownOverride, find_unknown_overrides
 from monitor.config.sections import merge_values, validate_sections
 
-EX_CONFIG = 78  # sysexits.h: configuration error
 ENV_PREFIX = "CRYSTAL_MONITOR__"
 ENV_DELIMITER = "__"  # CRYSTAL_MONITOR__SECTION__KEY
 

@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from monitor.config.mqtt import MqttConfig
 from monitor.config.secrets import resolve_password
+from monitor.config.startup_error import StartupError
 from monitor.log_limit import RepeatLimiter
 from monitor.publishers.base import CommandHandler, CommandResult, ProbeUpdate
 from monitor.publishers.outbox import Outbox, OutboxStats, Stream, encode_json
@@ -216,6 +217,13 @@ class MqttPublisher:
     """The `Publisher` for MQTT; see the module docstring for topics and delivery."""
 
     name = "mqtt"
+    # The daemon sets this: its start fails when the broker refuses our login (a person
+    # must fix the user or password); a publisher used alone reports it in health().
+    refused_login_fails_start = False
+    # How long start() then waits for the broker's first answer: long enough for a broker
+    # that is up to refuse our login, short enough not to hold up start-up on one that is
+    # down.
+    first_answer_wait_s = 3.0
 
     def __init__(
         self,
@@ -270,6 +278,8 @@ class MqttPublisher:
         self._started = False
         self._stopped = False
         self._final_stats: OutboxStats | None = None
+        self._first_answer = threading.Event()  # a CONNACK or a failed connect
+        self._login_refused: str | None = None  # the problem, when the broker refused us
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -328,7 +338,13 @@ class MqttPublisher:
     # -- Publisher ---------------------------------------------------------------------
 
     def start(self, commands: CommandHandler) -> None:
-        """Connect in the background; returns at once even if the broker is down."""
+        """Connect in the background; returns at once even if the broker is down.
+
+        With `refused_login_fails_start`, returns once the broker answered (or after
+        `first_answer_wait_s` if it is down: the outbox keeps everything meanwhile), and
+        a broker refusing our user name or password stops the publisher and raises
+        StartupError naming mqtt.username and where the password comes from.
+        """
         if self._started:
             raise RuntimeError("MqttPublisher.start() called twice")
         self._started = True
@@ -345,6 +361,11 @@ class MqttPublisher:
             self.config.host, self.config.port, keepalive=round(self.config.keepalive)
         )
         self._client.loop_start()
+        if self.refused_login_fails_start:
+            self._first_answer.wait(self.first_answer_wait_s)
+            if self._login_refused is not None:
+                self.stop()
+                raise StartupError("mqtt.username", self._login_refused)
         log.info(
             "mqtt_starting",
             broker=self._address,
@@ -609,8 +630,13 @@ class MqttPublisher:
         try:
             if reason_code.is_failure:
                 hint = ""
-                if reason_code.value in (0x86, 0x87, 4, 5):
-                    hint = " (check mqtt.username and the password)"
+                if reason_code.value in (0x86, 0x87, 4, 5):  # bad login, not authorized
+                    hint = f" ({self._login_fix()})"
+                    if not self._first_answer.is_set():
+                        self._login_refused = (
+                            f"broker {self._address} refused the login ({reason_code}): "
+                            f"{self._login_fix()}"
+                        )
                 reason = f"broker {self._address} refused the connection: {reason_code}{hint}"
                 with self._lock:
                     repeated, self._reason = self._reason == reason, reason
@@ -646,13 +672,35 @@ class MqttPublisher:
         except Exception:
             log.exception("mqtt_on_connect_failed")
         finally:
+            self._first_answer.set()
             self._wake.set()
+
+    def _login_fix(self) -> str:
+        """What to check when the broker refuses our login: the user and where the
+        password comes from, each by its key."""
+        config = self.config
+        if config.username is None:
+            return (
+                "it wants a login: set mqtt.username and mqtt.password_env or "
+                "mqtt.password_credential"
+            )
+        if config.password_env is not None:
+            source = f"environment variable {config.password_env} (mqtt.password_env)"
+        elif config.password_credential is not None:
+            source = f"credential {config.password_credential} (mqtt.password_credential)"
+        else:
+            source = "mqtt.password_env or mqtt.password_credential (none is set)"
+        return (
+            f"check mqtt.username {config.username!r} and the password in {source} "
+            "against the broker's users"
+        )
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         tls = ", or the TLS handshake failed" if self.config.tls.enabled else ""
         reason = f"cannot reach broker {self._address}{tls} (retrying)"
         with self._lock:
             repeated, self._reason = self._reason == reason, reason
+        self._first_answer.set()  # down is not a start-up failure: the outbox keeps it all
         if not repeated:
             log.warning("mqtt_unreachable", broker=self._address)
 

@@ -17,10 +17,14 @@ import threading
 from collections import deque
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import structlog
 
-from monitor.config.opcua import OpcUaConfig, check_opcua_environment
+from monitor.config.certificates import CertificateFileError
+from monitor.config.exit_codes import EX_UNAVAILABLE
+from monitor.config.opcua import OpcUaConfig, check_opcua_environment, endpoint_host
+from monitor.config.startup_error import StartupError, describe_bind_error
 from monitor.publishers.base import CommandHandler, ProbeUpdate
 from monitor.publishers.opcua_server import CrystalMonitorServer
 
@@ -31,8 +35,8 @@ STOP_TIMEOUT_S = 10.0
 MAX_QUEUED_EVENTS = 10_000
 
 
-class OpcUaStartError(RuntimeError):
-    """The OPC UA server could not start; the message names the cause and the fix."""
+class OpcUaStartError(StartupError):
+    """The OPC UA server could not start; the message names the key, the cause and the fix."""
 
 
 class OpcUaPublisher:
@@ -59,8 +63,9 @@ class OpcUaPublisher:
     def start(self, commands: CommandHandler) -> None:
         """Start the server thread; returns once the server listens, else raises."""
         problems = check_opcua_environment(self.config)
-        if problems:
-            raise OpcUaStartError("; ".join(problems))
+        if problems:  # each starts with its key, as "opcua.users_file: not found: ..."
+            key, _, problem = "; ".join(problems).partition(": ")
+            raise OpcUaStartError(key, problem)
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         server = CrystalMonitorServer(self.config, self.state_dir, commands)
         self._server = server
@@ -73,18 +78,37 @@ class OpcUaPublisher:
         except concurrent.futures.TimeoutError as exc:
             self.stop()
             raise OpcUaStartError(
-                f"OPC UA server did not start within {START_TIMEOUT_S:.0f} s "
-                f"({self.config.endpoint})"
+                "opcua.enabled",
+                f"the OPC UA server did not start within {START_TIMEOUT_S:.0f} s "
+                f"({self.config.endpoint}); set opcua.enabled = false to start without it",
+                exit_code=EX_UNAVAILABLE,
             ) from exc
         except OSError as exc:
             self._thread.join(timeout=STOP_TIMEOUT_S)
+            key, problem = describe_bind_error(
+                exc,
+                host=endpoint_host(self.config.endpoint),
+                port=urlparse(self.config.endpoint).port or 4840,
+                key="opcua.endpoint",
+                host_key="opcua.endpoint",
+            )
+            raise OpcUaStartError(key, problem, exit_code=EX_UNAVAILABLE) from exc
+        except CertificateFileError as exc:
+            # The operator's pair was checked with the configuration; this is one that
+            # changed since, or the generated pair under daemon.state_dir.
+            self._thread.join(timeout=STOP_TIMEOUT_S)
+            key = "opcua.certificate" if self.config.certificate else "daemon.state_dir"
             raise OpcUaStartError(
-                f"OPC UA server cannot listen on {self.config.endpoint}: {exc} (is another "
-                "server using the port? change opcua.endpoint)"
+                key, f"{exc} (replace the file, or delete a generated one to have it made again)"
             ) from exc
         except Exception as exc:
             self._thread.join(timeout=STOP_TIMEOUT_S)
-            raise OpcUaStartError(f"OPC UA server failed to start: {exc}") from exc
+            raise OpcUaStartError(
+                "opcua.enabled",
+                f'the OPC UA server failed to start: {exc} (daemon.log_level = "debug" '
+                "shows the traceback; opcua.enabled = false starts without it)",
+                exit_code=EX_UNAVAILABLE,
+            ) from exc
 
     def publish_update(self, update: ProbeUpdate) -> None:
         with self._lock:

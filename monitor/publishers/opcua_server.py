@@ -215,6 +215,19 @@ class _BadArgumentError(Exception):
     pass
 
 
+class _QuietBindFailure(logging.Filter):
+    """Drops asyncua's own traceback of an endpoint it cannot bind: the publisher
+    reports that as one line naming opcua.endpoint. Kept at log_level = "debug"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failure = record.exc_info[1] if record.exc_info else None
+        debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+        return debug or not isinstance(failure, OSError)
+
+
+_QUIET_BIND_FAILURE = _QuietBindFailure()
+
+
 class CrystalMonitorServer:
     """The asyncua server with the CrystalMonitor address space; use from one event loop."""
 
@@ -250,6 +263,7 @@ class CrystalMonitorServer:
         # asyncua warns about every optional attribute its type nodes lack on each
         # instantiate (dozens per probe); that is not news to an operator.
         logging.getLogger("asyncua.common.copy_node_util").setLevel(logging.ERROR)
+        logging.getLogger("asyncua.server.server").addFilter(_QUIET_BIND_FAILURE)
         self.pki_dir.mkdir(parents=True, exist_ok=True)
         production = config.security_profile == "production"
         application_uri = default_application_uri()

@@ -48,6 +48,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from monitor.config.settings import FolderSourceConfig
+from monitor.config.startup_error import StartupError
 from monitor.imaging.decode import (
     DEFAULT_LIMITS,
     DecodeError,
@@ -173,6 +174,11 @@ class FolderSource:
     # -- lifecycle ------------------------------------------------------------
 
     def start(self, sink: FrameSink) -> None:
+        """Watch from a thread. A missing folder is waited for (a share not mounted yet);
+        one that is there but cannot be listed stops start-up, naming source.path."""
+        problem = unlistable_folder_problem(self._root)
+        if problem is not None:
+            raise StartupError(f"source.path of probe {self.probe_id}", problem)
         self._sink = sink
         self._thread = threading.Thread(
             target=self._run, name=f"folder-{self.probe_id}", daemon=True
@@ -514,6 +520,23 @@ class FolderSource:
     @staticmethod
     def _sort_key(path: str) -> str:
         return os.path.basename(path)
+
+
+def unlistable_folder_problem(folder: Path) -> str | None:
+    """Why `folder`, which exists, cannot be watched (with the fix); None when it can be
+    listed or is missing."""
+    try:
+        with os.scandir(folder):
+            return None
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return f"{folder} is not a folder (point it at the folder the probe software writes into)"
+    except OSError as exc:
+        return (
+            f"cannot list {folder}: {exc.strerror or exc} (give the daemon's user read and "
+            "execute permission on it; under systemd also check ReadOnlyPaths=)"
+        )
 
 
 def is_frame_name(name: str, patterns: Sequence[str]) -> bool:

@@ -40,8 +40,10 @@ import structlog
 from aiohttp import web
 
 from monitor import __version__
+from monitor.config.exit_codes import EX_UNAVAILABLE
 from monitor.config.http import HttpConfig, resolve_token
 from monitor.config.network import is_loopback_host
+from monitor.config.startup_error import StartupError, describe_bind_error
 from monitor.web import views
 from monitor.web.connections import (
     ConnectionGuard,
@@ -97,8 +99,8 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class WebStartError(RuntimeError):
-    """The HTTP server could not start; the message names the cause and the fix."""
+class WebStartError(StartupError):
+    """The HTTP server could not start; the message names the key, the cause and the fix."""
 
 
 def session_value(token: str) -> str:
@@ -191,15 +193,22 @@ class WebServer:
         except concurrent.futures.TimeoutError as exc:
             self.stop()
             raise WebStartError(
-                f"HTTP server did not start within {START_TIMEOUT_S:.0f} s ({where})"
+                "http.enabled",
+                f"the HTTP server did not start within {START_TIMEOUT_S:.0f} s ({where}); "
+                "set http.enabled = false to start without it",
+                exit_code=EX_UNAVAILABLE,
             ) from exc
         except OSError as exc:
             self._thread.join(timeout=STOP_TIMEOUT_S)
             self._pool.shutdown(wait=False)
-            raise WebStartError(
-                f"HTTP server cannot listen on {where}: {exc.strerror or exc} (is another "
-                "program using the port? change http.port, or set http.enabled = false)"
-            ) from exc
+            key, problem = describe_bind_error(
+                exc,
+                host=self.config.host,
+                port=self.config.port,
+                key="http.port",
+                host_key="http.host",
+            )
+            raise WebStartError(key, problem, exit_code=EX_UNAVAILABLE) from exc
         log.info("http_started", url=self.url, token=self._token is not None)
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
