@@ -140,7 +140,9 @@ class RefusingCommands:
         self.calls.append(("shelve", probe, alarm_id, who))
         return CommandResult(False, "refused by the fake")
 
-    def start_batch(self, probe: str, batch_id: str, who: str = "local") -> CommandResult:
+    def start_batch(
+        self, probe: str, batch_id: str, who: str = "local", *, end_running: bool = False
+    ) -> CommandResult:
         return CommandResult(False, "refused by the fake")
 
     def stop_batch(self, probe: str, who: str = "local") -> CommandResult:

@@ -39,7 +39,9 @@ class RefusingHandler:
     ) -> CommandResult:
         return CommandResult(False, "test process")
 
-    def start_batch(self, probe: str, batch_id: str, who: str) -> CommandResult:
+    def start_batch(
+        self, probe: str, batch_id: str, who: str, *, end_running: bool = False
+    ) -> CommandResult:
         return CommandResult(False, "test process")
 
     def stop_batch(self, probe: str, who: str) -> CommandResult:

@@ -21,12 +21,16 @@ class RecordingPublisher:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.updates: list[ProbeUpdate] = []
+        self.alarm_states: list[tuple[str, list[dict[str, Any]]]] = []
 
     def start(self, commands: CommandHandler) -> None:
         self.commands = commands
 
     def publish_update(self, update: ProbeUpdate) -> None:
         self.updates.append(update)
+
+    def publish_alarms(self, probe: str, alarms: list[dict[str, Any]]) -> None:
+        self.alarm_states.append((probe, alarms))
 
     def publish_event(self, probe: str, event: dict[str, Any]) -> None:
         self.events.append(event)

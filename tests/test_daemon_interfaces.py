@@ -243,8 +243,8 @@ def _check_alarm_timing_and_last_will(
     crossed = next(
         f["ts"]
         for f in fractions
-        if (f["windows"]["30"]["classes"]["PG"]["fraction"] or 0) > 0.15
-        and f["windows"]["30"]["n"] >= 50
+        if (f["windows"]["30s"]["classes"]["PG"]["fraction"] or 0) > 0.15
+        and f["windows"]["30s"]["n"] >= 50
     )
     raised = next(
         e

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,21 @@ from monitor.daemon import Daemon
 from monitor.publishers.base import CommandHandler, ProbeUpdate
 from monitor.runtime.probe_state import RECENT_FRAMES
 from monitor.simulator import CropSimulator
+from monitor.timestamps import iso_utc
 from monitor.web import views
 from monitor.web.server import SESSION_COOKIE, WebServer, WebStartError
+from monitor.wire import to_wire
 from tests.daemon_process import wait_for, write_like_probe
 from tests.fake_view import FakeView, RefusingCommands
 from tests.mosquitto import free_port
 
 CSRF = {"X-Requested-By": "test"}
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
 TOKEN = "s3cret-token-for-the-test-0123456789"
 N_CEX, N_PG = 24, 8
 
@@ -54,6 +63,9 @@ class SwitchPublisher:
         pass
 
     def publish_update(self, update: ProbeUpdate) -> None:
+        pass
+
+    def publish_alarms(self, probe: str, alarms: list[dict[str, Any]]) -> None:
         pass
 
     def publish_event(self, probe: str, event: dict[str, Any]) -> None:
@@ -309,7 +321,8 @@ def test_state_api_shows_counts_quality_snapshot_and_alarms(running: Running) ->
     assert probe["counts"]["particles"] == particles
     assert probe["counts"]["uncertain"] == uncertain
     assert probe["counts"]["out_of_distribution"] == ood
-    hour = probe["snapshot"]["windows"]["3600"]
+    hour = probe["snapshot"]["windows"]["3600s"]
+    assert hour["window_s"] == 3600
     assert hour["n"] == sum(particles.values())
     assert hour["classes"]["PG"]["n"] == particles["PG"]
     assert hour["rejected_frames"] == 4
@@ -339,16 +352,16 @@ def test_history_serves_the_stored_snapshots(running: Running) -> None:
     status, history = get_json(f"{running.base}/api/probes/R1/history?window=3600")
     assert status == 200
     assert history["span"] == "hour" and history["window"] == 3600
-    stored = {ts: snap for ts, _, snap in store.probe_snapshots("R1", 0.0)}
+    stored = {iso_utc(ts): snap for ts, _, snap in store.probe_snapshots("R1", 0.0)}
     assert len(history["ts"]) >= 3
     pg = history["series"]["PG"]
     assert len(pg["fraction"]) == len(pg["low"]) == len(pg["high"]) == len(history["ts"])
     for index, ts in enumerate(history["ts"]):
         window = stored[ts]["windows"]["3600"]
         assert history["n"][index] == window["n"]
-        assert pg["fraction"][index] == window["classes"]["PG"]["fraction"]
+        assert pg["fraction"][index] == to_wire(window["classes"]["PG"]["fraction"])
         assert [pg["low"][index], pg["high"][index]] == (
-            window["classes"]["PG"]["ci95"] or [None, None]
+            to_wire(window["classes"]["PG"]["ci95"]) or [None, None]
         )
     assert get_json(f"{running.base}/api/probes/R1/history?window=61")[0] == 400
     assert get_json(f"{running.base}/api/probes/R9/history")[0] == 404
@@ -361,7 +374,7 @@ def test_latest_frame_comes_as_boxes_and_a_scaled_jpeg(running: Running) -> None
     # among equal times the one recorded last.
     held = list(running.daemon.probes["R1"].recent_frames)
     latest = max(reversed(held), key=lambda recent: recent.ts)
-    assert frame["key"] == latest.key and frame["ts"] == latest.ts
+    assert frame["key"] == latest.key and frame["ts"] == iso_utc(latest.ts)
     height, width = latest.image.shape
     assert (frame["width"], frame["height"]) == (width, height)
     (box,) = frame["boxes"]  # a crop file is one particle
@@ -405,7 +418,7 @@ def test_the_recent_frames_are_the_last_classified_ones(running: Running) -> Non
     assert times == sorted(times, reverse=True)  # newest first
     for frame in frames:
         row = held[frame["key"]]
-        assert frame["ts"] == row.ts
+        assert frame["ts"] == iso_utc(row.ts)
         assert frame["counts"] == row.counts
         assert frame["uncertain"] == row.n_uncertain
         assert frame["out_of_distribution"] == row.n_ood
@@ -436,12 +449,12 @@ def test_the_recent_frames_are_the_last_classified_ones(running: Running) -> Non
     status, headers, body = call(f"{running.base}/api/probes/R1/frame.jpg?index=3")
     assert status == 200 and headers["Content-Type"] == "image/jpeg"
     assert (headers["X-Frame-Key"], headers["X-Frame-Index"]) == (third["key"], "3")
-    assert float(headers["X-Frame-Ts"]) == third["ts"]
+    assert headers["X-Frame-Ts"] == third["ts"]
     assert headers["Cache-Control"] == "no-store"  # index 3 is another frame tomorrow
     image = by_key[third["key"]].image
     assert body == views.encode_frame(image, 960)
     assert _jpeg(body).shape == image.shape
-    url = f"{running.base}/api/probes/R1/frame.jpg?key={third['key']}&ts={third['ts']!r}&width=64"
+    url = f"{running.base}/api/probes/R1/frame.jpg?key={third['key']}&ts={third['ts']}&width=64"
     status, headers, body = call(url)
     assert status == 200 and headers["X-Frame-Key"] == third["key"]
     assert "immutable" in headers["Cache-Control"]  # key and time name it for good
@@ -455,7 +468,7 @@ def test_the_recent_frames_are_the_last_classified_ones(running: Running) -> Non
     gone = stored[0].key
     for query, expected in (
         (f"key={gone}", 404),
-        (f"key={third['key']}&ts={third['ts'] + 1}", 404),
+        (f"key={third['key']}&ts={_epoch(third['ts']) + 1}", 404),
         (f"index={RECENT_FRAMES}", 404),
         ("index=-1", 400),
         ("index=two", 400),
@@ -515,7 +528,9 @@ def test_the_recent_frames_grow_to_their_bound_and_stay_there(tmp_path: Path) ->
             status, listing = get_json(f"{base}/api/probes/R1/frames")
             assert status == 200
             held = classified[-RECENT_FRAMES:]
-            expected = sorted(held, key=lambda item: item[1], reverse=True)
+            expected = [
+                (name, iso_utc(ts)) for name, ts in sorted(held, key=lambda i: i[1], reverse=True)
+            ]
             got = [(frame["key"], frame["ts"]) for frame in listing["frames"]]
             assert len(got) == min(len(classified), RECENT_FRAMES), results.statuses
             assert got == expected
@@ -754,7 +769,7 @@ def test_during_a_batch_the_history_starts_at_the_batch(tokened_daemon: Daemon) 
     started = tokened_daemon.store.current_batch("R1")
     assert started is not None and started[0] == "B-42"
     status, history = get_json(f"{base}/api/probes/R1/history?window=60", headers=bearer)
-    assert (status, history["span"], history["since"]) == (200, "batch", started[1])
+    assert (status, history["span"], history["since"]) == (200, "batch", iso_utc(started[1]))
     status, history = get_json(f"{base}/api/probes/R1/history?span=hour", headers=bearer)
     assert history["span"] == "hour"
     assert get_json(f"{base}/api/probes/R1/history?span=week", headers=bearer)[0] == 400

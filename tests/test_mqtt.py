@@ -136,7 +136,9 @@ class FakeHandler:
         self.calls.append(("shelve", probe, alarm_id, minutes, who, comment))
         return self._answer(alarm_id)
 
-    def start_batch(self, probe: str, batch_id: str, who: str) -> CommandResult:
+    def start_batch(
+        self, probe: str, batch_id: str, who: str, *, end_running: bool = False
+    ) -> CommandResult:
         self.calls.append(("start_batch", probe, batch_id, who))
         return CommandResult(True)
 
@@ -405,7 +407,7 @@ def test_bounded_outbox_drops_oldest_events_and_keeps_only_latest_state(tmp_path
             fractions = sub.on(f"{PREFIX}/R1/fractions")
             assert len(fractions) == 1
             assert fractions[0].json()["ts"] == iso_utc(1005.0)
-            assert fractions[0].json()["windows"]["60"]["n"] == 105
+            assert fractions[0].json()["windows"]["60s"]["n"] == 105
             assert len(sub.on(f"{PREFIX}/R1/alarms/pg_high")) == 1
             assert wait_until(lambda: publisher.diagnostics()["backlog"] == 0, 5)
             health = publisher.health()
@@ -464,8 +466,8 @@ def test_late_subscriber_gets_state_at_once_offline_after_kill_and_after_clean_s
                 assert fractions["model"] == {"name": "resnet18", "sha256": "ab" * 32}
                 assert fractions["quality"] == "GOOD"
                 assert fractions["ts"].endswith("Z")
-                assert set(fractions["windows"]) == {"60", "300", "900"}
-                window = fractions["windows"]["300"]
+                assert set(fractions["windows"]) == {"60s", "300s", "900s"}
+                window = fractions["windows"]["300s"]
                 assert window["frames"] == 10 and window["rejected_frames"] == 1
                 assert window["n_uncertain"] == 3 and window["n"] >= 101
                 pg = window["classes"]["PG"]

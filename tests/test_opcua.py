@@ -66,7 +66,9 @@ class RecordingCommands:
     ) -> CommandResult:
         return self._answer("shelve", probe, alarm_id, minutes, who, comment)
 
-    def start_batch(self, probe: str, batch_id: str, who: str) -> CommandResult:
+    def start_batch(
+        self, probe: str, batch_id: str, who: str, *, end_running: bool = False
+    ) -> CommandResult:
         return self._answer("start_batch", probe, batch_id, who)
 
     def stop_batch(self, probe: str, who: str) -> CommandResult:

@@ -43,7 +43,7 @@ def test_the_dashboard_shows_the_quality_of_the_last_publish_tick() -> None:
     probe = views.daemon_state(as_view(fake), refresh_s=2.0)["probes"][0]
     assert probe["quality"] == "BAD"
     assert probe["last_frame_age_s"] == 5.0
-    assert probe["snapshot"]["windows"]["60"]["classes"]["PG"]["n"] == 10
+    assert probe["snapshot"]["windows"]["60s"]["classes"]["PG"]["n"] == 10
     assert probe["source"] == {"alive": True, "detail": "watching"}
 
 

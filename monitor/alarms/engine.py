@@ -64,6 +64,7 @@ from monitor.alarms.readings import (
     limit_of,
     quality_from_readings,
     read_alarm,
+    unit_of,
     worst_quality,
 )
 from monitor.config.alarms import (
@@ -139,6 +140,8 @@ class Transition:
     """The operator, for transitions caused by an operator action."""
     active_since: float | None = None
     """When the occurrence was raised (None once back to normal)."""
+    unit: str = "fraction"
+    """Of value and limit (see AlarmStatus.unit)."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-able values."""
@@ -152,6 +155,7 @@ class Transition:
             "to_state": str(self.to_state),
             "value": self.value,
             "limit": self.limit,
+            "unit": self.unit,
             "message": self.message,
             "ts": self.ts,
             "cause": self.cause,
@@ -239,6 +243,8 @@ class AlarmStatus:
     value_reason: str | None
     """Why the latest evaluation had no value (too few particles, ...), else None."""
     limit: float
+    unit: str
+    """Of value, trip_value and limit: fraction (0-1), fraction/min, s, ..."""
     active_since: float | None
     """When this occurrence was raised (None while normal); an acknowledge keeps it."""
     state_since: float | None
@@ -272,6 +278,7 @@ class AlarmStatus:
             "value": self.value,
             "value_reason": self.value_reason,
             "limit": self.limit,
+            "unit": self.unit,
             "active_since": self.active_since,
             "state_since": self.state_since,
             "acknowledged_at": self.acknowledged_at,
@@ -771,6 +778,7 @@ class AlarmEngine:
             announced=announced,
             who=who,
             active_since=alarm.active_since,
+            unit=unit_of(definition),
         )
         self._journal.append(
             JournalEntry(
@@ -902,6 +910,7 @@ class AlarmEngine:
             value=alarm.value,
             value_reason=alarm.value_reason,
             limit=limit,
+            unit=unit_of(definition),
             active_since=alarm.active_since,
             state_since=alarm.since,
             acknowledged_at=alarm.acknowledged_at,

@@ -72,6 +72,19 @@ def limit_of(definition: AlarmDefinition) -> float:
     return definition.limit
 
 
+def unit_of(definition: AlarmDefinition) -> str:
+    """The unit of an alarm's value and limit, as every output states it."""
+    if isinstance(definition, RateOfChangeAlarm):
+        return "fraction/min"
+    if isinstance(definition, ShiftAlarm):
+        return "log-likelihood ratio"
+    if isinstance(definition, ProbeStaleAlarm):
+        return "s"
+    if isinstance(definition, PublishOverflowAlarm):
+        return "messages"
+    return "fraction"
+
+
 def _no_data(limit: float, reason: str) -> Reading:
     return Reading(value=None, limit=limit, above=False, clear=False, reason=reason)
 

@@ -56,7 +56,11 @@ class CommandHandler(Protocol):
         self, probe: str, alarm_id: str, minutes: float, who: str, comment: str
     ) -> CommandResult: ...
 
-    def start_batch(self, probe: str, batch_id: str, who: str) -> CommandResult: ...
+    def start_batch(
+        self, probe: str, batch_id: str, who: str, *, end_running: bool = False
+    ) -> CommandResult:
+        """Refused while a batch runs, unless `end_running` (which stops it first)."""
+        ...
 
     def stop_batch(self, probe: str, who: str) -> CommandResult: ...
 
@@ -70,6 +74,12 @@ class Publisher(Protocol):
 
     def publish_update(self, update: ProbeUpdate) -> None:
         """Current state of a probe, every publish interval."""
+        ...
+
+    def publish_alarms(self, probe: str, alarms: list[dict[str, Any]]) -> None:
+        """Every alarm status of a probe right after an operator action (acknowledge,
+        shelve), so each interface shows it at once, not at the next publish interval.
+        `publish_update` carries the same statuses every interval."""
         ...
 
     def publish_event(self, probe: str, event: dict[str, Any]) -> None:

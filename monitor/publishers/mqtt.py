@@ -2,15 +2,22 @@
 
 Topics (all under `{prefix}` = `mqtt.topic_prefix`):
 
-- `{prefix}/status`: retained `{"state": "online"|"offline", "ts", "version"}`. "offline"
-  is the Last Will and is also published on a clean stop.
+- `{prefix}/status`: retained `{"state": "online"|"offline", "ts", "version", "run_id"}`.
+  "offline" is the Last Will and is also published on a clean stop.
 - `{prefix}/{probe}/fractions`: retained, the window statistics of every publish interval.
-- `{prefix}/{probe}/alarms/{alarm_id}`: retained, the alarm's current state.
+- `{prefix}/{probe}/alarms/{alarm_id}`: retained, the alarm's state, published when it
+  changes and at every (re)connect, with `ts`, the daemon's `run_id` (its start time)
+  and `current`. On a clean stop each is published once more with `current: false`; a
+  consumer treats an alarm message as current only while `current` is true and the
+  status topic says "online" with the same `run_id`.
 - `{prefix}/{probe}/events`: alarm transitions and batch start/stop, each with a
   per-probe `seq` that increases by one and is never reused (persisted).
 - `{prefix}/{probe}/results`: per-frame results (`mqtt.results`), with their own `seq`.
 - `{prefix}/{probe}/cmd/{ack|shelve|batch}` in, `{prefix}/{probe}/cmd/reply` out
   (`mqtt.commands`).
+
+Every payload follows `monitor/schemas/` (times ISO 8601 UTC, numbers as `monitor.wire`
+rounds them).
 
 Delivery. Every event and result goes into the SQLite outbox first (`outbox.py`) and
 leaves it only when the broker acknowledges it (QoS 1 PUBACK, paho's `on_publish`). One
@@ -36,7 +43,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +61,7 @@ from monitor.publishers.base import CommandHandler, CommandResult, ProbeUpdate
 from monitor.publishers.outbox import Outbox, OutboxStats, Stream, encode_json
 from monitor.store import StoreTransaction
 from monitor.timestamps import iso_utc
+from monitor.wire import snapshot_on_wire, to_wire
 
 log = structlog.get_logger(__name__)
 
@@ -110,8 +118,9 @@ def status_payload(state: Literal["online", "offline"], version: str, **extra: A
 
 
 def fractions_payload(update: ProbeUpdate) -> dict[str, Any]:
-    """The retained `fractions` document: the snapshot's windows and trend plus context."""
-    snapshot = update.snapshot
+    """The retained `fractions` document: the snapshot's windows and trend plus context
+    (schemas/fractions.json)."""
+    snapshot = snapshot_on_wire(update.snapshot)
     return {
         "ts": iso_utc(update.ts),
         "probe": update.probe,
@@ -120,9 +129,49 @@ def fractions_payload(update: ProbeUpdate) -> dict[str, Any]:
         "quality": update.quality,
         "classes": list(update.classes),
         "last_frame_ts": None if update.last_frame_ts is None else iso_utc(update.last_frame_ts),
-        "windows": snapshot.get("windows", {}),
-        "trend": snapshot.get("trend", {}),
+        "windows": snapshot["windows"],
+        "trend": snapshot["trend"],
+        "units": snapshot["units"],
     }
+
+
+RETAINED_ALARM_FIELDS = (
+    "probe",
+    "alarm_id",
+    "kind",
+    "category",
+    "priority",
+    "severity",
+    "state",
+    "active",
+    "acknowledged",
+    "latched",
+    "shelved",
+    "shelved_until",
+    "shelved_by",
+    "suppressed",
+    "message",
+    "trip_message",
+    "trip_value",
+    "limit",
+    "unit",
+    "active_since",
+    "state_since",
+    "acknowledged_at",
+    "acknowledged_by",
+)
+"""What a retained `alarms/{id}` message says: the alarm's state, not its live value
+(which moves every interval and is in `fractions`), so the topic changes only when the
+alarm does."""
+
+
+def alarm_payload(status: Mapping[str, Any], *, run_id: float, current: bool) -> dict[str, Any]:
+    """The retained `alarms/{id}` document without its `ts` (schemas/alarm.json).
+
+    `run_id` is the publishing daemon's start time; `current` is False once that daemon
+    stopped cleanly (the status topic's Last Will says so after a crash)."""
+    body = {key: status.get(key) for key in RETAINED_ALARM_FIELDS}
+    return dict(to_wire({**body, "run_id": run_id, "current": current}))
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -161,6 +210,10 @@ class BatchCommand(_Command):
     action: Literal["start", "stop"] = Field(description="start or stop.")
     batch_id: str | None = Field(
         default=None, min_length=1, max_length=128, description="Batch id; needed to start."
+    )
+    end_running: bool = Field(
+        default=False,
+        description="start only: end a running batch first (refused otherwise).",
     )
 
     @model_validator(mode="after")
@@ -258,6 +311,8 @@ class MqttPublisher:
         self._reason = "not started"
         self._connects = 0
         self._dirty: set[str] = set()  # retained topics changed since last published
+        self._alarm_bodies: dict[str, dict[str, Any]] = {}  # alarm topic -> body without ts
+        self._run_id = time.time()  # this run's start: retained alarms say which run set them
         self._known_probes = set(probes)
         self._bad_ids_logged: set[str] = set()
         self._stop_feeding = False
@@ -381,21 +436,36 @@ class MqttPublisher:
             return
         with self._lock:
             self._known_probes.add(probe)
-        changed = []
         topic = self.topics.fractions(probe)
         if self._outbox.put_retained(topic, encode_json(fractions_payload(update))):
-            changed.append(topic)
-        for alarm in update.alarms:
-            alarm_id = str(alarm.get("alarm_id", alarm.get("id", "")))
+            self._mark_dirty([topic])
+        self.publish_alarms(probe, update.alarms)
+
+    def publish_alarms(self, probe: str, alarms: Sequence[Mapping[str, Any]]) -> None:
+        """Retain the alarms whose state changed (not those whose value only moved)."""
+        if self._stopped or not self._check_level("probe", probe):
+            return
+        changed = []
+        for alarm in alarms:
+            alarm_id = str(alarm.get("alarm_id", ""))
             if not self._check_level("alarm id", alarm_id):
                 continue
             topic = self.topics.alarm(probe, alarm_id)
-            body = {**alarm, "probe": probe, "alarm_id": alarm_id}
-            if self._outbox.put_retained(topic, encode_json(body)):
-                changed.append(topic)
-        if changed:
+            body = alarm_payload(
+                {**alarm, "probe": probe, "alarm_id": alarm_id}, run_id=self._run_id, current=True
+            )
             with self._lock:
-                self._dirty.update(changed)
+                if self._alarm_bodies.get(topic) == body:
+                    continue
+                self._alarm_bodies[topic] = body
+            if self._outbox.put_retained(topic, encode_json({**body, "ts": iso_utc(time.time())})):
+                changed.append(topic)
+        self._mark_dirty(changed)
+
+    def _mark_dirty(self, topics: Sequence[str]) -> None:
+        if topics:
+            with self._lock:
+                self._dirty.update(topics)
             self._wake.set()
 
     def publish_event(self, probe: str, event: dict[str, Any]) -> None:
@@ -448,6 +518,20 @@ class MqttPublisher:
         self._final_stats = self._outbox.stats()
         self._outbox.close()
 
+    def _not_current_alarms(self) -> dict[str, bytes]:
+        """This run's retained alarm states, marked not current: a consumer reading them
+        after a clean stop can tell the values are no longer maintained. Kept in the
+        outbox so the next run's first connect repeats them until it publishes its own."""
+        with self._lock:
+            bodies = dict(self._alarm_bodies)
+        stamp = iso_utc(time.time())
+        marked = {}
+        for topic, body in bodies.items():
+            payload = encode_json({**body, "current": False, "ts": stamp})
+            self._outbox.put_retained(topic, payload)
+            marked[topic] = payload
+        return marked
+
     def _stats(self) -> OutboxStats:
         return self._final_stats if self._final_stats is not None else self._outbox.stats()
 
@@ -482,7 +566,7 @@ class MqttPublisher:
             return
         if not self._check_level("probe", probe):
             return
-        document = dict(body)
+        document = to_wire(body)
         document.setdefault("ts", iso_utc(time.time()))
         self._outbox.append(probe, stream, self.topics.stream(probe, stream), document, tx=tx)
         if tx is None:
@@ -582,6 +666,9 @@ class MqttPublisher:
         with self._feed_lock:
             self._stop_feeding = True
             connected, _ = self.health()
+            for topic, payload in self._not_current_alarms().items():
+                if connected:
+                    self._client.publish(topic, payload, qos=1, retain=True)
             if connected:
                 info = self._client.publish(
                     self.topics.status,
@@ -653,7 +740,10 @@ class MqttPublisher:
                     self._generation += 1
                     self._dirty.clear()
                 client.publish(
-                    self.topics.status, status_payload("online", self.version), qos=1, retain=True
+                    self.topics.status,
+                    status_payload("online", self.version, run_id=iso_utc(self._run_id)),
+                    qos=1,
+                    retain=True,
                 )
                 for topic, payload in sorted(self._outbox.retained().items()):
                     client.publish(topic, payload, qos=1, retain=True)
@@ -835,7 +925,9 @@ class MqttPublisher:
         if isinstance(body, BatchCommand):
             if body.action == "start":
                 assert body.batch_id is not None  # the model's validator guarantees it
-                return handler.start_batch(probe, body.batch_id, body.who)
+                return handler.start_batch(
+                    probe, body.batch_id, body.who, end_running=body.end_running
+                )
             return handler.stop_batch(probe, body.who)
         return CommandResult(False, f"unhandled command body {type(body).__name__}")
 

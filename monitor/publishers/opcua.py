@@ -49,6 +49,7 @@ class OpcUaPublisher:
         self.state_dir = state_dir
         self._lock = threading.Lock()
         self._updates: dict[str, ProbeUpdate] = {}
+        self._alarm_states: dict[str, list[dict[str, Any]]] = {}
         self._events: deque[tuple[str, dict[str, Any]]] = deque()
         self._dropped_events = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -68,6 +69,9 @@ class OpcUaPublisher:
             raise OpcUaStartError(key, problem)
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         server = CrystalMonitorServer(self.config, self.state_dir, commands)
+        # A method call returns only once its effect is in the address space: a client
+        # reading Acknowledged right after Acknowledge() returned reads true.
+        server.after_command = lambda: self._drain(server)
         self._server = server
         self._thread = threading.Thread(
             target=self._run, args=(server, ready), name="opcua", daemon=True
@@ -113,6 +117,12 @@ class OpcUaPublisher:
     def publish_update(self, update: ProbeUpdate) -> None:
         with self._lock:
             self._updates[update.probe] = update
+        self._wake()
+
+    def publish_alarms(self, probe: str, alarms: list[dict[str, Any]]) -> None:
+        """Alarm variables right after an operator action; the newest list per probe."""
+        with self._lock:
+            self._alarm_states[probe] = alarms
         self._wake()
 
     def publish_event(self, probe: str, event: dict[str, Any]) -> None:
@@ -214,15 +224,23 @@ class OpcUaPublisher:
             with self._lock:
                 updates = list(self._updates.values())
                 self._updates.clear()
+                alarm_states = list(self._alarm_states.items())
+                self._alarm_states.clear()
                 events = list(self._events)
                 self._events.clear()
-            if not updates and not events:
+            if not updates and not events and not alarm_states:
                 return
             for update in updates:
                 try:
                     await server.apply_update(update)
                 except Exception:
                     log.exception("opcua_update_failed", probe=update.probe)
+            # After the updates: an operator's action is newer than any update queued with it.
+            for probe, alarms in alarm_states:
+                try:
+                    await server.apply_alarms(probe, alarms)
+                except Exception:
+                    log.exception("opcua_alarms_failed", probe=probe)
             for probe, event in events:
                 try:
                     await server.emit_event(probe, event)

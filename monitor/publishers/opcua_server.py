@@ -37,9 +37,11 @@ Alarm transitions and batch start/stop are events of type CrystalMonitorEventTyp
 emitted by the Server object (subscribe to Server to receive them) with SourceName =
 the probe and SourceNode = the probe's object.
 
-Fraction nodes have numeric NodeIds derived from a hash of probe and class: asyncua's
-HistorySQLite names a node's table after repr() of its identifier, whose quotes it
-then refuses as SQL injection, and a stable id keeps the history across restarts.
+Every node we create has a string NodeId derived from its path (the event type
+`CrystalMonitor.CrystalMonitorEventType` and its fields, the probes' variables, their
+EURange and EngineeringUnits properties, the methods and their arguments), so a client
+configured once reads the same NodeIds after any restart. History is kept in tables
+named from a digest of the NodeId (`StringIdHistory`).
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ COMMAND_TIMEOUT_S = 10.0
 UNECE_UNITS = "http://www.opcfoundation.org/UA/units/un/cefact"
 
 SC = StatusCodes
+NEVER = dt.datetime(1601, 1, 1, tzinfo=dt.UTC)
+"""OPC UA's minimum DateTime: the initial value of a time that has not happened yet."""
 NOT_YET = SC.BadWaitingForInitialData
 """A value that does not exist yet (e.g. a fraction with no particles in the window)."""
 
@@ -167,10 +171,14 @@ def window_stats(snapshot: dict[str, Any], seconds: int = WINDOW_S) -> dict[str,
     return dict(windows[nearest])
 
 
-def history_node_number(probe: str, class_name: str) -> int:
-    """Stable numeric NodeId of a historized Fraction (high range: no clash with asyncua's)."""
-    digest = hashlib.blake2b(f"{probe}/{class_name}/Fraction".encode(), digest_size=4).digest()
-    return 0x80000000 | (int.from_bytes(digest, "big") & 0x7FFFFFFF)
+class StringIdHistory(HistorySQLite):
+    """HistorySQLite whose tables are named from a digest of the NodeId: asyncua names a
+    table after repr() of the identifier and then refuses the quotes in it, so string
+    NodeIds (ours, all of them) could not be historized."""
+
+    def _get_table_name(self, node_id: ua.NodeId) -> str:
+        digest = hashlib.blake2b(str(node_id.Identifier).encode(), digest_size=12).hexdigest()
+        return f"{node_id.NamespaceIndex}_h{digest}"
 
 
 def _percent(value: Any) -> float | None:
@@ -181,6 +189,12 @@ def _utc(epoch_s: float) -> ua.DateTime:
     # A plain datetime typed as asyncua's annotation wants: HistorySQLite hands it to
     # sqlite3, whose adapters reject the ua.DateTime subclass.
     return cast(ua.DateTime, dt.datetime.fromtimestamp(epoch_s, dt.UTC))
+
+
+def _time_or_never(epoch_s: Any) -> ua.DateTime:
+    """A time, or OPC UA's null DateTime (its minimum, 1601-01-01) for one that has not
+    happened (asyncua refuses a Null variant for a DateTime variable)."""
+    return cast(ua.DateTime, NEVER) if epoch_s is None else _utc(float(epoch_s))
 
 
 def _now() -> ua.DateTime:
@@ -195,11 +209,6 @@ def _node_id(identifier: str | int, namespace: int) -> ua.NodeId:
     """A string or numeric NodeId (asyncua's annotations want its own int/str subclasses)."""
     value = ua.String(identifier) if isinstance(identifier, str) else ua.Int32(identifier)
     return ua.NodeId(value, ua.Int16(namespace))
-
-
-def _auto_node_id(namespace: int) -> ua.NodeId:
-    """Ask asyncua to number a new node in `namespace`."""
-    return ua.NodeId(NamespaceIndex=ua.Int16(namespace))
 
 
 @dataclass
@@ -244,6 +253,8 @@ class CrystalMonitorServer:
         self._events: EventGenerator | None = None
         self._probes: dict[str, _ProbeNodes] = {}
         self._probe_of_node: dict[ua.NodeId, str] = {}
+        self.after_command: Callable[[], Awaitable[None]] | None = None
+        """Awaited after an accepted method call (the publisher applies what it caused)."""
         self._vars: dict[tuple[str, str], ua.NodeId] = {}
         self._historized: set[ua.NodeId] = set()
         self._pending_history: list[ua.NodeId] = []
@@ -299,7 +310,7 @@ class CrystalMonitorServer:
         server.set_endpoint(config.endpoint)
         server.allow_remote_admin(False)
         history_path = self.state_dir / "opcua_history.sqlite"
-        server.iserver.history_manager.set_storage(HistorySQLite(str(history_path)))
+        server.iserver.history_manager.set_storage(StringIdHistory(str(history_path)))
         await server.init()
 
         if production:
@@ -335,10 +346,7 @@ class CrystalMonitorServer:
         self.root = await server.nodes.objects.add_object(
             _node_id(ROOT, self.idx), ua.QualifiedName(ROOT, self.idx)
         )
-        event_type = await server.create_custom_event_type(
-            self.idx,
-            EVENT_TYPE,
-            ObjectIds.BaseEventType,
+        event_type = await self._create_event_type(
             [
                 ("Category", ua.VariantType.String),
                 ("AlarmId", ua.VariantType.String),
@@ -351,6 +359,8 @@ class CrystalMonitorServer:
                 ("Who", ua.VariantType.String),
                 ("Value", ua.VariantType.Double),
                 ("Limit", ua.VariantType.Double),
+                ("Unit", ua.VariantType.String),
+                ("ActiveSince", ua.VariantType.DateTime),
             ],
         )
         self._events = await server.get_event_generator(event_type, ObjectIds.Server)
@@ -361,6 +371,25 @@ class CrystalMonitorServer:
             profile=config.security_profile,
             application_uri=application_uri,
         )
+
+    async def _create_event_type(self, fields: list[tuple[str, ua.VariantType]]) -> Node:
+        """CrystalMonitorEventType under BaseEventType, with string NodeIds (asyncua's
+        create_custom_event_type numbers them in creation order)."""
+        assert self.server is not None
+        type_id = f"{ROOT}.{EVENT_TYPE}"
+        base = self.server.get_node(ObjectIds.BaseEventType)
+        event_type = await base.add_object_type(
+            _node_id(type_id, self.idx), ua.QualifiedName(EVENT_TYPE, self.idx)
+        )
+        for name, vtype in fields:
+            prop = await event_type.add_property(
+                _node_id(f"{type_id}.{name}", self.idx),
+                ua.QualifiedName(name, self.idx),
+                ua.Variant(ua.get_default_value(vtype), vtype),
+                varianttype=vtype,
+            )
+            await prop.set_modelling_rule(True)
+        return event_type
 
     async def _server_certificate(self, application_uri: str) -> tuple[Path, Path]:
         if self.config.certificate is not None and self.config.private_key is not None:
@@ -433,7 +462,6 @@ class CrystalMonitorServer:
         *,
         units: ua.EUInformation,
         eu_range: tuple[float, float] | None,
-        nodeid: ua.NodeId | None = None,
     ) -> Node:
         """An AnalogItemType (with EURange) or AnalogUnitType (without) Double variable."""
         name = path.rsplit("/", 1)[-1]
@@ -442,7 +470,7 @@ class CrystalMonitorServer:
         created = await instantiate(
             parent,
             self.server.get_node(type_id),
-            nodeid=nodeid or self._nodeid(probe, path),
+            nodeid=self._nodeid(probe, path),
             bname=self._qname(name),
             dname=ua.LocalizedText(display),
             idx=self.idx,
@@ -464,7 +492,7 @@ class CrystalMonitorServer:
             units_node = await node.get_child(units_name)
         except UaError:
             units_node = await node.add_property(
-                _auto_node_id(self.idx),
+                _node_id(str(node.nodeid.Identifier) + ".EngineeringUnits", self.idx),
                 units_name,
                 units,
                 ua.VariantType.ExtensionObject,
@@ -486,7 +514,7 @@ class CrystalMonitorServer:
             node,
             probe,
             "LastFrameTime",
-            dt.datetime(1601, 1, 1, tzinfo=dt.UTC),
+            NEVER,
             ua.VariantType.DateTime,
         )
         await self._add_variable(node, probe, "Batch", "", ua.VariantType.String)
@@ -544,12 +572,7 @@ class CrystalMonitorServer:
             return
         base = f"Fractions/{name}"
         folder = await self._add_object(nodes.fractions, probe, base, name)
-        number = history_node_number(probe, name)
-        fraction_id: ua.NodeId | None = _node_id(number, self.idx)
         assert self.server is not None
-        if fraction_id in self._historized or fraction_id in self._vars.values():
-            log.warning("opcua_history_id_clash", probe=probe, class_name=name)
-            fraction_id = _auto_node_id(self.idx)
         fraction = await self._add_analog(
             folder,
             probe,
@@ -557,7 +580,6 @@ class CrystalMonitorServer:
             f"{probe} {name} fraction (5 min)",
             units=PERCENT,
             eu_range=(0.0, 100.0),
-            nodeid=fraction_id,
         )
         self._pending_history.append(fraction.nodeid)
         for part, label in (
@@ -589,6 +611,10 @@ class CrystalMonitorServer:
             ("Suppressed", False, ua.VariantType.Boolean),
             ("Severity", 0, ua.VariantType.UInt16),
             ("Message", "", ua.VariantType.String),
+            ("ActiveSince", NEVER, ua.VariantType.DateTime),
+            ("StateSince", NEVER, ua.VariantType.DateTime),
+            ("AcknowledgedAt", NEVER, ua.VariantType.DateTime),
+            ("AcknowledgedBy", "", ua.VariantType.String),
         ):
             await self._add_variable(folder, probe, f"{base}/{name}", value, vtype)
         nodes.alarm_ids.add(alarm_id)
@@ -604,12 +630,16 @@ class CrystalMonitorServer:
         *,
         code: int,
         ts: ua.DateTime,
+        pending_when_null: bool = True,
     ) -> None:
+        """`pending_when_null`: a null measured value is BadWaitingForInitialData; a null
+        fact (an alarm not acknowledged yet) stays Good."""
         assert self.server is not None
         nodeid = self._vars[(probe, path)]
         if value is None:
             variant = ua.Variant(None, ua.VariantType.Null)
-            code = code if _status(code).is_bad() else NOT_YET
+            if pending_when_null:
+                code = code if _status(code).is_bad() else NOT_YET
         else:
             variant = ua.Variant(value, vtype)
         await self.server.write_attribute_value(
@@ -679,20 +709,46 @@ class CrystalMonitorServer:
                 ts=ts,
             )
 
-        for alarm in update.alarms:
-            base = f"Alarms/{alarm['alarm_id']}"
-            for name, key, vtype in (
-                ("State", "state", string),
-                ("Active", "active", ua.VariantType.Boolean),
-                ("Acknowledged", "acknowledged", ua.VariantType.Boolean),
-                ("Shelved", "shelved", ua.VariantType.Boolean),
-                ("Suppressed", "suppressed", ua.VariantType.Boolean),
-                ("Severity", "severity", ua.VariantType.UInt16),
-                ("Message", "message", string),
-            ):
-                await self._write(probe, f"{base}/{name}", alarm.get(key), vtype, code=good, ts=ts)
-
+        await self.apply_alarms(probe, update.alarms, ts=update.ts)
         await self._historize_new()
+
+    async def apply_alarms(
+        self, probe: str, alarms: list[dict[str, Any]], *, ts: float | None = None
+    ) -> None:
+        """Write the alarm variables of `probe` (every update, and at once after an
+        operator action)."""
+        nodes = await self._ensure_probe(probe)
+        stamp = _now() if ts is None else _utc(ts)
+        string, boolean, date = (
+            ua.VariantType.String,
+            ua.VariantType.Boolean,
+            ua.VariantType.DateTime,
+        )
+        for alarm in alarms:
+            await self._ensure_alarm(probe, nodes, str(alarm["alarm_id"]))
+            base = f"Alarms/{alarm['alarm_id']}"
+            for name, value, vtype in (
+                ("State", alarm.get("state"), string),
+                ("Active", alarm.get("active"), boolean),
+                ("Acknowledged", alarm.get("acknowledged"), boolean),
+                ("Shelved", alarm.get("shelved"), boolean),
+                ("Suppressed", alarm.get("suppressed"), boolean),
+                ("Severity", alarm.get("severity"), ua.VariantType.UInt16),
+                ("Message", alarm.get("message"), string),
+                ("ActiveSince", _time_or_never(alarm.get("active_since")), date),
+                ("StateSince", _time_or_never(alarm.get("state_since")), date),
+                ("AcknowledgedAt", _time_or_never(alarm.get("acknowledged_at")), date),
+                ("AcknowledgedBy", alarm.get("acknowledged_by") or "", string),
+            ):
+                await self._write(
+                    probe,
+                    f"{base}/{name}",
+                    value,
+                    vtype,
+                    code=SC.Good,
+                    ts=stamp,
+                    pending_when_null=False,
+                )
 
     async def _historize_new(self) -> None:
         """Historize new Fraction nodes once they hold their first real value."""
@@ -726,6 +782,9 @@ class CrystalMonitorServer:
         payload.Who = event.get("who")
         payload.Value = _float_or_none(event.get("value"))
         payload.Limit = _float_or_none(event.get("limit"))
+        payload.Unit = event.get("unit")
+        active_since = event.get("active_since")
+        payload.ActiveSince = _time_or_never(active_since)
         payload.Severity = _event_severity(event, is_batch)
         if is_batch:
             message = f"batch {event.get('batch')} {event.get('action')}"
@@ -763,14 +822,33 @@ class CrystalMonitorServer:
             (
                 "StartBatch",
                 self._call_start_batch,
-                [argument("BatchId", ObjectIds.String, "Batch id, 1-128 characters")],
+                [
+                    argument("BatchId", ObjectIds.String, "Batch id, 1-128 characters"),
+                    argument(
+                        "EndRunning",
+                        ObjectIds.Boolean,
+                        "True ends a running batch first; false (default) refuses then",
+                    ),
+                ],
             ),
             ("StopBatch", self._call_stop_batch, []),
         ]
         for name, callback, inputs in methods:
-            await node.add_method(
-                self._nodeid(probe, name), self._qname(name), callback, inputs, reason
+            # No arguments through add_method: it would give them numbered NodeIds.
+            method = await node.add_method(
+                self._nodeid(probe, name), self._qname(name), callback, [], []
             )
+            for label, arguments in (("InputArguments", inputs), ("OutputArguments", reason)):
+                if not arguments:
+                    continue
+                prop = await method.add_property(
+                    _node_id(str(method.nodeid.Identifier) + f".{label}", self.idx),
+                    ua.QualifiedName(label, 0),
+                    arguments,
+                    varianttype=ua.VariantType.ExtensionObject,
+                    datatype=ObjectIds.Argument,
+                )
+                await prop.set_modelling_rule(True)
 
     async def _command(
         self, name: str, parent: ua.NodeId, call: Callable[[str, str], CommandResult]
@@ -806,6 +884,8 @@ class CrystalMonitorServer:
         )
         if not answer.accepted:
             result.StatusCode = _status(SC.BadRequestNotAllowed)
+        elif self.after_command is not None:
+            await self.after_command()
         result.OutputArguments = [
             ua.Variant("" if answer.accepted else answer.reason or "refused", ua.VariantType.String)
         ]
@@ -838,12 +918,15 @@ class CrystalMonitorServer:
     async def _call_start_batch(self, parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
         try:
             batch_id = _text(args, 0, "BatchId")
+            end_running = _flag(args, 1, "EndRunning")
         except _BadArgumentError as exc:
             return _bad_argument(exc)
         return await self._command(
             "StartBatch",
             parent,
-            lambda probe, who: self.commands.start_batch(probe, batch_id, who),
+            lambda probe, who: self.commands.start_batch(
+                probe, batch_id, who, end_running=end_running
+            ),
         )
 
     async def _call_stop_batch(self, parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
@@ -907,6 +990,14 @@ def _number(args: tuple[ua.Variant, ...], index: int, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _BadArgumentError(f"{name} must be a number")
     return float(value)
+
+
+def _flag(args: tuple[ua.Variant, ...], index: int, name: str) -> bool:
+    """An optional Boolean argument (False when left out)."""
+    value = _argument(args, index, name, False)
+    if not isinstance(value, bool):
+        raise _BadArgumentError(f"{name} must be a Boolean")
+    return value
 
 
 def _bad_argument(exc: _BadArgumentError) -> ua.CallMethodResult:

@@ -131,6 +131,9 @@ class CollectingPublisher:
     def publish_update(self, update: ProbeUpdate) -> None:
         self.updates.append(update)
 
+    def publish_alarms(self, probe: str, alarms: list[dict[str, Any]]) -> None:
+        """Replay takes no operator actions, so this is never called."""
+
     def publish_event(self, probe: str, event: dict[str, Any]) -> None:
         self.events.append({"probe": probe, **event})
 

@@ -23,6 +23,11 @@ class EventAnnouncer:
         for publisher in self._publishers:
             publisher.publish_event(probe, event)
 
+    def announce_alarm_states(self, probe: str, alarms: list[dict[str, Any]]) -> None:
+        """The probe's alarm statuses after an operator action, to every publisher now."""
+        for publisher in self._publishers:
+            publisher.publish_alarms(probe, alarms)
+
     def announce_transitions(self, probe: str, transitions: Sequence[Transition]) -> None:
         for transition in transitions:
             self.announce(probe, {"type": "alarm", **transition.to_json()})

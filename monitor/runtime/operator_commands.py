@@ -46,15 +46,31 @@ class OperatorCommands:
         result = self._alarms.shelve(probe, alarm_id, minutes * 60.0, who, comment, self._clock())
         return self._after_action(probe, result)
 
-    def start_batch(self, probe: str, batch_id: str, who: str = "local") -> CommandResult:
-        """Reset the probe's windows and tag everything that follows with `batch_id`."""
+    def start_batch(
+        self, probe: str, batch_id: str, who: str = "local", *, end_running: bool = False
+    ) -> CommandResult:
+        """Reset the probe's windows and tag everything that follows with `batch_id`.
+
+        Refused while a batch runs, so a second start cannot silently replace it; with
+        `end_running` the running batch is stopped first (and announced as stopped)."""
         refused = self._unknown(probe)
         if refused:
             return refused
         if not batch_id or len(batch_id) > MAX_BATCH_ID:
             return CommandResult(False, f"batch_id must be 1 to {MAX_BATCH_ID} characters")
-        now = self._clock()
         state = self._probes[probe]
+        running = state.aggregator.batch
+        if running is not None:
+            if not end_running:
+                return CommandResult(
+                    False,
+                    f"batch {running!r} is running on probe {probe!r}: stop it first, or "
+                    "start with end_running to end it",
+                )
+            stopped = self.stop_batch(probe, who)
+            if not stopped.accepted:
+                return stopped
+        now = self._clock()
         with state.lock:
             self._store.start_batch(probe, batch_id, now)
             state.aggregator.start_batch(batch_id, now)
@@ -88,5 +104,7 @@ class OperatorCommands:
 
     def _after_action(self, probe: str, result: ActionResult) -> CommandResult:
         self._events.announce_transitions(probe, result.transitions)
+        if result.accepted:
+            self._events.announce_alarm_states(probe, self._alarms.states(probe))
         self._alarms.persist()
         return CommandResult(result.accepted, result.reason)

@@ -44,6 +44,7 @@ from monitor.config.exit_codes import EX_UNAVAILABLE
 from monitor.config.http import HttpConfig, resolve_token
 from monitor.config.network import is_loopback_host
 from monitor.config.startup_error import StartupError, describe_bind_error
+from monitor.timestamps import iso_utc
 from monitor.web import views
 from monitor.web.connections import (
     ConnectionGuard,
@@ -54,6 +55,7 @@ from monitor.web.connections import (
 )
 from monitor.web.metrics import HttpCollector, create_registry, render_metrics
 from monitor.web.throttle import FailureThrottle
+from monitor.wire import to_wire
 
 if TYPE_CHECKING:
     from monitor.publishers.base import CommandHandler
@@ -138,7 +140,8 @@ def _dumps(value: Any) -> str:
 
 
 def _json(value: Any, status: int = 200) -> web.Response:
-    return web.json_response(value, status=status, dumps=_dumps)
+    """Every API answer as monitor.wire writes it: ISO times, rounded numbers, no NaN."""
+    return web.json_response(to_wire(value), status=status, dumps=_dumps)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -643,7 +646,7 @@ class WebServer:
             data = await self._work(views.encode_frame, frame.image, width)
             self._remember_jpeg(cache_key, data)
         headers = {
-            "X-Frame-Ts": repr(frame.ts),
+            "X-Frame-Ts": iso_utc(frame.ts),
             "X-Frame-Key": quote(frame.key, safe=_KEY_HEADER_SAFE, errors="surrogateescape"),
             "X-Frame-Index": str(index),
         }

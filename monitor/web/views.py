@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import cv2
@@ -20,6 +21,7 @@ from monitor import __version__
 from monitor.alarms import FractionHighAlarm, FractionLowAlarm
 from monitor.manifest import describe_model_quality
 from monitor.pipeline.recorder import RecordedCounts
+from monitor.wire import snapshot_on_wire
 
 if TYPE_CHECKING:
     from monitor.runtime.probe_state import LatestFrame
@@ -132,7 +134,7 @@ def probe_state(view: MonitorView, probe: str, counts: RecordedCounts) -> dict[s
             "alive": source is not None and source.ok,
             "detail": source.detail if source is not None else "not started",
         },
-        "snapshot": reading.snapshot,
+        "snapshot": snapshot_on_wire(reading.snapshot),
         "counts": _counts_of(counts, probe, view.manifest.classes),
         "alarms": alarms,
         "active_alarms": [
@@ -243,6 +245,30 @@ class BadFrameSelectionError(ValueError):
     """A frame selection the API cannot read (a malformed index or time)."""
 
 
+FRAME_TIME_RESOLUTION_S = 0.001
+
+
+def _frame_time(text: str) -> float:
+    """A frame time as the API writes it (ISO 8601 UTC), or epoch seconds."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds):
+            raise BadFrameSelectionError("ts must be a finite frame time")
+        return seconds
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadFrameSelectionError(
+            "ts must be a frame time as the API gives it (ISO 8601, e.g. 2024-05-01T12:00:00.123Z)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
 @dataclass(frozen=True)
 class FrameSelection:
     """Which recent frame a request means: `index` counts back from the newest (0), or
@@ -269,15 +295,15 @@ class FrameSelection:
                 raise BadFrameSelectionError(
                     "index must be a whole number from 0 (the newest frame) up"
                 )
-        ts = None
-        if ts_text is not None:
-            try:
-                ts = float(ts_text)
-            except ValueError:
-                ts = math.nan
-            if not math.isfinite(ts):
-                raise BadFrameSelectionError("ts must be a frame time in seconds")
+        ts = None if ts_text is None else _frame_time(ts_text)
         return cls(index=index, key=key, ts=ts)
+
+    def matches(self, frame: LatestFrame) -> bool:
+        """The frame's key, and its time to the millisecond the API gave it with (ISO
+        times are truncated to whole milliseconds)."""
+        if frame.key != self.key:
+            return False
+        return self.ts is None or 0.0 <= frame.ts - self.ts < FRAME_TIME_RESOLUTION_S
 
     @property
     def exact(self) -> bool:
@@ -304,16 +330,14 @@ def select_frame(
     """(index, frame) of the selected frame among `frames` (newest first), or None."""
     if selection.key is not None:
         for index, frame in enumerate(frames):
-            if frame.key == selection.key and (selection.ts is None or frame.ts == selection.ts):
+            if selection.matches(frame):
                 return index, frame
         return None
     index = selection.index or 0
     return (index, frames[index]) if index < len(frames) else None
 
 
-def _box_counts(
-    frame: LatestFrame, classes: Sequence[str]
-) -> tuple[dict[str, int], int, int]:
+def _box_counts(frame: LatestFrame, classes: Sequence[str]) -> tuple[dict[str, int], int, int]:
     """(confident particles per class, low-confidence particles, out-of-distribution ones)."""
     counts = dict.fromkeys(classes, 0)
     uncertain = ood = 0
