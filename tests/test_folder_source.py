@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import structlog.testing
 
 from monitor.config.settings import FolderSourceConfig
 from monitor.imaging.decode import DecodeError
@@ -217,3 +218,126 @@ def test_files_stay_in_place_by_default(tmp_path: Path) -> None:
     finally:
         source.stop()
     assert sink.items[0].after_store is None and (tmp_path / "a.png").is_file()
+
+
+# -- frame times: the name's, the mtime's or the arrival's (frame_time) --------------------
+
+
+def _stamp(ts: float) -> str:
+    """A file-name time as vendor software writes it (20261122T013300.250Z)."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%dT%H%M%S.%f")[:-3] + "Z"
+
+
+def test_a_frame_named_a_year_ago_is_given_its_arrival_time_and_logged_once(
+    tmp_path: Path,
+) -> None:
+    """Before: archived frames dropped into a live folder kept their old names' times, so
+    the probe's newest frame was a year old (stale, BAD) while every frame was classified."""
+    year_ago = time.time() - 365 * 86400
+    old_names = [f"frame_{_stamp(year_ago + i)}_{i:03d}.png" for i in range(5)]
+    current = f"frame_{_stamp(time.time())}_999.png"
+    with structlog.testing.capture_logs() as logs:
+        before = time.time()
+        source, sink, _ = _source(tmp_path)
+        try:
+            for index, name in enumerate([*old_names, current]):
+                (tmp_path / name).write_bytes(_png(index))
+            assert _wait_for(lambda: len(sink.seen_keys()) == 6)
+            after = time.time()
+        finally:
+            source.stop()
+    times = {item.key: item.ts for item in sink.items}
+    for name in old_names:
+        assert before <= times[name] <= after, (name, times[name])
+    assert times[current] == pytest.approx(frame_time_from_name(current))
+    assert source.retimed == {"too_old": 5, "in_future": 0}
+    retimed = [e for e in logs if e["event"] == "probe_file_time_too_old"]
+    assert len(retimed) == 1, retimed
+    assert retimed[0]["example"] in old_names
+    assert retimed[0]["offset_s"] < -364 * 86400
+    assert "archived frame" in retimed[0]["action"] and "s before the file" in retimed[0]["reason"]
+
+
+def test_a_frame_named_in_the_future_is_given_its_arrival_time_and_logged_once(
+    tmp_path: Path,
+) -> None:
+    ahead = time.time() + 3600
+    with structlog.testing.capture_logs() as logs:
+        source, sink, _ = _source(tmp_path)
+        try:
+            for index in range(3):
+                (tmp_path / f"f_{_stamp(ahead + index)}.png").write_bytes(_png(index))
+            assert _wait_for(lambda: len(sink.seen_keys()) == 3)
+        finally:
+            source.stop()
+    assert all(item.ts <= time.time() for item in sink.items)
+    future = [e for e in logs if e["event"] == "probe_file_time_in_future"]
+    assert len(future) == 1 and "clock" in future[0]["action"], future
+
+
+@pytest.mark.parametrize("policy", ["name", "mtime", "arrival"])
+def test_frame_time_policy_picks_the_name_the_mtime_or_the_arrival(
+    tmp_path: Path, policy: str
+) -> None:
+    """Within the tolerance each policy takes its own time: a name 30 s old, an mtime 60 s
+    old, the arrival now."""
+    named = time.time() - 30
+    name = f"frame_{_stamp(named)}.png"
+    path = tmp_path / name
+    path.write_bytes(_png(1))
+    modified = time.time() - 60
+    os.utime(path, (modified, modified))
+    before = time.time()
+    source, sink, _ = _source(tmp_path, frame_time=policy)
+    try:
+        assert _wait_for(lambda: len(sink.seen_keys()) == 1)
+    finally:
+        source.stop()
+    ts = sink.items[0].ts
+    if policy == "name":
+        assert ts == pytest.approx(frame_time_from_name(name))
+    elif policy == "mtime":
+        assert ts == pytest.approx(modified)
+    else:
+        assert before <= ts <= time.time()
+    assert source.retimed == {"too_old": 0, "in_future": 0}
+
+
+def test_a_longer_tolerance_keeps_the_time_of_a_frame_delivered_late(tmp_path: Path) -> None:
+    """A share back after a ten-minute outage: its frames keep their names' times."""
+    late = time.time() - 600
+    name = f"frame_{_stamp(late)}.png"
+    (tmp_path / name).write_bytes(_png(1))
+    source, sink, _ = _source(tmp_path, frame_time_tolerance="15m")
+    try:
+        assert _wait_for(lambda: len(sink.seen_keys()) == 1)
+    finally:
+        source.stop()
+    assert sink.items[0].ts == pytest.approx(frame_time_from_name(name))
+
+
+def test_a_retried_read_keeps_the_frame_time_of_its_first_try(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(_png(1))
+    config = FolderSourceConfig.model_validate(
+        {"type": "folder", "path": tmp_path, "frame_time": "arrival"}
+    )
+    source = FolderSource(
+        "R1",
+        config,
+        journaled=lambda keys: set(),
+        record_skipped=lambda keys, reason: None,
+        read_retry_first_s=0.3,
+    )
+    sink = ListSink()
+    source.start(sink)
+    try:
+        assert _wait_for(lambda: len(sink.items) == 1)
+        first = sink.items[0]
+        assert first.retry is not None and first.retry("EIO: passing")
+        assert _wait_for(lambda: len(sink.items) == 2)
+    finally:
+        source.stop()
+    again = sink.items[1]
+    assert again.attempt == 2 and again.ts == first.ts

@@ -14,9 +14,11 @@ from typing import Any
 
 import structlog
 
+from monitor.config.durations import parse_duration
 from monitor.config.settings import (
     EX_CONFIG,
     ConfigError,
+    FolderSourceConfig,
     Settings,
     check_environment,
     check_sections_environment,
@@ -92,12 +94,16 @@ def _report_store_error(exc: StoreError) -> int:
     return EX_DATAERR
 
 
+DEMO_RETENTION = "1h"  # the demo's store: an hour of frames and windows, then purged
+
+
 def demo_settings(
     state_dir: Path, mqtt_port: int = 1883, opcua_port: int = 4840, http_port: int = 8080
 ) -> dict[str, Any]:
     """The built-in demo: a simulated probe writing frames into a folder the daemon watches,
     publishing to a local MQTT broker, serving OPC UA on loopback without security and the
-    dashboard on loopback without a token."""
+    dashboard on loopback without a token. The store keeps an hour (the dashboard's trend):
+    `make run` must not fill the disk."""
     alarms = tomllib.loads(DEFAULT_CONFIG)["alarms"]
     return {
         "alarms": alarms,
@@ -110,6 +116,7 @@ def demo_settings(
         "http": {"enabled": True, "host": "127.0.0.1", "port": http_port},
         "daemon": {"state_dir": str(state_dir), "shutdown_grace": "5s"},
         "aggregation": {"publish_interval": "5s"},
+        "store": {"retention": DEMO_RETENTION},
         "probes": [
             {
                 "id": "demo",
@@ -127,6 +134,7 @@ def demo_settings(
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from monitor.cli.demo_folder import RecordedFramePruner  # noqa: PLC0415
     from monitor.cli.service import run_daemon  # noqa: PLC0415
 
     state_dir: Path = args.state_dir
@@ -146,9 +154,17 @@ def run_demo(args: argparse.Namespace) -> int:
         daemon=True,
     )
     writer.start()
+    probe = settings.probes[0]
+    assert isinstance(probe.source, FolderSourceConfig)
+    pruner = RecordedFramePruner(
+        incoming, state_dir, probe.id, probe.source.patterns, keep_s=args.keep_frames
+    )
+    pruner.start()
     print(
         f"demo: a simulated probe writes {args.fps:g} frames/s into {incoming} "
         f"(PG share {args.profile});\n"
+        f"      recorded frames are deleted from there after {args.keep_frames:g} s, "
+        f"the store keeps {DEMO_RETENTION};\n"
         f"      state in {state_dir}; watch the windows with\n"
         f"      crystal-monitor export --state-dir {state_dir} --what windows\n"
         f"      MQTT: mosquitto_sub -p {args.mqtt_port} -t 'crystal-monitor/#' -v\n"
@@ -164,6 +180,7 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         stop.set()
         writer.join(timeout=10)  # never exit with the renderer inside OpenCV
+        pruner.stop()
 
 
 def _write_demo_frames(outdir: Path, fps: float, profile: str, stop: threading.Event) -> None:
@@ -183,6 +200,13 @@ def _write_demo_frames(outdir: Path, fps: float, profile: str, stop: threading.E
         write_png_atomically(outdir / name, image)
         sequence += 1
         stop.wait(max(0.0, started + sequence / fps - time.monotonic()))
+
+
+def _duration_argument(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _window_rows(store: Store, since: float) -> list[dict[str, Any]]:
@@ -297,6 +321,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     parser.add_argument("--opcua-port", type=int, default=4840, help="OPC UA port (loopback)")
     parser.add_argument(
         "--http-port", type=int, default=8080, help="dashboard and metrics port (loopback)"
+    )
+    parser.add_argument(
+        "--keep-frames",
+        type=_duration_argument,
+        default="1m",
+        help="delete frames from the probe folder once recorded and older than this",
     )
     parser.set_defaults(runner=run_demo)
 

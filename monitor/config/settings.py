@@ -98,6 +98,24 @@ class FolderSourceConfig(_Section):
         "recorded as an error with reason symlink_outside_folder and never read; links "
         "to files inside the folder are read either way.",
     )
+    frame_time: Literal["name", "mtime", "arrival"] = Field(
+        default="name",
+        description="Where a frame's time comes from: 'name' (the time written in the file "
+        "name, e.g. frame_20260101T001305.000Z.png, else the file's mtime), 'mtime' (the "
+        "file's modification time) or 'arrival' (when the daemon found the file). A name's "
+        "or mtime's time further than frame_time_tolerance from the arrival (an archived "
+        "frame dropped into the folder, a probe PC's clock that is off) is replaced by the "
+        "arrival time, logged once per run with the reason. `replay` always uses the name's "
+        "time.",
+    )
+    frame_time_tolerance: Duration = Field(
+        default=120.0,
+        gt=0,
+        description="How far a time from the name or mtime may be from the file's arrival, "
+        "either way. Longer keeps the name's time of frames delivered late (a share back "
+        "after an outage, a restart's backlog); a probe clock behind by less than it then "
+        "shows as a stale probe.",
+    )
 
     @field_validator("backlog")
     @classmethod

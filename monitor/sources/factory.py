@@ -42,6 +42,7 @@ def create_source(
             record_skipped=record_skipped,
             limits=limits,
             retention_s=retention_s,
+            clock=clock,
         )
     if isinstance(config, SimulatedSourceConfig):
         from monitor.sources.simulated import SimulatedSource  # noqa: PLC0415

@@ -16,6 +16,15 @@ not journaled and older (by mtime) than the retention is skipped, not counted ag
 
 A read that fails for a passing cause (EMFILE, EACCES, EIO) is tried again with
 backoff, READ_RETRIES times over about ten minutes, before it is recorded as failed.
+
+Frame times. `frame_time` says where a frame's time comes from: the time written in the
+file name (else its mtime), the mtime, or its arrival (when this source first saw the
+file). A name's or mtime's time further than `frame_time_tolerance` from the arrival is
+not believed: an archived frame dropped into a live folder, or a probe PC whose clock is
+off, would otherwise leave the probe stale (no frame in any window, the newest frame
+hours old) while it classifies every frame. Such a frame gets its arrival time, and the
+first one of each kind (too old, in the future) is logged, once per run, with the reason.
+The replay does not come through here: it keeps the names' times (`find_recorded_frames`).
 """
 
 from __future__ import annotations
@@ -66,11 +75,6 @@ _TICK_S = 0.05
 READ_RETRIES = 12  # tries of a read failing with EMFILE, EACCES, EIO... before it counts
 READ_RETRY_FIRST_S = 1.0  # then doubling, at most READ_RETRY_MAX_S: about 10 minutes in all
 READ_RETRY_MAX_S = 60.0
-# A frame time from a file name this far ahead of our clock is not believed: the probe
-# PC's clock is wrong (or the name is), and a future frame would sit outside every
-# window and hide a stalled probe. The file's arrival time is used instead.
-FUTURE_TOLERANCE_S = 120.0
-_FUTURE_LOG_INTERVAL_S = 60.0
 
 _STAMP = re.compile(
     r"(?P<y>\d{4})-?(?P<mo>\d{2})-?(?P<d>\d{2})[T_ -]?(?P<h>\d{2})[-:]?(?P<mi>\d{2})[-:]?"
@@ -139,10 +143,14 @@ class FolderSource:
         limits: DecodeLimits = DEFAULT_LIMITS,
         retention_s: Callable[[], float] | None = None,
         read_retry_first_s: float = READ_RETRY_FIRST_S,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """`journaled(keys)` answers which keys the store's journal holds; `retention_s()`
-        is the store's retention (files older than it that a scan finds are skipped)."""
+        is the store's retention (files older than it that a scan finds are skipped);
+        `clock` is the daemon's, which times a file's arrival (frame times are in its
+        time, as the windows are)."""
         self.probe_id = probe_id
+        self._clock = clock
         self._config = config
         self._root = config.path
         self._root_prefix = os.path.join(str(config.path), "")
@@ -152,9 +160,13 @@ class FolderSource:
         self._retention_s = retention_s
         self._read_retry_first_s = read_retry_first_s
         self._retries: dict[str, tuple[float, int]] = {}  # path -> (monotonic due, attempt)
-        self.future_named = 0  # files whose name's time was in the future (arrival used)
-        self._future_logged_at = -_FUTURE_LOG_INTERVAL_S
-        self._future_unlogged = 0
+        # A retried read keeps the frame time of its first try: set by a worker before
+        # it queues the retry event, read here after that event.
+        self._retry_times: dict[str, float] = {}
+        self._arrivals: dict[str, float] = {}  # path -> first seen (by clock), until handed on
+        # Frames whose name or mtime was too far from their arrival, by "too_old" and
+        # "in_future"; each kind is logged at its first frame of the run.
+        self.retimed: dict[str, int] = {"too_old": 0, "in_future": 0}
         self._record_skipped = record_skipped
         self._limits = limits
         # Where a file must really be to be read: links out of the folder are refused.
@@ -343,6 +355,7 @@ class FolderSource:
         if kind != "rescan" and path not in self._candidates and self._journaled([key]):
             self._seen.add(key)  # an event for a file processed before (a touch, a restart)
             return
+        self._arrivals.setdefault(path, self._clock())
         if kind == "moved":
             # Renamed into the folder: complete by construction, hand on in arrival order.
             self._candidates.pop(path, None)
@@ -385,6 +398,7 @@ class FolderSource:
                 settled.append(path)
         for path in [p for p in self._candidates if not os.path.lexists(p)]:
             del self._candidates[path]  # deleted or renamed away before completing
+            self._arrivals.pop(path, None)
         for path in sorted(settled, key=self._sort_key):
             del self._candidates[path]
             self._queued.add(path)
@@ -402,56 +416,82 @@ class FolderSource:
             self._ready.popleft()
             self._queued.discard(path)
 
-    def _hand_on(self, path: str, attempt: int = 1) -> bool:
+    def _hand_on(self, path: str, attempt: int = 1, ts: float | None = None) -> bool:
+        """Offer one file to the pipeline (`ts`: its frame time, known when retried)."""
         key = self._key(path)
-        name = os.path.basename(path)
-        ts = frame_time_from_name(name)
-        if ts is not None and ts > time.time() + FUTURE_TOLERANCE_S:
-            self._note_future_name(name, ts)
-            ts = None
         if ts is None:
-            signature = _signature(path)
-            ts = signature[1] / 1e9 if signature else time.time()
-            ts = min(ts, time.time())  # an mtime in the future is no better
+            arrived = self._arrivals.get(path)
+            ts = self._frame_time(path, self._clock() if arrived is None else arrived)
         item = FrameItem(
             probe=self.probe_id,
             key=key,
             ts=ts,
             read=functools.partial(read_frame_file, path, self._limits, within=self._read_within),
             after_store=self._after_store(path),
-            retry=functools.partial(self._request_retry, path, attempt),
+            retry=functools.partial(self._request_retry, path, attempt, ts),
             attempt=attempt,
         )
         assert self._sink is not None
         while not self._stop.is_set():
             if self._sink.put(item, block=True):
                 self._seen.add(key)
+                self._arrivals.pop(path, None)
                 return True
         return False
 
-    def _note_future_name(self, name: str, ts: float) -> None:
-        self.future_named += 1
-        self._future_unlogged += 1
-        now = time.monotonic()
-        if now - self._future_logged_at >= _FUTURE_LOG_INTERVAL_S:
-            log.warning(
-                "probe_file_time_in_future",
-                probe=self.probe_id,
-                example=name[:200],
-                ahead_s=round(ts - time.time(), 1),
-                files=self._future_unlogged,
-                action="using the file's arrival time; check the probe PC's clock",
+    def _frame_time(self, path: str, arrived: float) -> float:
+        """The frame's time by the `frame_time` policy; the arrival time where the name's
+        or mtime's time is further than the tolerance from it (see the module's doc)."""
+        policy = self._config.frame_time
+        if policy == "arrival":
+            return arrived
+        name = os.path.basename(path)
+        ts = frame_time_from_name(name) if policy == "name" else None
+        told_by = "name"
+        if ts is None:
+            told_by = "mtime"
+            signature = _signature(path)
+            ts = signature[1] / 1e9 if signature else arrived
+        offset = ts - arrived
+        if abs(offset) <= self._config.frame_time_tolerance:
+            return ts
+        self._note_retimed(name, told_by, offset)
+        return arrived
+
+    def _note_retimed(self, name: str, told_by: str, offset: float) -> None:
+        kind = "in_future" if offset > 0 else "too_old"
+        self.retimed[kind] += 1
+        if self.retimed[kind] > 1:
+            return  # once per run: the first frame says what is wrong, the rest would flood
+        if kind == "in_future":
+            event = "probe_file_time_in_future"
+            reason = f"the {told_by} says {offset:.0f} s after the file arrived"
+            fix = "check the probe PC's clock"
+        else:
+            event = "probe_file_time_too_old"
+            reason = f"the {told_by} says {-offset:.0f} s before the file arrived"
+            fix = (
+                "an archived frame dropped into the live folder, or the probe PC's clock is "
+                "behind; raise frame_time_tolerance to keep the time of frames delivered late"
             )
-            self._future_logged_at = now
-            self._future_unlogged = 0
+        log.warning(
+            event,
+            probe=self.probe_id,
+            example=name[:200],
+            offset_s=round(offset, 1),
+            tolerance_s=self._config.frame_time_tolerance,
+            reason=reason,
+            action=f"using the arrival time for such frames (logged once per run); {fix}",
+        )
 
     # -- retries of reads that failed for a passing cause ------------------------------
 
-    def _request_retry(self, path: str, attempt: int, detail: str) -> bool:
+    def _request_retry(self, path: str, attempt: int, ts: float, detail: str) -> bool:
         """Called by a worker (any thread): deliver `path` again later, or False when
         it has been tried READ_RETRIES times and the failure should be recorded."""
         if attempt >= READ_RETRIES or self._stop.is_set():
             return False
+        self._retry_times[path] = ts
         self._events.put((f"retry:{attempt + 1}", path))
         return True
 
@@ -471,9 +511,10 @@ class FolderSource:
         due = [path for path, (at, _) in self._retries.items() if at <= now]
         for path in due:
             _, attempt = self._retries[path]
-            if not self._hand_on(path, attempt):
+            if not self._hand_on(path, attempt, self._retry_times.get(path)):
                 return  # stopping, or the queue is full: try again next tick
             del self._retries[path]
+            self._retry_times.pop(path, None)
 
     def _after_store(self, path: str) -> Callable[[], None] | None:
         policy = self._config.after
