@@ -164,6 +164,8 @@ def settings_for(state: Path, folder: Path, port: int, http: dict[str, Any]) -> 
                         "path": str(folder),
                         "settle_time": "200ms",
                         "rescan_interval": "1s",
+                        # Files named up to 10 min back keep their names' times.
+                        "frame_time_tolerance": "1h",
                     },
                 }
             ],

@@ -28,6 +28,7 @@ from monitor.config.template import render_default_config
 from monitor.logs import configure_logging, restore_stderr
 from monitor.store import Store, StoreError
 from monitor.timestamps import iso_utc
+from monitor.wire import to_wire
 
 EX_DATAERR = 65  # sysexits: the input data (here the store file) was incorrect
 
@@ -293,6 +294,7 @@ def run_export(args: argparse.Namespace) -> int:
         rows = _window_rows(store, since) if args.what == "windows" else _frame_rows(store, since)
     finally:
         store.close()
+    rows = [to_wire(row) for row in rows]  # the numbers as every other output rounds them
     if args.format == "jsonl":
         for row in rows:
             sys.stdout.write(json.dumps(row) + "\n")
