@@ -165,8 +165,8 @@ def test_example_config_validates_once_its_paths_exist(
         text = text.replace(plant_root, str(tmp_path / plant_root.strip("/").replace("/", "-")))
     for probe_folder in ("R1", "R2"):
         (tmp_path / "srv-probe" / probe_folder).mkdir(parents=True, exist_ok=True)
-    users = tmp_path / "etc-crystal-monitor"
-    users.mkdir()
+    users = tmp_path / "etc-crystal-monitor" / "credentials"
+    users.mkdir(parents=True)
     for name in ("opcua-users-R1", "opcua-users-R2"):
         (users / name).write_text("")
     config = tmp_path / Path(example).name

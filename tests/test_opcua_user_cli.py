@@ -287,3 +287,61 @@ def test_a_viewer_may_call_only_the_standard_refresh_methods_an_operator_any() -
     assert refresh in VIEWER_METHODS
     assert (may_call(viewer, refresh), may_call(viewer, ours)) == (True, False)
     assert (may_call(operator, refresh), may_call(operator, ours)) == (True, True)
+
+
+def test_the_service_reads_the_users_file_as_a_systemd_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """users_credential: the command writes users_file (root-only under systemd), the
+    unit's LoadCredential= copies it into $CREDENTIALS_DIRECTORY, the server reads it
+    there. Outside the service validate-config checks the source file instead."""
+    trust_dir = tmp_path / "trusted"
+    trusted = make_client_certificate(tmp_path / "client", "scada")
+    trust_dir.mkdir()
+    (trust_dir / "scada.der").write_bytes(trusted[0].read_bytes())
+    source = tmp_path / "credentials" / "opcua-users"
+    source.parent.mkdir()
+    url = f"opc.tcp://127.0.0.1:{free_port()}/crystal-monitor"
+    config = write_config(tmp_path / "crystal-monitor.toml", url, source, trust_dir)
+    config.write_text(
+        config.read_text().replace(
+            'security_profile = "production"',
+            'security_profile = "production"\nusers_credential = "opcua-users"',
+        )
+    )
+    added = opcua_user(
+        "add", "shift-c", "--config", str(config), "--password-stdin", password="shift-c-pass"
+    )
+    assert added.returncode == 0, added.stderr
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    checked = subprocess.run(
+        [sys.executable, "-m", "monitor", "validate-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+
+    settings = load_settings(config)
+    with pytest.raises(Exception, match=r"opcua\.users_credential.*LoadCredential=opcua-users"):
+        OpcUaPublisher(settings.opcua, tmp_path / "state-none").start(RecordingCommands())
+
+    given = tmp_path / "run-credentials"  # what systemd makes of LoadCredential=
+    given.mkdir()
+    (given / "opcua-users").write_bytes(source.read_bytes())
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(given))
+    state_dir = tmp_path / "state"
+    publisher = OpcUaPublisher(settings.opcua, state_dir)
+    commands = RecordingCommands()
+    publisher.start(commands)
+    try:
+        publisher.publish_update(make_update("P1", ts=time.time()))
+        server = Production(
+            publisher, commands, url, state_dir, trusted, trusted, trusted, trust_dir, given
+        )
+        plant = Plant(server, config)
+        assert login_status(plant, "shift-c", "shift-c-pass") == 0
+        assert login_status(plant, "shift-c", "wrong-password") != 0
+    finally:
+        publisher.stop()

@@ -7,6 +7,8 @@ must come in pairs. Whether the files exist is checked when the server starts
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
@@ -15,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from monitor.config.durations import Duration
 from monitor.config.network import is_loopback_host
+from monitor.config.secrets import CREDENTIALS_DIRECTORY, SecretError, credential_path
 
 DEFAULT_ENDPOINT = "opc.tcp://0.0.0.0:4840/crystal-monitor"
 
@@ -49,8 +52,15 @@ class OpcUaConfig(BaseModel):
     users_file: Path | None = Field(
         default=None,
         description="User file, one `name:role:scrypt$...` line per user, written by "
-        "`crystal-monitor opcua-user add|remove`; required by the production profile, "
-        "optional in demo.",
+        "`crystal-monitor opcua-user add|remove`; required by the production profile "
+        "(or users_credential), optional in demo.",
+    )
+    users_credential: str | None = Field(
+        default=None,
+        description="Read the users file as this systemd credential instead "
+        "($CREDENTIALS_DIRECTORY/NAME, from LoadCredential=NAME:<users_file> in the unit): "
+        "the units' DynamicUser cannot read a root-only file. opcua-user still writes "
+        "users_file; restart the service after a change.",
     )
     certificate: Path | None = Field(
         default=None,
@@ -135,20 +145,56 @@ class OpcUaConfig(BaseModel):
                 f"login_lockout_max ({self.login_lockout_max:g} s) must not be shorter than "
                 f"login_lockout ({self.login_lockout:g} s)"
             )
-        if self.enabled and self.security_profile == "production" and self.users_file is None:
+        if (
+            self.enabled
+            and self.security_profile == "production"
+            and self.users_file is None
+            and self.users_credential is None
+        ):
             raise ValueError(
                 "the production profile needs users_file: set it, e.g. users_file = "
-                "'/etc/crystal-monitor/opcua-users', and add its users with `crystal-monitor "
+                "'/etc/crystal-monitor/credentials/opcua-users' (with users_credential under "
+                "the systemd units), and add its users with `crystal-monitor "
                 "opcua-user add NAME --config FILE`; or use security_profile = 'demo' on a "
                 "loopback endpoint"
             )
         return self
 
 
-def check_opcua_environment(config: OpcUaConfig) -> list[str]:
-    """Start-up checks that touch the file system; each problem names its key."""
+def users_path(config: OpcUaConfig, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The users file the server reads: the credential's copy when users_credential is
+    set (SecretError when systemd gave none), else users_file."""
+    if config.users_credential is not None:
+        return credential_path(
+            config.users_credential, key="opcua.users_credential", environ=environ
+        )
+    return config.users_file
+
+
+def check_opcua_environment(
+    config: OpcUaConfig, environ: Mapping[str, str] | None = None, *, starting: bool = False
+) -> list[str]:
+    """Start-up checks that touch the file system; each problem names its key.
+
+    `starting`: the server is about to start, so a users_credential must be there.
+    Otherwise (validate-config, doctor from a shell, outside the service) its source,
+    users_file, is checked instead when systemd has given no credentials."""
     problems: list[str] = []
-    if config.users_file is not None and not config.users_file.is_file():
+    env = os.environ if environ is None else environ
+    from_systemd = starting or bool(env.get(CREDENTIALS_DIRECTORY))
+    if config.users_credential is not None and from_systemd:
+        try:
+            path = users_path(config, environ)
+        except SecretError as exc:
+            problems.append(str(exc))
+        else:
+            if path is not None and not path.is_file():
+                problems.append(
+                    f"opcua.users_credential: credential file {path} not found (add "
+                    f"LoadCredential={config.users_credential}:"
+                    f"{config.users_file or '/path/to/opcua-users'} to the systemd unit)"
+                )
+    elif config.users_file is not None and not config.users_file.is_file():
         problems.append(f"opcua.users_file: not found: {config.users_file}")
     missing = False
     for key, path in (("certificate", config.certificate), ("private_key", config.private_key)):

@@ -31,8 +31,8 @@ def read_env_secret(variable: str, *, key: str, environ: Mapping[str, str] | Non
     return value
 
 
-def read_credential(name: str, *, key: str, environ: Mapping[str, str] | None = None) -> str:
-    """The systemd credential `name` ($CREDENTIALS_DIRECTORY/name), one trailing newline removed."""
+def credential_path(name: str, *, key: str, environ: Mapping[str, str] | None = None) -> Path:
+    """Where systemd put credential `name`: $CREDENTIALS_DIRECTORY/name (not checked)."""
     env = os.environ if environ is None else environ
     if "/" in name or name in {"", ".", ".."}:
         raise SecretError(f"{key}: credential name {name!r} must be a plain file name")
@@ -43,7 +43,12 @@ def read_credential(name: str, *, key: str, environ: Mapping[str, str] | None = 
             f"(run under systemd with LoadCredential={name}:/path/to/file or "
             f"SetCredentialEncrypted={name}:..., or use an environment variable instead)"
         )
-    path = Path(directory) / name
+    return Path(directory) / name
+
+
+def read_credential(name: str, *, key: str, environ: Mapping[str, str] | None = None) -> str:
+    """The systemd credential `name` ($CREDENTIALS_DIRECTORY/name), one trailing newline removed."""
+    path = credential_path(name, key=key, environ=environ)
     try:
         value = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:

@@ -63,7 +63,7 @@ class OpcUaPublisher:
 
     def start(self, commands: CommandHandler) -> None:
         """Start the server thread; returns once the server listens, else raises."""
-        problems = check_opcua_environment(self.config)
+        problems = check_opcua_environment(self.config, starting=True)
         if problems:  # each starts with its key, as "opcua.users_file: not found: ..."
             key, _, problem = "; ".join(problems).partition(": ")
             raise OpcUaStartError(key, problem)

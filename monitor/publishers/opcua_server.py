@@ -78,7 +78,7 @@ from monitor.config.certificates import (
     read_certificate,
     read_private_key,
 )
-from monitor.config.opcua import OpcUaConfig, endpoint_host
+from monitor.config.opcua import OpcUaConfig, endpoint_host, users_path
 from monitor.publishers.base import CommandHandler, CommandResult, ProbeUpdate
 from monitor.publishers.opcua_security import (
     CallerAwareInternalServer,
@@ -266,7 +266,8 @@ class CrystalMonitorServer:
     # -- start and stop ---------------------------------------------------------------
 
     def _users(self) -> UsersFile | None:
-        return None if self.config.users_file is None else UsersFile(self.config.users_file)
+        path = users_path(self.config)  # checked by check_opcua_environment before start
+        return None if path is None else UsersFile(path)
 
     async def start(self) -> None:
         """Build the address space and listen; raises when the endpoint cannot be bound."""
