@@ -21,6 +21,10 @@ class AlarmKeeper:
     def __init__(self, settings: Settings, store: Store) -> None:
         self._store = store
         self._lock = threading.Lock()
+        self.announcing = threading.Lock()
+        """Held from reading alarm states to handing them to the publishers, by the
+        publish cycle and by operator actions: an update evaluated before an acknowledge
+        cannot reach a publisher after it and show the alarm unacknowledged again."""
         self._engine = AlarmEngine(
             settings.alarms.definitions,
             state=store.load_state(ALARM_STATE),
@@ -36,9 +40,7 @@ class AlarmKeeper:
     ) -> tuple[list[Transition], Quality | None, list[dict[str, Any]]]:
         """(transitions to announce, the input quality it rated, every alarm's status)."""
         with self._lock:
-            transitions = self._engine.evaluate(
-                probe, snapshot, now, last_frame_ts=last_frame_ts
-            )
+            transitions = self._engine.evaluate(probe, snapshot, now, last_frame_ts=last_frame_ts)
             quality = self._engine.input_quality(probe)
             statuses = [status.to_json() for status in self._engine.alarm_states(probe)]
         return transitions, quality, statuses

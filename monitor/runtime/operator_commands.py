@@ -34,8 +34,9 @@ class OperatorCommands:
         refused = self._unknown(probe)
         if refused:
             return refused
-        result = self._alarms.acknowledge(probe, alarm_id, who, comment, self._clock())
-        return self._after_action(probe, result)
+        with self._alarms.announcing:
+            result = self._alarms.acknowledge(probe, alarm_id, who, comment, self._clock())
+            return self._after_action(probe, result)
 
     def shelve(
         self, probe: str, alarm_id: str, minutes: float, who: str, comment: str
@@ -43,8 +44,11 @@ class OperatorCommands:
         refused = self._unknown(probe)
         if refused:
             return refused
-        result = self._alarms.shelve(probe, alarm_id, minutes * 60.0, who, comment, self._clock())
-        return self._after_action(probe, result)
+        with self._alarms.announcing:
+            result = self._alarms.shelve(
+                probe, alarm_id, minutes * 60.0, who, comment, self._clock()
+            )
+            return self._after_action(probe, result)
 
     def start_batch(
         self, probe: str, batch_id: str, who: str = "local", *, end_running: bool = False

@@ -61,31 +61,37 @@ class PublishCycle:
         now = self._clock()
         publishing = self._publishing_state(now)
         for probe_id, state in self._probes.items():
-            snapshot, last_frame_ts = state.snapshot(now)
-            snapshot["publishing"] = publishing
-            transitions, quality, statuses = self._alarms.evaluate(
-                probe_id, snapshot, now, last_frame_ts
-            )
-            quality = quality or "GOOD"
-            with state.lock:
-                state.quality = quality  # the dashboard shows what the plant was told
-            self._store.record_snapshot(probe_id, now, snapshot["batch"], snapshot)
-            update = ProbeUpdate(
-                probe=probe_id,
-                ts=now,
-                batch=snapshot["batch"],
-                quality=quality,
-                model_name=self._manifest.name,
-                model_sha256=self._manifest.onnx_sha256,
-                classes=self._manifest.classes,
-                snapshot=snapshot,
-                last_frame_ts=last_frame_ts,
-                alarms=statuses,
-            )
-            for publisher in self._publishers:
-                publisher.publish_update(update)
-            self._events.announce_transitions(probe_id, transitions)
+            with self._alarms.announcing:  # see AlarmKeeper.announcing
+                self._publish_probe(probe_id, state, now, publishing)
         self._alarms.persist()
+
+    def _publish_probe(
+        self, probe_id: str, state: ProbeState, now: float, publishing: dict[str, Any]
+    ) -> None:
+        snapshot, last_frame_ts = state.snapshot(now)
+        snapshot["publishing"] = publishing
+        transitions, quality, statuses = self._alarms.evaluate(
+            probe_id, snapshot, now, last_frame_ts
+        )
+        quality = quality or "GOOD"
+        with state.lock:
+            state.quality = quality  # the dashboard shows what the plant was told
+        self._store.record_snapshot(probe_id, now, snapshot["batch"], snapshot)
+        update = ProbeUpdate(
+            probe=probe_id,
+            ts=now,
+            batch=snapshot["batch"],
+            quality=quality,
+            model_name=self._manifest.name,
+            model_sha256=self._manifest.onnx_sha256,
+            classes=self._manifest.classes,
+            snapshot=snapshot,
+            last_frame_ts=last_frame_ts,
+            alarms=statuses,
+        )
+        for publisher in self._publishers:
+            publisher.publish_update(update)
+        self._events.announce_transitions(probe_id, transitions)
 
     def purge_expired(self) -> None:
         """Drop stored rows older than the retention (frames, snapshots, journal)."""
