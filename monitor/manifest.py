@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -264,6 +265,25 @@ def format_model_quality(manifest: ModelManifest) -> str:
     return "; ".join(parts + quality["warnings"])
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model produced a number: every frame row, result, fractions message and
+    export names it, so a figure can be traced to the ONNX file behind it."""
+
+    name: str
+    version: str
+    sha256: str
+    """The ONNX file's sha256."""
+
+    @property
+    def label(self) -> str:
+        """`name:version:sha12`, short enough for a log line or a dashboard tag."""
+        return f"{self.name}:{self.version}:{self.sha256[:12]}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
 class LoadedModel(BaseModel):
     """A manifest together with the verified location of its ONNX file."""
 
@@ -272,6 +292,11 @@ class LoadedModel(BaseModel):
     directory: Path
     onnx_path: Path
     manifest: ModelManifest
+
+    @property
+    def identity(self) -> ModelIdentity:
+        manifest = self.manifest
+        return ModelIdentity(manifest.name, manifest.version, manifest.onnx_sha256)
 
 
 def sha256_of_file(path: Path) -> str:

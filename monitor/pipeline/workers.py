@@ -25,7 +25,14 @@ from monitor.inference.decision import DecisionRule
 from monitor.manifest import ModelManifest
 from monitor.pipeline.batcher import MicroBatcher
 from monitor.pipeline.frame_queue import FrameQueue
-from monitor.pipeline.outcome import FrameOutcome, ParticleBox
+from monitor.pipeline.outcome import (
+    ClassifiedCrop,
+    ClassifiedFrame,
+    ClassifiedFrameObserver,
+    FrameOutcome,
+    ParticleBox,
+    observe_all,
+)
 from monitor.pipeline.quality_gate import assess_frame
 from monitor.pipeline.sampling import Sampler, create_sampler
 from monitor.sources.base import FrameItem
@@ -74,8 +81,12 @@ class Pipeline:
         on_outcome: Callable[[FrameOutcome], None],
         *,
         workers: int,
+        observers: Sequence[ClassifiedFrameObserver] = (),
+        batch_of: Callable[[str], str | None] = lambda probe: None,
     ) -> None:
         self._manifest = manifest
+        self._observers = tuple(observers)
+        self._batch_of = batch_of
         self._rule = DecisionRule.from_manifest(manifest)
         self._stages = {
             probe.id: _ProbeStages(probe.quality, create_sampler(probe)) for probe in probes
@@ -172,6 +183,7 @@ class Pipeline:
         tensors = prepare_batch([crop.image for crop in crops], self._manifest.input)
         manifest = self._manifest
         rule = self._rule
+        model = self._model
 
         def on_probabilities(rows: np.ndarray | None, error: str | None) -> None:
             if rows is None:
@@ -182,7 +194,8 @@ class Pipeline:
             counts = [0] * len(manifest.classes)
             uncertain = ood = 0
             boxes = []
-            for crop, decision in zip(crops, rule.decide(rows), strict=True):
+            decisions = rule.decide(rows)
+            for crop, decision in zip(crops, decisions, strict=True):
                 if decision.status == "ok":
                     counts[manifest.classes.index(decision.label)] += 1
                 elif decision.reason == "out_of_distribution":
@@ -198,6 +211,18 @@ class Pipeline:
                         out_of_distribution=decision.reason == "out_of_distribution",
                     )
                 )
+            if self._observers:
+                classified = ClassifiedFrame(
+                    item,
+                    tuple(
+                        ClassifiedCrop(crop.image, crop.bbox, row, decision)
+                        for crop, row, decision in zip(crops, rows, decisions, strict=True)
+                    ),
+                    manifest.classes,
+                    model,
+                    self._batch_of(item.probe),
+                )
+                observe_all(self._observers, classified)
             self._finish(
                 FrameOutcome(
                     item,
@@ -208,6 +233,7 @@ class Pipeline:
                     n_ood=ood,
                     image=grey,
                     boxes=tuple(boxes),
+                    model=model,
                 )
             )
 

@@ -1,0 +1,1 @@
+"""The review queue: crops kept for an operator to label (issue 14)."""
