@@ -2,18 +2,32 @@
 
 Checkpoints hold only tensors so `torch.load(path, weights_only=True)` opens them:
 no pickled code runs when a plant user loads a file someone sent them.
+
+`--init PATH` names a state_dict file or a run directory: a pretrain run (its
+`encoder.pt`) or a train run (its `checkpoint.pt`). `locate_initial_weights` finds
+the file and the `args.json` of the run that wrote it, which says the architecture
+the weights fit and the input normalisation they learned on.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from model_zoo.errors import ModelZooError
+
+# The files of a run directory that --init reads (train and pretrain write them).
+ARGS_FILE = "args.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+ENCODER_FILE = "encoder.pt"
+PRETRAIN_KIND = "pretrain"
+"""args.json's `kind` in a pretrain run; a train run's args.json has none."""
 
 # Wrappers other training scripts put around a state_dict.
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
@@ -120,3 +134,112 @@ def load_initial_weights(model: nn.Module, path: Path) -> InitialWeightsReport:
 def _abbreviate(names: list[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
+
+
+Normalisation = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+@dataclass(frozen=True)
+class InitialWeightsSource:
+    """What `--init PATH` names: the state_dict file, and the run that wrote it, if any."""
+
+    path: Path
+    """As given: a file or a run directory."""
+    file: Path
+    """The state_dict that is loaded."""
+    run_args: Mapping[str, Any] | None = None
+    """The args.json beside `file`, when a model_zoo run wrote it."""
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.file.parent if self.run_args is not None else None
+
+    @property
+    def kind(self) -> str | None:
+        """The run's kind: "pretrain", "train", or None for a bare state_dict file."""
+        if self.run_args is None:
+            return None
+        return str(self.run_args.get("kind") or "train")
+
+    @property
+    def arch(self) -> str | None:
+        return None if self.run_args is None else str(self.run_args["arch"])
+
+    @property
+    def normalisation(self) -> Normalisation | None:
+        """(mean, std) the weights learned on, as the run recorded them."""
+        spec = None if self.run_args is None else self.run_args.get("input")
+        if not isinstance(spec, Mapping) or "mean" not in spec or "std" not in spec:
+            return None
+        mean, std = (tuple(float(value) for value in spec[key]) for key in ("mean", "std"))
+        if len(mean) != 3 or len(std) != 3:
+            return None
+        return (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
+
+    def describe(self) -> dict[str, object]:
+        """The record args.json keeps of the init run."""
+        if self.run_args is None:
+            return {}
+        return {
+            "dir": str(self.file.parent.resolve()),
+            "kind": self.kind,
+            "method": self.run_args.get("method"),
+            "arch": self.arch,
+            "epochs": self.run_args.get("epochs"),
+            "input": self.run_args.get("input"),
+        }
+
+    def check_arch(self, arch: str) -> None:
+        """Raise naming the fix when the run that wrote the weights used another --arch."""
+        if self.arch is None or self.arch == arch:
+            return
+        made = "pretrained" if self.kind == PRETRAIN_KIND else "trained"
+        raise CheckpointError(
+            f"--init {self.path} was {made} as --arch {self.arch}, but this run has --arch "
+            f"{arch}; its weights fit only the network they were made with: pass --arch "
+            f"{self.arch}, or {'pretrain' if made == 'pretrained' else 'train'} again with "
+            f"--arch {arch}"
+        )
+
+
+def locate_initial_weights(path: Path) -> InitialWeightsSource:
+    """The state_dict `--init PATH` names, with the args.json of its run when there is one."""
+    if path.is_dir():
+        file = next(
+            (path / name for name in (ENCODER_FILE, CHECKPOINT_FILE) if (path / name).is_file()),
+            None,
+        )
+        if file is None:
+            raise CheckpointError(
+                f"--init directory {path} holds neither {ENCODER_FILE} (a finished pretrain "
+                f"run) nor {CHECKPOINT_FILE} (a train run); give a run directory or a "
+                "state_dict file"
+            )
+    elif path.is_file():
+        file = path
+    else:
+        raise CheckpointError(
+            f"--init file not found: {path} (give a state_dict file, a pretrain or train run "
+            "directory, or --init imagenet or --init scratch)"
+        )
+    run_args = _read_run_args(file.parent / ARGS_FILE)
+    source = InitialWeightsSource(path=path, file=file, run_args=run_args)
+    if source.kind == PRETRAIN_KIND and file.name != ENCODER_FILE:
+        epochs = run_args.get("epochs") if run_args else None
+        raise CheckpointError(
+            f"{file} is the pretraining state of an unfinished pretrain run ({epochs} epochs "
+            f"asked), not an encoder; finish it by running its pretrain command again (it "
+            f"resumes), then give --init {file.parent}"
+        )
+    return source
+
+
+def _read_run_args(path: Path) -> Mapping[str, Any] | None:
+    """A model_zoo run's args.json (it names an arch), else None."""
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(loaded, Mapping) or not isinstance(loaded.get("arch"), str):
+        return None
+    return loaded

@@ -1,4 +1,4 @@
-"""`python -m model_zoo {train,export,evaluate}`: the model zoo's command line."""
+"""`python -m model_zoo {pretrain,train,export,evaluate}`: the model zoo's command line."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from model_zoo.export import (
     export_model,
 )
 from model_zoo.imagefolder import DEFAULT_FRACTIONS
+from model_zoo.linear_probe import LINEAR_PROBE_FILE, LinearProbeReport, run_linear_probe
 from model_zoo.metrics import format_metrics_table
 from model_zoo.ood import DEFAULT_FALSE_REJECT_RATE
+from model_zoo.pretrain import PretrainOptions, pretrain_model
 from model_zoo.registry import list_imagenet_models, list_models
 from model_zoo.training import TrainOptions, train_model
 from monitor.manifest import ManifestError
@@ -31,9 +33,12 @@ from monitor.manifest import ManifestError
 DESCRIPTION = """\
 Train, export and evaluate crystal classifiers.
 
+  pretrain  FOLDER of unlabelled crops -> RUN_DIR/encoder.pt (SimCLR, self-supervised)
   train     DATA_DIR (one folder per class, or train/ val/ [test/] folders) -> RUN_DIR
+            (--init RUN_DIR fine-tunes a pretrain run's encoder)
   export    RUN_DIR -> MODEL_DIR (model.onnx + manifest.json, checked against ONNX Runtime)
   evaluate  MODEL_DIR on any class-folder DATA_DIR, through ONNX Runtime
+            (--linear-probe RUN_DIR DATA_DIR: a frozen encoder's linear-probe accuracy)
 """
 
 
@@ -44,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_pretrain_parser(commands)
     _add_train_parser(commands)
     _add_export_parser(commands)
     _add_evaluate_parser(commands)
@@ -54,15 +60,105 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; user errors print one line and return 1 instead of a traceback."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     parsed = build_parser().parse_args(arguments)
+    command = shlex.join(["python", "-m", "model_zoo", *arguments])
     try:
+        if parsed.command == "pretrain":
+            return _run_pretrain(parsed, command)
         if parsed.command == "train":
-            return _run_train(parsed, shlex.join(["python", "-m", "model_zoo", *arguments]))
+            return _run_train(parsed, command)
         if parsed.command == "export":
             return _run_export(parsed)
+        if parsed.linear_probe:
+            return _run_linear_probe(parsed)
         return _run_evaluate(parsed)
     except (ModelZooError, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _add_pretrain_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pretrain = commands.add_parser(
+        "pretrain",
+        help="pretrain an encoder on unlabelled crops (SimCLR), for train --init",
+        description="Self-supervised pretraining (SimCLR): two random views of every image "
+        "under FOLDER (random resized crop, rotation, flips, blur, brightness/contrast, "
+        "noise) through the network and an MLP projection head, NT-Xent loss against the "
+        "other views of the batch (no memory bank), AdamW with a cosine schedule. FOLDER is "
+        "searched recursively (png, jpg, tif, bmp; 8 or 16 bit); class folders such as a "
+        "`crystal-monitor samples export` are read as unlabelled. Writes args.json (with "
+        "the input normalisation), metrics.csv, checkpoint.pt after every epoch, and at "
+        "the end encoder.pt: the network without its classifier head, for "
+        "`python -m model_zoo train DATA_DIR --init RUN_DIR --arch ARCH`. The same "
+        "command on an unfinished RUN_DIR resumes it after its last finished epoch.",
+        formatter_class=_DefaultsHelpFormatter,
+    )
+    pretrain.add_argument(
+        "data_dir", type=Path, metavar="FOLDER", help="images, searched recursively"
+    )
+    pretrain.add_argument(
+        "--out", type=Path, required=True, metavar="RUN_DIR", help="run directory to write"
+    )
+    pretrain.add_argument(
+        "--method", choices=("simclr",), default="simclr", help="self-supervised method"
+    )
+    pretrain.add_argument(
+        "--arch",
+        default="efficientnet_lite0",
+        choices=list_models(),
+        help="network architecture; train --init RUN_DIR must use the same",
+    )
+    pretrain.add_argument(
+        "--init",
+        choices=("scratch", "imagenet"),
+        default=None,
+        help="start from random weights or the architecture's local ImageNet weights "
+        f"({', '.join(list_imagenet_models())}). Default: imagenet where there are some, "
+        "else scratch",
+    )
+    pretrain.add_argument("--input-size", type=int, default=96, help="side of the input, px")
+    pretrain.add_argument(
+        "--resize",
+        choices=("letterbox", "stretch"),
+        default="letterbox",
+        help="how a view becomes the square input (as train's --resize)",
+    )
+    pretrain.add_argument("--epochs", type=int, default=30, help="epochs")
+    pretrain.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="crops per step; each gives two views, and the other 2N-2 views are its "
+        "negatives, so larger is better while memory lasts",
+    )
+    pretrain.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    pretrain.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    pretrain.add_argument(
+        "--temperature",
+        type=float,
+        default=0.5,
+        help="NT-Xent temperature. 0.5, not SimCLR's ImageNet 0.1: a low temperature "
+        "pushes the hardest negatives apart most, and in a batch of particle crops those "
+        "are crops of the same class, so it fights the class structure; SimCLR's small-"
+        "batch runs also did best at 0.5",
+    )
+    pretrain.add_argument(
+        "--projection-dim", type=int, default=128, help="output width of the projection head"
+    )
+    pretrain.add_argument("--seed", type=int, default=0, help="seeds the init, views and order")
+    pretrain.add_argument(
+        "--workers", type=int, default=0, help="DataLoader worker processes (0: main process)"
+    )
+    pretrain.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    pretrain.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    pretrain.add_argument(
+        "--resume",
+        action="store_true",
+        help="insist on resuming: fail unless RUN_DIR holds an unfinished run with these "
+        "arguments (without it such a run is resumed too, and an empty RUN_DIR started)",
+    )
+    pretrain.add_argument(
+        "--overwrite", action="store_true", help="replace the files of an earlier run in RUN_DIR"
+    )
 
 
 def _add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -119,10 +215,12 @@ def _add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         default=None,
         metavar="{scratch,imagenet,PATH}",
         help="initial weights: scratch (random); imagenet (from an installed package, "
-        f"for {', '.join(list_imagenet_models())}); or PATH, a local state_dict file "
-        "whose tensors of another shape (e.g. another head size) are skipped and listed. "
-        "Default: imagenet for an architecture with local ImageNet weights, else scratch; "
-        "the choice is printed and recorded in args.json",
+        f"for {', '.join(list_imagenet_models())}); or PATH: a pretrain run directory "
+        "(its encoder.pt), a train run directory (its checkpoint.pt) or a local state_dict "
+        "file, whose tensors of another shape (e.g. another head size) are skipped and "
+        "listed. A run's --arch must be this --arch, and its recorded input normalisation "
+        "is used. Default: imagenet for an architecture with local ImageNet weights, else "
+        "scratch; the choice is printed and recorded in args.json",
     )
     train.add_argument(
         "--init-weights",
@@ -249,33 +347,170 @@ def _add_export_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
 def _add_evaluate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     evaluate = commands.add_parser(
         "evaluate",
-        help="evaluate an exported model on ImageFolders through ONNX Runtime",
+        help="evaluate an exported model on ImageFolders through ONNX Runtime, or a "
+        "frozen encoder by its linear probe",
+        usage="python -m model_zoo evaluate [options] MODEL_DIR DATA_DIR [DATA_DIR ...]\n"
+        "       python -m model_zoo evaluate --linear-probe [options] ENCODER DATA_DIR",
         description="Classify every image under each DATA_DIR/<class>/ with the exported "
         "model (the daemon's preprocessing and ONNX Runtime backend) and report, per "
         "DATA_DIR, accuracy, macro-F1, per-class precision/recall/F1, the expected "
         f"calibration error ({CALIBRATION_BINS} equal-width bins of the top probability), "
         "the confusion matrix and the misclassified files; a DATA_DIR of at most "
-        f"{PER_FILE_LIMIT} images is also listed file by file.",
-        formatter_class=_DefaultsHelpFormatter,
+        f"{PER_FILE_LIMIT} images is also listed file by file.\n\n"
+        "With --linear-probe, the first argument is an ENCODER instead: a pretrain run "
+        "directory (its encoder.pt), a train run directory (its checkpoint.pt) or a "
+        "state_dict file (then give --arch). Its penultimate features (frozen; crops "
+        "prepared with the run's input spec) of DATA_DIR's train split fit a logistic "
+        "regression, reported on the validation and test splits: accuracy, macro-F1, "
+        "per-class precision/recall/F1. DATA_DIR is one labelled folder, split as train "
+        "splits it (train/ val/ [test/] folders, or class folders split by --split).",
+        formatter_class=_DefaultsHelpRawFormatter,
     )
-    evaluate.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="made by export")
+    evaluate.add_argument(
+        "model_dir",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="made by export (with --linear-probe: the ENCODER)",
+    )
     evaluate.add_argument(
         "data_dirs",
         type=Path,
         nargs="+",
         metavar="DATA_DIR",
-        help="one folder per class; class names must be the model's",
+        help="one folder per class; class names must be the model's (with --linear-probe: "
+        "one labelled folder)",
     )
     evaluate.add_argument(
         "--out",
         type=Path,
         metavar="DIR",
-        help="write evaluation.json (every DATA_DIR) and confusion_matrix.png here",
+        help="write evaluation.json (every DATA_DIR) and confusion_matrix.png here "
+        f"(with --linear-probe: {LINEAR_PROBE_FILE})",
     )
     evaluate.add_argument("--batch-size", type=int, default=64, help="images per ONNX Runtime call")
     evaluate.add_argument(
-        "--threads", type=int, default=0, help="ONNX Runtime threads (0 = its default)"
+        "--threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime threads (0 = its default; with --linear-probe torch threads, "
+        "0 = all cores)",
     )
+    probe = evaluate.add_argument_group("linear probe")
+    probe.add_argument(
+        "--linear-probe",
+        action="store_true",
+        help="measure a frozen encoder: a linear classifier on its features",
+    )
+    probe.add_argument(
+        "--arch",
+        choices=list_models(),
+        help="the encoder's architecture (default: the one its run recorded; needed for a "
+        "bare state_dict file)",
+    )
+    probe.add_argument(
+        "--input-size", type=int, help="side of the input, px (default: the run's, else 96)"
+    )
+    probe.add_argument(
+        "--resize",
+        choices=("letterbox", "stretch"),
+        help="resize policy (default: the run's, else letterbox)",
+    )
+    probe.add_argument(
+        "--layout",
+        choices=("auto", "class-folders", "split-folders"),
+        default="auto",
+        help="as train's --layout",
+    )
+    probe.add_argument(
+        "--split",
+        type=_parse_split,
+        default=",".join(f"{fraction * 100:g}" for fraction in DEFAULT_FRACTIONS),
+        metavar="TRAIN,VAL,TEST",
+        help="split percentages for a class-folder DATA_DIR",
+    )
+    probe.add_argument("--seed", type=int, default=0, help="seeds the split")
+    probe.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _run_pretrain(parsed: argparse.Namespace, command: str) -> int:
+    init = parsed.init
+    if init is None:
+        init = "imagenet" if parsed.arch in list_imagenet_models() else "scratch"
+        print(f"--init {init} (the default for {parsed.arch})", file=sys.stderr)
+    options = PretrainOptions(
+        data_dir=parsed.data_dir,
+        out_dir=parsed.out,
+        method=parsed.method,
+        arch=parsed.arch,
+        init=init,
+        input_size=parsed.input_size,
+        resize=parsed.resize,
+        epochs=parsed.epochs,
+        batch_size=parsed.batch_size,
+        lr=parsed.lr,
+        weight_decay=parsed.weight_decay,
+        temperature=parsed.temperature,
+        projection_dim=parsed.projection_dim,
+        seed=parsed.seed,
+        workers=parsed.workers,
+        threads=parsed.threads,
+        device=parsed.device,
+        resume=parsed.resume,
+        overwrite=parsed.overwrite,
+        command=command,
+    )
+    result = pretrain_model(options)
+    run = shlex.quote(str(result.run_dir))
+    print(
+        f"\n{result.epochs_run} epochs ({result.resumed_from} before this start); final loss "
+        f"{result.final_loss:.4f}; encoder {result.encoder_file}\n"
+        f"next: python -m model_zoo evaluate --linear-probe {run} DATA_DIR\n"
+        f"      python -m model_zoo train DATA_DIR --init {run} --arch {parsed.arch} --out RUN_DIR"
+    )
+    return 0
+
+
+def _run_linear_probe(parsed: argparse.Namespace) -> int:
+    if len(parsed.data_dirs) != 1:
+        raise ModelZooError(
+            "--linear-probe takes one ENCODER and one labelled DATA_DIR "
+            f"(got {len(parsed.data_dirs)} data folders); run it once per folder"
+        )
+    report = run_linear_probe(
+        parsed.model_dir,
+        parsed.data_dirs[0],
+        arch=parsed.arch,
+        input_size=parsed.input_size,
+        resize=parsed.resize,
+        layout=parsed.layout,
+        split=parsed.split,
+        seed=parsed.seed,
+        batch_size=parsed.batch_size,
+        threads=parsed.threads,
+        device=parsed.device,
+        out_dir=parsed.out,
+    )
+    _print_linear_probe(report)
+    if parsed.out is not None:
+        print(f"\nwrote {parsed.out / LINEAR_PROBE_FILE}")
+    return 0
+
+
+def _print_linear_probe(report: LinearProbeReport) -> None:
+    print(
+        f"linear probe of {report.weights} ({report.origin}, {report.arch}, "
+        f"{report.feature_dim} features at {report.input.size} px) on {report.data_dir}: "
+        f"logistic regression fitted on {report.train_images} train images "
+        f"(train accuracy {report.train.accuracy:.4f})"
+    )
+    for name, metrics in report.evaluations.items():
+        print(f"\n== {name} ==")
+        print(format_metrics_table(metrics))
+        print(f"\naccuracy {metrics.accuracy:.4f}, macro-F1 {metrics.macro_f1:.4f}")
+        print(
+            "recall per class: "
+            + ", ".join(f"{cls} {value.recall:.4f}" for cls, value in metrics.per_class.items())
+        )
 
 
 def _run_train(parsed: argparse.Namespace, command: str) -> int:
@@ -408,6 +643,16 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.nargs == 0 or action.required or action.default is None:
             return action.help
         return super()._get_help_string(action)
+
+
+class _DefaultsHelpRawFormatter(_DefaultsHelpFormatter):
+    """The same, keeping the description's paragraphs (each still wrapped)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(
+            super(_DefaultsHelpRawFormatter, self)._fill_text(part, width, indent)
+            for part in text.split("\n\n")
+        )
 
 
 def _parse_init(text: str) -> str | Path:

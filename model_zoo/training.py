@@ -37,7 +37,15 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from tqdm import tqdm
 
 from model_zoo.augment import AugmentConfig, augment_crop
-from model_zoo.checkpoint import extract_state_dict, load_initial_weights, save_state_dict
+from model_zoo.checkpoint import (
+    ARGS_FILE,
+    CHECKPOINT_FILE,
+    InitialWeightsSource,
+    extract_state_dict,
+    load_initial_weights,
+    locate_initial_weights,
+    save_state_dict,
+)
 from model_zoo.errors import ModelZooError
 from model_zoo.imagefolder import (
     DEFAULT_FRACTIONS,
@@ -58,10 +66,8 @@ from model_zoo.registry import (
 from monitor.imaging.preprocess import prepare_batch, prepare_image
 from monitor.manifest import EvaluationMetrics, InputSpec, sha256_of_file
 
-ARGS_FILE = "args.json"
 SPLITS_FILE = "splits.json"
 METRICS_FILE = "metrics.csv"
-CHECKPOINT_FILE = "checkpoint.pt"
 EVALUATION_FILE = "evaluation.json"
 CURVES_FILE = "training_curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -87,7 +93,8 @@ METRICS_COLUMNS = (
 
 Balance = Literal["weighted-sampler", "loss-weights", "none"]
 # Initial weights: random ("scratch"), the architecture's installed ImageNet weights,
-# or a local state_dict file (a previous run's checkpoint.pt, say).
+# or a local state_dict file or run directory (a pretrain run's encoder.pt, a previous
+# run's checkpoint.pt).
 Init = Literal["scratch", "imagenet"] | Path
 # Where stderr is not a terminal (a log file, journald), a line every this many
 # seconds instead of a carriage-return bar.
@@ -169,8 +176,9 @@ class AugmentedCrops(Dataset[tuple[torch.Tensor, int]]):
 def train_model(options: TrainOptions) -> TrainResult:
     """Run one training and write the run directory; return the best checkpoint's metrics."""
     _check_options(options)
-    init_file = _resolve_init_file(options)
-    device = _resolve_device(options.device)
+    init_source = locate_initial_weights(options.init) if isinstance(options.init, Path) else None
+    init_file = init_source.file if init_source else _resolve_init_file(options)
+    device = resolve_device(options.device)
     splits = resolve_splits(options.data_dir, options.layout, options.split, options.seed)
     classes = splits.classes
     if not splits.validation:
@@ -181,7 +189,7 @@ def train_model(options: TrainOptions) -> TrainResult:
     run_dir = _prepare_run_dir(options.out_dir, overwrite=options.overwrite)
     threads = options.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    _seed_everything(options.seed)
+    seed_everything(options.seed)
     loaded = {
         name: load_images(files, threads=threads, description=f"decode {name}")
         for name, files in splits.named_splits()
@@ -197,9 +205,10 @@ def train_model(options: TrainOptions) -> TrainResult:
         )
     # The architecture's normalisation (the [-1, 1] of the Lite weights, else ImageNet
     # statistics), whatever the init: a checkpoint fine-tuned from ImageNet weights and
-    # passed back as --init PATH must see the inputs it learned on. The manifest carries
-    # it to the daemon.
-    mean, std = input_normalisation(options.arch)
+    # passed back as --init PATH must see the inputs it learned on. Weights from a run
+    # that recorded another normalisation (a pretrain or train run's args.json) get that
+    # one instead, for the same reason. The manifest carries it to the daemon.
+    mean, std = _resolve_normalisation(options, init_source)
     spec = InputSpec(size=options.input_size, resize=options.resize, mean=mean, std=std)
 
     splits_json = splits.to_json(options.data_dir)
@@ -217,6 +226,7 @@ def train_model(options: TrainOptions) -> TrainResult:
             device=device,
             layout=splits.layout,
             init_file=init_file,
+            init_source=init_source,
         ),
     )
     print(
@@ -235,8 +245,13 @@ def train_model(options: TrainOptions) -> TrainResult:
     if options.init == "imagenet":
         load_imagenet_weights(model, options.arch)
         print(f"initial weights: ImageNet, from {init_file}", file=sys.stderr)
-    elif isinstance(options.init, Path):
-        report = load_initial_weights(model, options.init)
+    elif init_source is not None:
+        report = load_initial_weights(model, init_source.file)
+        origin = f"a {init_source.kind} run, " if init_source.kind else ""
+        print(
+            f"initial weights from {init_source.file} ({origin}--init {options.init})",
+            file=sys.stderr,
+        )
         print(report.describe(), file=sys.stderr)
     model.to(device)
 
@@ -528,11 +543,11 @@ def _check_options(options: TrainOptions) -> None:
         problems.append("--lr must be > 0")
     if options.workers < 0 or options.threads < 0:
         problems.append("--workers and --threads must be >= 0")
-    if isinstance(options.init, Path) and not options.init.is_file():
-        problems.append(
-            f"--init file not found: {options.init} (give a state_dict file, or "
-            "--init imagenet or --init scratch)"
-        )
+    if isinstance(options.init, Path):
+        try:
+            locate_initial_weights(options.init).check_arch(options.arch)
+        except ModelZooError as exc:
+            problems.append(str(exc))
     elif options.init == "imagenet":
         imagenet_source(options.arch)  # raises naming the architectures that have one
     if problems:
@@ -552,7 +567,7 @@ def _prepare_run_dir(out_dir: Path, *, overwrite: bool) -> Path:
     return out_dir
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     """Seed every generator torch and numpy use, and ask torch for deterministic kernels."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     np.random.seed(seed)
@@ -561,7 +576,7 @@ def _seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _resolve_device(requested: str) -> torch.device:
+def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
@@ -579,6 +594,7 @@ def _describe_run(
     device: torch.device,
     layout: str,
     init_file: Path | None,
+    init_source: InitialWeightsSource | None = None,
 ) -> dict[str, object]:
     resolved = asdict(options)
     resolved.update(
@@ -588,6 +604,8 @@ def _describe_run(
         init=str(options.init.resolve()) if isinstance(options.init, Path) else options.init,
         init_weights=str(init_file.resolve()) if init_file else None,
         init_weights_sha256=sha256_of_file(init_file) if init_file else None,
+        # The run the weights came from (a pretrain run's method, arch and input), if any.
+        init_run=init_source.describe() if init_source and init_source.run_args else None,
         split=list(options.split),
         threads=threads,
         device=str(device),
@@ -603,12 +621,28 @@ def _describe_run(
 
 
 def _resolve_init_file(options: TrainOptions) -> Path | None:
-    """The weights file the run starts from, if any (located now, to record its hash)."""
+    """The ImageNet weights file the run starts from, if any (located now, to record its
+    hash); --init PATH goes through `locate_initial_weights`."""
     if options.init == "imagenet":
         return imagenet_source(options.arch).locate()
-    if isinstance(options.init, Path):
-        return options.init
     return None
+
+
+def _resolve_normalisation(
+    options: TrainOptions, init_source: InitialWeightsSource | None
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """The architecture's (mean, std), or the init run's where it recorded another."""
+    default = input_normalisation(options.arch)
+    recorded = init_source.normalisation if init_source else None
+    if recorded is None or recorded == default:
+        return default
+    print(
+        f"input normalisation mean {list(recorded[0])}, std {list(recorded[1])}: the one "
+        f"--init {options.init} learned on (not {options.arch}'s default "
+        f"{list(default[0])}, {list(default[1])})",
+        file=sys.stderr,
+    )
+    return recorded
 
 
 def _report_unreadable(loaded: dict[str, LoadedImages]) -> None:
