@@ -53,6 +53,7 @@ from monitor.web.connections import (
     HttpCounters,
     Listener,
 )
+from monitor.web.labelling import LabellingApi
 from monitor.web.metrics import HttpCollector, create_registry, render_metrics
 from monitor.web.throttle import FailureThrottle
 from monitor.wire import to_wire
@@ -69,6 +70,7 @@ SESSION_COOKIE = "crystal_monitor_session"
 SESSION_MAX_AGE_S = 30 * 86400
 CSRF_HEADER = "X-Requested-By"
 OPEN_PATHS = frozenset({"/healthz", "/login", "/logout"})
+PAGES = frozenset({"/", "/label"})  # without a login these send the browser to /login
 MAX_WHO_CHARS = 64
 MAX_COMMENT_CHARS = 500
 JOURNAL_LIMIT = 200
@@ -279,6 +281,7 @@ class WebServer:
         get("/readyz", self._readyz)
         get("/metrics", self._metrics)
         get("/", self._index)
+        get("/label", self._label_page)
         get("/static/{name}", self._static_file)
         get("/login", self._login)
         app.router.add_post("/login", self._login)
@@ -292,6 +295,12 @@ class WebServer:
         post = app.router.add_post
         post("/api/probes/{probe}/alarms/{alarm_id}/acknowledge", self._acknowledge)
         post("/api/probes/{probe}/alarms/{alarm_id}/shelve", self._shelve)
+        LabellingApi(
+            samples=lambda: getattr(self._view, "samples", None),
+            probes=lambda: self._view.probe_ids,
+            now=self._view.now,
+            work=self._work,
+        ).add_routes(app)
         return app
 
     async def _work(self, function: Callable[..., T], *args: Any) -> T:
@@ -401,7 +410,7 @@ class WebServer:
                 self._throttle.succeeded(self._peer(request))
                 return None
             self._token_failed(request, "bearer")
-        if request.path == "/" and request.method == "GET":
+        if request.path in PAGES and request.method == "GET":
             raise web.HTTPSeeOther("/login")
         response = _error(
             401,
@@ -483,6 +492,9 @@ class WebServer:
 
     async def _index(self, request: web.Request) -> web.Response:
         return self._static_response("index.html", cache=False)
+
+    async def _label_page(self, request: web.Request) -> web.Response:
+        return self._static_response("label.html", cache=False)
 
     async def _static_file(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
