@@ -17,6 +17,8 @@ import structlog
 
 from monitor import __version__
 from monitor.config.settings import Settings
+from monitor.manifest import ManifestError
+from monitor.pipeline.active_model import ActiveModel
 from monitor.pipeline.batcher import MicroBatcher
 from monitor.pipeline.frame_queue import FrameQueue
 from monitor.pipeline.recorder import Recorder
@@ -26,6 +28,7 @@ from monitor.runtime.alarm_keeper import AlarmKeeper
 from monitor.runtime.events import EventAnnouncer
 from monitor.runtime.frame_results import FrameResults
 from monitor.runtime.model_loading import load_model, ready_backend
+from monitor.runtime.model_swap import ModelSwap, ModelSwapError, candidate_problems
 from monitor.runtime.operator_commands import OperatorCommands
 from monitor.runtime.probe_state import create_probe_states
 from monitor.runtime.publish_cycle import IntervalSchedule, PublishCycle, PublishSchedule
@@ -67,6 +70,7 @@ class Daemon:
         self.web: WebServer | None = None
         self._running: list[tuple[str, Callable[[], None]]] = []  # how to stop, in start order
         self.drained: bool | None = None  # whether in-flight frames finished at stop
+        self.last_model_swap: dict[str, object] | None = None  # the last reload's swap
         self.frames_recorded = 0  # at stop
 
     def start(self) -> None:
@@ -85,7 +89,7 @@ class Daemon:
         self.store = Store(settings.daemon.state_dir)
         self._running.append(("store", self.store.close))
         self.backend = ready_backend(settings, self.model, self.notifier)
-        self._running.append(("backend", self.backend.close))
+        self._running.append(("backend", self._close_backend))
         self.probes = create_probe_states(settings, manifest, self.store, clock())
         self.alarms = AlarmKeeper(settings, self.store)
         self.events = EventAnnouncer(self.publishers)
@@ -108,7 +112,7 @@ class Daemon:
         )
         self.workers = settings.batcher.workers or max(1, os.cpu_count() or 1)
         self.pipeline = Pipeline(
-            manifest,
+            ActiveModel(self.model, self.backend),
             settings.probes,
             self.batcher,
             self.frames,
@@ -118,6 +122,7 @@ class Daemon:
         self.cycle = PublishCycle(
             settings=lambda: self.settings,
             manifest=manifest,
+            running_model=lambda: self.pipeline.active.identity,
             probes=self.probes,
             alarms=self.alarms,
             store=self.store,
@@ -204,6 +209,9 @@ class Daemon:
             workers=self.workers,
         )
 
+    def _close_backend(self) -> None:
+        self.backend.close()  # the one running now: a reload may have swapped it
+
     def _stop_pipeline(self, grace: float) -> None:
         self.drained = self.pipeline.stop(timeout=grace)
 
@@ -211,13 +219,65 @@ class Daemon:
         self.recorder.stop(timeout=grace)
         self.frames_recorded = self.recorder.recorded
 
-    def apply_reload(self, plan: ReloadPlan) -> None:
+    def apply_reload(self, plan: ReloadPlan) -> list[str]:
+        """Apply a reload's live parts; then, when `model.path` changed, try the swap.
+        Returns notes for the systemd status (the swap's outcome)."""
         settings = plan.settings
         self.alarms.reconfigure(settings)
         self.pipeline.update_probes(settings.probes)
         for probe in settings.probes:
             self.probes[probe.id].config = probe
         self.settings = settings
+        if plan.new_model is None:
+            return []
+        try:
+            swap = self.swap_model(plan.new_model)
+        except ModelSwapError as exc:
+            log.error(
+                "model_swap_refused",
+                path=str(plan.new_model.model.path),
+                reason=str(exc),
+                running=self.pipeline.active.identity.label,
+                action="kept the running model",
+            )
+            self.last_model_swap = {"ok": False, "at": self.clock(), "reason": str(exc)}
+            return [f"model swap refused, running {self.pipeline.active.identity.label}: {exc}"]
+        self.settings = self.settings.model_copy(
+            update={
+                "model": self.settings.model.model_copy(update={"path": plan.new_model.model.path})
+            }
+        )
+        self.last_model_swap = {"ok": True, "at": self.clock(), "reason": swap.describe()}
+        return [swap.describe()]
+
+    def swap_model(self, new_settings: Settings) -> ModelSwap:
+        """Load, check and warm up the model `new_settings` names, then swap it in between
+        batches; raises ModelSwapError (the running model untouched) at any failure."""
+        running = self.pipeline.active
+        try:
+            candidate = load_model(new_settings, self.notifier)
+        except (ManifestError, OSError) as exc:
+            raise ModelSwapError(f"cannot load it: {exc}") from exc
+        problems = candidate_problems(running.loaded, candidate)
+        if problems:
+            raise ModelSwapError("; ".join(problems))
+        try:
+            backend = ready_backend(new_settings, candidate, self.notifier)
+        except Exception as exc:  # any backend failure refuses the candidate
+            raise ModelSwapError(f"its backend failed to start or warm up: {exc}") from exc
+        previous = self.pipeline.swap_model(ActiveModel(candidate, backend))
+        self.batcher.use_backend(backend)
+        self.model, self.backend = candidate, backend
+        matrix = candidate.manifest.validation.confusion_matrix
+        for state in self.probes.values():
+            with state.lock:
+                state.aggregator.use_confusion_matrix(matrix)
+        self.batcher.retire(previous.backend)  # closed once its last batch is delivered
+        swap = ModelSwap(previous.loaded, candidate)
+        log.info(
+            "model_swapped", previous=previous.identity.label, current=candidate.identity.label
+        )
+        return swap
 
     def stop(self) -> None:
         """Stop taking frames, finish in-flight ones within the grace time, flush, close."""

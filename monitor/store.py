@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS frames (
     n_uncertain INTEGER NOT NULL,
     stored_at REAL NOT NULL,
     latency_s REAL,
-    n_ood INTEGER NOT NULL DEFAULT 0
+    n_ood INTEGER NOT NULL DEFAULT 0,
+    model TEXT
 );
 CREATE INDEX IF NOT EXISTS frames_probe_ts ON frames (probe, ts);
 CREATE INDEX IF NOT EXISTS frames_stored_at ON frames (stored_at);
@@ -100,6 +101,9 @@ class FrameRow:
     stored_at: float
     latency_s: float | None = None
     n_ood: int = 0  # particles rejected as out of distribution
+    model: dict[str, str] | None = None
+    """The model that classified the frame: {"name", "version", "sha256"}; None when no
+    model saw it (rejected, unreadable) or for rows written before models were recorded."""
     journal: bool = True  # files are journaled; stream frames have no file to remember
 
 
@@ -187,9 +191,14 @@ class Store:
                 " store, and probe files are journaled afresh (keep them or use backlog ="
                 " 'none' to avoid counting old files twice)."
             ) from exc
-        # A read-only view of a store from an older version has no n_ood column yet.
+        # A read-only view of a store from an older version lacks the newer columns.
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(frames)")}
-        self._n_ood_column = "n_ood" if "n_ood" in columns else "0"
+        n_ood = "n_ood" if "n_ood" in columns else "0"
+        model = "model" if "model" in columns else "NULL"
+        self._frame_columns = (
+            "probe, key, ts, batch, status, reason, counts, n_uncertain, stored_at,"
+            f" latency_s, {n_ood}, {model}"
+        )
         # Re-entrant: a transaction's owner may call the other methods inside it.
         self._lock = threading.RLock()
 
@@ -286,8 +295,8 @@ class Store:
                     continue
             db.execute(
                 "INSERT INTO frames (probe, key, ts, batch, status, reason, counts,"
-                " n_uncertain, stored_at, latency_s, n_ood)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " n_uncertain, stored_at, latency_s, n_ood, model)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     row.probe,
                     key,
@@ -300,6 +309,7 @@ class Store:
                     row.stored_at,
                     row.latency_s,
                     row.n_ood,
+                    None if row.model is None else json.dumps(row.model),
                 ),
             )
             added.append(True)
@@ -374,9 +384,7 @@ class Store:
         """Frames newer than `since`, oldest first: used to refill windows after a restart."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT probe, key, ts, batch, status, reason, counts, n_uncertain, stored_at,"
-                f" latency_s, {self._n_ood_column} FROM frames"
-                " WHERE probe = ? AND ts > ? ORDER BY ts",
+                f"SELECT {self._frame_columns} FROM frames WHERE probe = ? AND ts > ? ORDER BY ts",
                 (probe, since),
             ).fetchall()
         return [_frame_row(row) for row in rows]
@@ -404,8 +412,7 @@ class Store:
     def iter_frames(self, since: float = 0.0) -> Iterator[FrameRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT probe, key, ts, batch, status, reason, counts, n_uncertain, stored_at,"
-                f" latency_s, {self._n_ood_column} FROM frames WHERE ts >= ? ORDER BY id",
+                f"SELECT {self._frame_columns} FROM frames WHERE ts >= ? ORDER BY id",
                 (since,),
             ).fetchall()
         return (_frame_row(row) for row in rows)
@@ -499,7 +506,20 @@ class _Transaction:
 
 
 def _frame_row(row: tuple[Any, ...]) -> FrameRow:
-    probe, key, ts, batch, status, reason, counts, n_uncertain, stored_at, latency_s, n_ood = row
+    (
+        probe,
+        key,
+        ts,
+        batch,
+        status,
+        reason,
+        counts,
+        n_uncertain,
+        stored_at,
+        latency_s,
+        n_ood,
+        model,
+    ) = row
     return FrameRow(
         probe=probe,
         key=key,
@@ -512,6 +532,7 @@ def _frame_row(row: tuple[Any, ...]) -> FrameRow:
         stored_at=stored_at,
         latency_s=latency_s,
         n_ood=n_ood,
+        model=None if model is None else json.loads(model),
     )
 
 
@@ -523,3 +544,5 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
     columns = {row[1] for row in db.execute("PRAGMA table_info(frames)")}
     if "n_ood" not in columns:
         db.execute("ALTER TABLE frames ADD COLUMN n_ood INTEGER NOT NULL DEFAULT 0")
+    if "model" not in columns:
+        db.execute("ALTER TABLE frames ADD COLUMN model TEXT")

@@ -23,6 +23,7 @@ from typing import Any
 
 from monitor.config.mqtt import MqttConfig
 from monitor.logs import configure_logging
+from monitor.manifest import ModelIdentity
 from monitor.publishers.base import CommandResult, ProbeUpdate
 from monitor.publishers.mqtt import MqttPublisher
 
@@ -90,8 +91,7 @@ def make_update(probe: str, tick: int, now: float) -> ProbeUpdate:
         ts=now,
         batch="B-1",
         quality="GOOD",
-        model_name="resnet18",
-        model_sha256="ab" * 32,
+        model=ModelIdentity("resnet18", "1", "ab" * 32),
         classes=CLASSES,
         snapshot={"ts": now, "batch": "B-1", "windows": windows, "trend": {"PG": {"ewma": pg}}},
         last_frame_ts=now - 0.5,

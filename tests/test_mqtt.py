@@ -463,7 +463,11 @@ def test_late_subscriber_gets_state_at_once_offline_after_kill_and_after_clean_s
             for probe in ("R1", "R2"):
                 fractions = retained[f"{PREFIX}/{probe}/fractions"].json()
                 assert fractions["probe"] == probe and fractions["batch"] == "B-1"
-                assert fractions["model"] == {"name": "resnet18", "sha256": "ab" * 32}
+                assert fractions["model"] == {
+                    "name": "resnet18",
+                    "version": "1",
+                    "sha256": "ab" * 32,
+                }
                 assert fractions["quality"] == "GOOD"
                 assert fractions["ts"].endswith("Z")
                 assert set(fractions["windows"]) == {"60s", "300s", "900s"}

@@ -24,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import ValidationError
 
 from monitor.config.opcua import OpcUaConfig
+from monitor.manifest import ModelIdentity
 from monitor.publishers.base import CommandResult, ProbeUpdate
 from monitor.publishers.opcua import OpcUaPublisher, OpcUaStartError
 from monitor.publishers.opcua_server import probe_status, unece_unit_id
@@ -155,8 +156,7 @@ def make_update(
         ts=ts,
         batch="B-17",
         quality=quality,  # type: ignore[arg-type]
-        model_name="default",
-        model_sha256="0" * 64,
+        model=ModelIdentity("default", "1", "0" * 64),
         classes=("CEX", "PG"),
         snapshot=snapshot,
         last_frame_ts=ts - 1.5,

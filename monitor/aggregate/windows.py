@@ -299,6 +299,21 @@ class WindowAggregator:
     they belong to the batch that ended.
     """
 
+    def use_confusion_matrix(self, confusion_matrix: Sequence[Sequence[int]] | None) -> None:
+        """Correct the shares with this validation matrix from now on (a model swap brings
+        its own); None turns the correction off. A matrix of the wrong size is refused
+        and the correction in use stays."""
+        correction: ConfusionCorrection | None = None
+        if confusion_matrix is not None:
+            correction = ConfusionCorrection(confusion_matrix)
+            size = correction.matrix.shape[0]
+            if size != len(self.classes):
+                raise ValueError(
+                    f"confusion matrix is {size} x {size} but there are "
+                    f"{len(self.classes)} classes (use the manifest's validation matrix)"
+                )
+        self._correction = correction
+
     def __init__(
         self,
         classes: Sequence[str],
@@ -325,16 +340,7 @@ class WindowAggregator:
             if not (math.isfinite(trend_window_s) and trend_window_s > 0):
                 raise ValueError(f"trend window must be positive seconds, got {trend_window_s}")
             self.trend_window_s = float(trend_window_s)
-        self._correction: ConfusionCorrection | None = None
-        if confusion_matrix is not None:
-            correction = ConfusionCorrection(confusion_matrix)
-            size = correction.matrix.shape[0]
-            if size != len(self.classes):
-                raise ValueError(
-                    f"confusion matrix is {size} x {size} but there are "
-                    f"{len(self.classes)} classes (use the manifest's validation matrix)"
-                )
-            self._correction = correction
+        self.use_confusion_matrix(confusion_matrix)
         self._retention_s = max(float(self.windows_s[-1]), self.trend_window_s)
         self._ewma = EwmaFractions(len(self.classes), ewma_halflife_s)
         self._frames = _FrameColumns(len(self.classes))

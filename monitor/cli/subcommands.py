@@ -26,6 +26,7 @@ from monitor.config.settings import (
 )
 from monitor.config.template import render_default_config
 from monitor.logs import configure_logging, restore_stderr
+from monitor.manifest import ModelIdentity
 from monitor.store import Store, StoreError
 from monitor.timestamps import iso_utc
 from monitor.wire import to_wire
@@ -238,9 +239,18 @@ def _window_rows(store: Store, since: float) -> list[dict[str, Any]]:
                         "rejected_frames": stats["rejected_frames"],
                         "particles_per_min": stats["particles_per_min"],
                         "frames_per_min": stats["frames_per_min"],
+                        "models": _model_labels(stats.get("models")),
+                        "spans_model_swap": stats.get("spans_model_swap", False),
                     }
                 )
     return rows
+
+
+def _model_labels(models: list[dict[str, str]] | None) -> str | None:
+    """A window's models as one cell: "name:version:sha12", a swap joined by " -> "."""
+    if not models:
+        return None  # a snapshot stored before models were recorded
+    return " -> ".join(ModelIdentity(**model).label for model in models)
 
 
 def _frame_rows(store: Store, since: float) -> list[dict[str, Any]]:
@@ -255,6 +265,9 @@ def _frame_rows(store: Store, since: float) -> list[dict[str, Any]]:
             **{f"n_{name}": count for name, count in row.counts.items()},
             "n_uncertain": row.n_uncertain,
             "n_ood": row.n_ood,
+            "model_name": row.model["name"] if row.model else None,
+            "model_version": row.model["version"] if row.model else None,
+            "model_sha256": row.model["sha256"] if row.model else None,
         }
         for row in store.iter_frames(since)
     ]

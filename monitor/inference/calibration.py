@@ -33,9 +33,7 @@ def calibration_files(folder: Path, *, limit: int = CALIBRATION_MAX_IMAGES) -> l
             f"calibration folder not found: {folder} (set backend.tensorrt.calibration_dir or "
             "--calibration to a folder of crop images)"
         )
-    files = sorted(
-        path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES
-    )
+    files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
     return files[:limit]
 
 

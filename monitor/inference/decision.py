@@ -94,4 +94,3 @@ class DecisionRule:
                 )
             )
         return decisions
-

@@ -342,9 +342,7 @@ def prepare_engine(
     def build() -> bytes:
         batches = None
         if files is not None:
-            batches = calibration_batches(
-                files, spec, batch_size=min(CALIBRATION_BATCH, max_batch)
-            )
+            batches = calibration_batches(files, spec, batch_size=min(CALIBRATION_BATCH, max_batch))
         return build_engine(
             model.onnx_path,
             input_size=spec.size,
@@ -568,4 +566,3 @@ class TensorRTBackend:
             self._slots = []
             del self._context
             del self._engine
-

@@ -5,6 +5,10 @@ frame; one thread packs requests into batches of up to `max_batch` crops, waitin
 most `max_wait` for a batch to fill, runs the backend and hands each request its rows.
 The queue is bounded in crops: a full queue blocks the submitting worker, which in turn
 slows the frame queue, so memory never grows without bound.
+
+A model swap (a reload) hands new requests another backend. A batch holds the requests
+of one backend only, and a backend `retire`d by the swap is closed once the last request
+prepared for it has been delivered, so no crop is lost or run twice across the swap.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ ResultCallback = Callable[[np.ndarray | None, str | None], None]
 class _Request:
     crops: np.ndarray  # (k, 3, S, S) with k <= max_batch
     on_done: ResultCallback
+    backend: Backend  # the model the crops were prepared for; a batch never mixes two
 
 
 class _FrameJob:
@@ -109,6 +114,10 @@ class MicroBatcher:
         self._capacity = max(queue_crops, max_batch)
         self._queue: deque[_Request] = deque()
         self._queued_crops = 0
+        # Requests submitted and not yet delivered, per backend (by identity), and the
+        # backends to close once theirs reach zero.
+        self._outstanding: dict[int, int] = {}
+        self._retiring: dict[int, Backend] = {}
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
@@ -130,15 +139,19 @@ class MicroBatcher:
     def queued_crops(self) -> int:
         return self._queued_crops
 
-    def submit(self, crops: np.ndarray, on_done: ResultCallback) -> bool:
-        """Queue a frame's crops; blocks while the queue is full; False once stopping."""
+    def submit(
+        self, crops: np.ndarray, on_done: ResultCallback, *, backend: Backend | None = None
+    ) -> bool:
+        """Queue a frame's crops for `backend` (default: the one the batcher was built
+        with); blocks while the queue is full; False once stopping."""
         if len(crops) == 0:
             on_done(np.empty((0, 0), np.float32), None)
             return True
+        target = backend or self._backend
         pieces = [crops[i : i + self._max_batch] for i in range(0, len(crops), self._max_batch)]
         job = _FrameJob(len(pieces), on_done)
         for index, piece in enumerate(pieces):
-            request = _Request(piece, functools.partial(job.part_done, index))
+            request = _Request(piece, functools.partial(job.part_done, index), target)
             with self._cond:
                 while self._queued_crops + len(piece) > self._capacity and not self._stopping:
                     self._cond.wait(0.1)
@@ -146,8 +159,47 @@ class MicroBatcher:
                     return False
                 self._queue.append(request)
                 self._queued_crops += len(piece)
+                key = id(target)
+                self._outstanding[key] = self._outstanding.get(key, 0) + 1
                 self._cond.notify_all()
         return True
+
+    def use_backend(self, backend: Backend) -> None:
+        """The default backend from now on (after a model swap)."""
+        self._backend = backend
+
+    def retire(self, backend: Backend) -> None:
+        """Close `backend` once no submitted request waits for it (at once when none does)."""
+        with self._cond:
+            if self._outstanding.get(id(backend), 0) > 0:
+                self._retiring[id(backend)] = backend
+                return
+        self._close_retired(backend)
+
+    def _close_retired(self, backend: Backend) -> None:
+        try:
+            backend.close()
+        except Exception:  # the new model runs already; a failed close is only logged
+            log.exception("backend_close_failed", backend=backend.name)
+        else:
+            log.info("backend_retired", backend=backend.name)
+
+    def _delivered(self, requests: list[_Request]) -> None:
+        """Count requests off their backend; close a retired backend when it has none left."""
+        closing: list[Backend] = []
+        with self._cond:
+            for request in requests:
+                key = id(request.backend)
+                left = self._outstanding.get(key, 0) - 1
+                if left > 0:
+                    self._outstanding[key] = left
+                    continue
+                self._outstanding.pop(key, None)
+                retired = self._retiring.pop(key, None)
+                if retired is not None:
+                    closing.append(retired)
+        for backend in closing:
+            self._close_retired(backend)
 
     def _take_batch(self, *, block: bool = True) -> list[_Request]:
         """Requests for the next batch. `block=False` (a batch is in flight on a pipelined
@@ -166,7 +218,12 @@ class MicroBatcher:
                 self._cond.wait(remaining)
             taken: list[_Request] = []
             size = 0
-            while self._queue and size + len(self._queue[0].crops) <= self._max_batch:
+            backend = self._queue[0].backend
+            while (
+                self._queue
+                and size + len(self._queue[0].crops) <= self._max_batch
+                and self._queue[0].backend is backend
+            ):
                 request = self._queue.popleft()
                 taken.append(request)
                 size += len(request.crops)
@@ -176,7 +233,7 @@ class MicroBatcher:
 
     def _run(self) -> None:
         if isinstance(self._backend, PipelinedBackend):
-            self._run_pipelined(self._backend)
+            self._run_pipelined()
             return
         while True:
             requests = self._take_batch()
@@ -189,14 +246,14 @@ class MicroBatcher:
             )
             started = time.perf_counter()
             try:
-                probabilities = self._backend.infer(batch)
+                probabilities = requests[0].backend.infer(batch)
                 error = None
             except Exception as exc:  # a failed batch must not kill the batcher
                 probabilities = None
                 error = self._failed(exc, len(batch))
             self._deliver(requests, len(batch), probabilities, error, started)
 
-    def _run_pipelined(self, backend: PipelinedBackend) -> None:
+    def _run_pipelined(self) -> None:
         """Keep one batch in flight: submit batch N+1 before collecting batch N, so packing
         and copying the next batch overlap the GPU working on the current one."""
         in_flight: _InFlight | None = None
@@ -210,7 +267,10 @@ class MicroBatcher:
                     else np.concatenate([r.crops for r in requests])
                 )
                 submitted = _InFlight(requests, len(batch), time.perf_counter())
+                backend = requests[0].backend
                 try:
+                    if not isinstance(backend, PipelinedBackend):
+                        raise TypeError(f"backend {backend.name} cannot pipeline batches")
                     submitted.pending = backend.submit(batch)
                 except Exception as exc:  # a failed batch must not kill the batcher
                     submitted.error = self._failed(exc, len(batch))
@@ -251,11 +311,14 @@ class MicroBatcher:
         self.latency_histogram.observe(elapsed)
         self.batch_size_histogram.observe(size)
         offset = 0
-        for request in requests:
-            count = len(request.crops)
-            rows = None if probabilities is None else probabilities[offset : offset + count]
-            offset += count
-            request.on_done(rows, error)
+        try:
+            for request in requests:
+                count = len(request.crops)
+                rows = None if probabilities is None else probabilities[offset : offset + count]
+                offset += count
+                request.on_done(rows, error)
+        finally:
+            self._delivered(requests)
 
 
 @dataclass

@@ -76,6 +76,7 @@ def result_document(outcome: FrameOutcome, classes: tuple[str, ...]) -> dict[str
         "counts": dict(zip(classes, outcome.class_counts, strict=True)),
         "n_uncertain": outcome.n_uncertain,
         "n_ood": outcome.n_ood,
+        "model": None if outcome.model is None else outcome.model.to_json(),
     }
 
 
@@ -293,6 +294,7 @@ class Recorder:
                     counts=dict(zip(self._classes, outcome.class_counts, strict=True)),
                     n_uncertain=outcome.n_uncertain,
                     n_ood=outcome.n_ood,
+                    model=None if outcome.model is None else outcome.model.to_json(),
                     stored_at=now,
                     journal=outcome.item.journal,
                 )

@@ -21,8 +21,7 @@ import structlog
 from monitor.config.settings import ProbeConfig, QualityConfig
 from monitor.imaging.decode import DecodeError
 from monitor.imaging.preprocess import prepare_batch
-from monitor.inference.decision import DecisionRule
-from monitor.manifest import ModelManifest
+from monitor.pipeline.active_model import ActiveModel
 from monitor.pipeline.batcher import MicroBatcher
 from monitor.pipeline.frame_queue import FrameQueue
 from monitor.pipeline.outcome import (
@@ -74,7 +73,7 @@ class _ProbeStages:
 class Pipeline:
     def __init__(
         self,
-        manifest: ModelManifest,
+        active: ActiveModel,
         probes: Sequence[ProbeConfig],
         batcher: MicroBatcher,
         frames: FrameQueue,
@@ -84,10 +83,10 @@ class Pipeline:
         observers: Sequence[ClassifiedFrameObserver] = (),
         batch_of: Callable[[str], str | None] = lambda probe: None,
     ) -> None:
-        self._manifest = manifest
+        self._active = active
+        self._classes = active.manifest.classes
         self._observers = tuple(observers)
         self._batch_of = batch_of
-        self._rule = DecisionRule.from_manifest(manifest)
         self._stages = {
             probe.id: _ProbeStages(probe.quality, create_sampler(probe)) for probe in probes
         }
@@ -109,6 +108,22 @@ class Pipeline:
         self._stages = {
             probe.id: _ProbeStages(probe.quality, create_sampler(probe)) for probe in probes
         }
+
+    @property
+    def active(self) -> ActiveModel:
+        return self._active
+
+    def swap_model(self, active: ActiveModel) -> ActiveModel:
+        """Classify frames taken from now on with `active`; returns the model it replaces.
+        Frames already in a worker finish with the model they started with. The class
+        list must not change: windows, alarms and published tags are built on it."""
+        if active.manifest.classes != self._classes:
+            raise ValueError(
+                f"model classes {list(active.manifest.classes)} differ from the running "
+                f"{list(self._classes)}"
+            )
+        previous, self._active = self._active, active
+        return previous
 
     def start(self) -> None:
         for thread in self._threads:
@@ -143,7 +158,7 @@ class Pipeline:
                 self._finish(FrameOutcome(item, "error", f"internal: {exc}", self._zeros(), 0))
 
     def _zeros(self) -> tuple[int, ...]:
-        return (0,) * len(self._manifest.classes)
+        return (0,) * len(self._classes)
 
     def _finish(self, outcome: FrameOutcome) -> None:
         try:
@@ -180,10 +195,11 @@ class Pipeline:
         if not crops:
             self._finish(FrameOutcome(item, "ok", None, self._zeros(), 0))
             return
-        tensors = prepare_batch([crop.image for crop in crops], self._manifest.input)
-        manifest = self._manifest
-        rule = self._rule
-        model = self._model
+        active = self._active  # one model for the whole frame, whenever a swap lands
+        manifest = active.manifest
+        rule = active.rule
+        model = active.identity
+        tensors = prepare_batch([crop.image for crop in crops], manifest.input)
 
         def on_probabilities(rows: np.ndarray | None, error: str | None) -> None:
             if rows is None:
@@ -237,7 +253,7 @@ class Pipeline:
                 )
             )
 
-        if not self._batcher.submit(tensors, on_probabilities):
+        if not self._batcher.submit(tensors, on_probabilities, backend=active.backend):
             self._abandon()  # shutting down: left for the next start
 
     def _abandon(self) -> None:

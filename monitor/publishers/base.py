@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from monitor.alarms import Quality
+from monitor.manifest import ModelIdentity
 
 if TYPE_CHECKING:
     from monitor.store import StoreTransaction
+
 
 @dataclass(frozen=True)
 class ProbeUpdate:
@@ -33,8 +35,8 @@ class ProbeUpdate:
     ts: float  # epoch seconds
     batch: str | None
     quality: Quality
-    model_name: str
-    model_sha256: str
+    model: ModelIdentity
+    """The model of the newest frame counted (the running model before any frame)."""
     classes: tuple[str, ...]
     snapshot: dict[str, Any]
     last_frame_ts: float | None

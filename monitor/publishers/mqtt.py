@@ -125,7 +125,7 @@ def fractions_payload(update: ProbeUpdate) -> dict[str, Any]:
         "ts": iso_utc(update.ts),
         "probe": update.probe,
         "batch": update.batch,
-        "model": {"name": update.model_name, "sha256": update.model_sha256},
+        "model": update.model.to_json(),
         "quality": update.quality,
         "classes": list(update.classes),
         "last_frame_ts": None if update.last_frame_ts is None else iso_utc(update.last_frame_ts),

@@ -15,7 +15,7 @@ import structlog
 from monitor.aggregate import FrameRecord, WindowAggregator
 from monitor.alarms import Quality
 from monitor.config.settings import ProbeConfig, Settings
-from monitor.manifest import ModelManifest
+from monitor.manifest import ModelIdentity, ModelManifest
 from monitor.pipeline.outcome import FrameOutcome, ParticleBox
 from monitor.store import Store
 
@@ -50,6 +50,29 @@ def frame_record(outcome: FrameOutcome) -> FrameRecord:
 
 
 @dataclass
+class ModelSpan:
+    """Frames of one model in a row, by frame time: a swap starts a new span."""
+
+    model: ModelIdentity
+    first_ts: float
+    last_ts: float
+
+
+def models_in_window(spans: Sequence[ModelSpan], start: float) -> list[ModelIdentity]:
+    """The models whose frames fall at or after `start` (a window's beginning), oldest
+    first, each once."""
+    models: list[ModelIdentity] = []
+    for span in spans:
+        if span.last_ts >= start and span.model not in models:
+            models.append(span.model)
+    return models
+
+
+# Spans kept per probe: a swap a minute for an hour is far more than any plant does.
+MAX_MODEL_SPANS = 64
+
+
+@dataclass
 class ProbeState:
     """One probe's live state. Every field but `config` is read and written under `lock`."""
 
@@ -61,6 +84,9 @@ class ProbeState:
     """As the alarm engine rated the input at the last publish tick (None before it)."""
     # The last RECENT_FRAMES classified frames, oldest first (see RECENT_FRAMES for memory).
     recent_frames: deque[LatestFrame] = field(default_factory=lambda: deque(maxlen=RECENT_FRAMES))
+    # Which model classified the counted frames, by frame time (a window spanning a
+    # model swap says so), oldest first.
+    model_spans: deque[ModelSpan] = field(default_factory=lambda: deque(maxlen=MAX_MODEL_SPANS))
 
     def add(self, outcome: FrameOutcome) -> FrameRecord:
         """Count a stored frame in the windows; keep it for the dashboard if classified."""
@@ -68,16 +94,36 @@ class ProbeState:
         with self.lock:
             self.aggregator.add(record)
             self.last_frame_ts = max(self.last_frame_ts or record.ts, record.ts)
+            if outcome.model is not None:
+                self._note_model(outcome.model, record.ts)
             if outcome.image is not None:  # a reference; the deque drops the oldest
                 self.recent_frames.append(
                     LatestFrame(record.ts, outcome.item.key, outcome.image, outcome.boxes)
                 )
         return record
 
+    def _note_model(self, model: ModelIdentity, ts: float) -> None:
+        """Extend the newest span, or start one when the model changed (under `lock`)."""
+        newest = self.model_spans[-1] if self.model_spans else None
+        if newest is not None and newest.model == model:
+            newest.first_ts = min(newest.first_ts, ts)
+            newest.last_ts = max(newest.last_ts, ts)
+        else:
+            self.model_spans.append(ModelSpan(model, ts, ts))
+
     def snapshot(self, now: float) -> tuple[dict[str, Any], float | None]:
-        """(window snapshot as JSON, newest frame time), read together."""
+        """(window snapshot as JSON, newest frame time), read together. Each window names
+        the models whose frames it counts (`models`, `spans_model_swap`)."""
         with self.lock:
-            return self.aggregator.snapshot(now).to_json(), self.last_frame_ts
+            snapshot = self.aggregator.snapshot(now).to_json()
+            spans = list(self.model_spans)
+            last_frame_ts = self.last_frame_ts
+        for seconds, window in snapshot["windows"].items():
+            models = models_in_window(spans, now - float(seconds))
+            window["models"] = [model.to_json() for model in models]
+            window["spans_model_swap"] = len(models) > 1
+        snapshot["model"] = spans[-1].model.to_json() if spans else None
+        return snapshot, last_frame_ts
 
     def newest_first(self) -> list[LatestFrame]:
         """The recent frames, newest first by frame time (a copy of the references)."""
@@ -107,9 +153,7 @@ def create_probe_states(
     return states
 
 
-def _restore_windows(
-    state: ProbeState, store: Store, classes: Sequence[str], since: float
-) -> None:
+def _restore_windows(state: ProbeState, store: Store, classes: Sequence[str], since: float) -> None:
     probe = state.config.id
     current = store.current_batch(probe)
     if current is not None:
@@ -128,6 +172,8 @@ def _restore_windows(
                 rejected_reason=None if row.status == "ok" else row.reason or row.status,
             )
         )
+        if row.model is not None:
+            state._note_model(ModelIdentity(**row.model), row.ts)
         restored += 1
     if restored:
         log.info("windows_restored", probe=probe, frames=restored)

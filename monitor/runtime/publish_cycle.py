@@ -14,7 +14,7 @@ import structlog
 
 from monitor.config.settings import Settings
 from monitor.log_limit import RepeatLimiter
-from monitor.manifest import ModelManifest
+from monitor.manifest import ModelIdentity, ModelManifest
 from monitor.pipeline.recorder import failure_reason
 from monitor.publishers.base import ProbeUpdate, Publisher
 from monitor.runtime.alarm_keeper import AlarmKeeper
@@ -34,6 +34,7 @@ class PublishCycle:
         *,
         settings: Callable[[], Settings],
         manifest: ModelManifest,
+        running_model: Callable[[], ModelIdentity],
         probes: Mapping[str, ProbeState],
         alarms: AlarmKeeper,
         store: Store,
@@ -43,6 +44,7 @@ class PublishCycle:
     ) -> None:
         self._settings = settings  # read each time: a reload may change the interval
         self._manifest = manifest
+        self._running_model = running_model  # a swap changes it
         self._probes = probes
         self._alarms = alarms
         self._store = store
@@ -82,8 +84,7 @@ class PublishCycle:
             ts=now,
             batch=snapshot["batch"],
             quality=quality,
-            model_name=self._manifest.name,
-            model_sha256=self._manifest.onnx_sha256,
+            model=self._model_of(snapshot),
             classes=self._manifest.classes,
             snapshot=snapshot,
             last_frame_ts=last_frame_ts,
@@ -92,6 +93,11 @@ class PublishCycle:
         for publisher in self._publishers:
             publisher.publish_update(update)
         self._events.announce_transitions(probe_id, transitions)
+
+    def _model_of(self, snapshot: dict[str, Any]) -> ModelIdentity:
+        """The model of the newest frame counted; the running one before any frame."""
+        newest = snapshot.get("model")
+        return ModelIdentity(**newest) if newest else self._running_model()
 
     def purge_expired(self) -> None:
         """Drop stored rows older than the retention (frames, snapshots, journal)."""

@@ -11,7 +11,7 @@ stages.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,9 @@ LIVE_KEYS = ("alarms", "aggregation.publish_interval", "store.retention")
 """Settings (dotted key paths) a reload applies at once; the README lists the same."""
 LIVE_PROBE_KEYS = ("quality", "particles", "tiles")
 """Each probe's sections a reload applies at once (the image thresholds)."""
+MODEL_SWAP_KEY = "model.path"
+"""A changed model is loaded, checked and warmed up beside the running one, then swapped
+in between batches (`Daemon.swap_model`); refused, the running model keeps going."""
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,13 @@ class ReloadPlan:
     """Key paths that changed and take effect now."""
     needs_restart: tuple[str, ...]
     """Key paths that changed and take effect only after a restart."""
+    new_model: Settings | None = None
+    """The new file's settings when `model.path` changed: the daemon tries the swap and,
+    when it succeeds, runs on `settings` with this model path from then on."""
 
     @property
     def changed(self) -> bool:
-        return bool(self.applied or self.needs_restart)
+        return bool(self.applied or self.needs_restart or self.new_model)
 
 
 def _leaf_differences(old: Any, new: Any, path: str) -> Iterator[str]:
@@ -72,7 +78,11 @@ def plan_reload(current: Settings, new: Settings) -> ReloadPlan:
     new_dump = new.model_dump(mode="json", exclude={"probes"})
     applied: list[str] = []
     needs_restart: list[str] = []
+    model_changed = False
     for path in _leaf_differences(old_dump, new_dump, ""):
+        if path == MODEL_SWAP_KEY:
+            model_changed = True
+            continue
         live = any(path == p or path.startswith(p + ".") for p in LIVE_KEYS)
         (applied if live else needs_restart).append(path)
 
@@ -104,7 +114,9 @@ def plan_reload(current: Settings, new: Settings) -> ReloadPlan:
     for key in LIVE_KEYS:
         settings = _with_value(settings, key.split("."), _value_at(new, key.split(".")))
     settings = settings.model_copy(update={"probes": tuple(probes)})
-    return ReloadPlan(settings, tuple(applied), tuple(needs_restart))
+    return ReloadPlan(
+        settings, tuple(applied), tuple(needs_restart), new if model_changed else None
+    )
 
 
 def _value_at(model: BaseModel, path: list[str]) -> Any:
@@ -130,7 +142,7 @@ class LiveReload:
     def __init__(
         self,
         current: Callable[[], Settings],
-        apply: Callable[[ReloadPlan], None],
+        apply: Callable[[ReloadPlan], Sequence[str] | None],
         status: Callable[[str], object],
         reloading: Callable[[], object],
     ) -> None:
@@ -157,15 +169,18 @@ class LiveReload:
             self._status(f"reload failed, running on the old config: {problems[0]}")
             return None
         plan = plan_reload(self._current(), new_settings)
-        self._apply(plan)
+        notes = list(self._apply(plan) or ())
         log.info(
             "config_reloaded",
             config=str(config_path),
             applied=list(plan.applied),
             needs_restart=list(plan.needs_restart),
+            model=notes or None,
         )
         status = f"reloaded: {len(plan.applied)} change(s) applied"
         if plan.needs_restart:
             status += f", restart needed for {', '.join(plan.needs_restart)}"
+        if notes:
+            status += "; " + "; ".join(notes)
         self._status(status)
         return plan

@@ -175,11 +175,12 @@ class LiveView:
 
     @property
     def manifest(self) -> ModelManifest:
-        return self._manifest
+        """The running model's manifest (a reload may swap the model)."""
+        return self._pipeline.active.manifest
 
     @property
     def backend_name(self) -> str:
-        return self._backend_name
+        return self._pipeline.active.backend.name
 
     @property
     def probe_ids(self) -> tuple[str, ...]:
