@@ -245,6 +245,7 @@ def test_demo_client_finds_every_node_and_reads_the_5_minute_fraction_with_units
                 ("Status",),
                 ("LastFrameTime",),
                 ("Batch",),
+                ("Model",),
                 ("ParticlesPerMinute",),
                 ("FramesPerMinute",),
                 ("RejectedFrameShare",),
@@ -287,6 +288,8 @@ def test_demo_client_finds_every_node_and_reads_the_5_minute_fraction_with_units
             assert await count.read_value() == 34
             assert await (await child(probe, client, "Status")).read_value() == "ok"
             assert await (await child(probe, client, "Batch")).read_value() == "B-17"
+            model = await (await child(probe, client, "Model")).read_value()
+            assert model == "default:1:000000000000"
             last_frame = await (await child(probe, client, "LastFrameTime")).read_value()
             assert same_instant(last_frame, utc(ts - 1.5))
             state = await child(probe, client, "Alarms", "pg_high", "State")

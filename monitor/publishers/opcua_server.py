@@ -8,6 +8,7 @@ Layout (namespace `namespace_uri`; string NodeIds `CrystalMonitor.<probe>.<path>
                                   uncertain particles | bad input
         LastFrameTime    DateTime
         Batch            String   '' when no batch runs
+        Model            String   name:version:sha12 of the model behind the numbers
         ParticlesPerMinute, FramesPerMinute      AnalogUnitType, 1/min (UNECE C94)
         RejectedFrameShare, UncertainShare       AnalogItemType, % 0..100 (UNECE P1)
         OutOfDistributionShare                   AnalogItemType, % of particles not crystals
@@ -27,8 +28,8 @@ Fractions, rates and shares come from the 5-minute window. Measured values carry
 StatusCode of the update's quality (GOOD -> Good, UNCERTAIN -> UncertainSubNormal,
 BAD -> BadNoCommunication for a stale probe, BadSensorFailure otherwise) and the
 update's time as SourceTimestamp; a value that does not exist yet (no particles in
-the window) is null with BadWaitingForInitialData. Status, Batch, LastFrameTime and
-the alarm variables are facts about the monitor and stay Good.
+the window) is null with BadWaitingForInitialData. Status, Batch, Model, LastFrameTime
+and the alarm variables are facts about the monitor and stay Good.
 
 Methods call the CommandHandler with the session's user name; a refused command
 returns BadRequestNotAllowed with the reason as its output argument.
@@ -519,6 +520,7 @@ class CrystalMonitorServer:
             ua.VariantType.DateTime,
         )
         await self._add_variable(node, probe, "Batch", "", ua.VariantType.String)
+        await self._add_variable(node, probe, "Model", "", ua.VariantType.String)
         await self._add_analog(
             node,
             probe,
@@ -668,6 +670,7 @@ class CrystalMonitorServer:
         string, double = ua.VariantType.String, ua.VariantType.Double
         await self._write(probe, "Status", status.text, string, code=good, ts=ts)
         await self._write(probe, "Batch", update.batch or "", string, code=good, ts=ts)
+        await self._write(probe, "Model", update.model.label, string, code=good, ts=ts)
         last_frame = None if update.last_frame_ts is None else _utc(update.last_frame_ts)
         await self._write(
             probe, "LastFrameTime", last_frame, ua.VariantType.DateTime, code=good, ts=ts
