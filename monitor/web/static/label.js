@@ -378,7 +378,12 @@ function renderDetail() {
   guess.style.color = classColour(sample.guess);
   head.append("Model: ", guess, ` ${pct(sample.confidence)}`);
   const bars = el("div", "probabilities");
-  for (const [name, value] of Object.entries(sample.probabilities || {})) {
+  const probabilities = sample.probabilities || {};
+  // In the model's class order, whatever order the document has.
+  const names = [...page.classes.filter((name) => name in probabilities),
+    ...Object.keys(probabilities).filter((name) => !page.classes.includes(name))];
+  for (const name of names) {
+    const value = probabilities[name];
     const row = el("div", "probability");
     const bar = el("span", "bar");
     bar.style.width = `${Math.max(0, Math.min(1, value)) * 100}%`;
