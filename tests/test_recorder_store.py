@@ -292,3 +292,35 @@ def test_purge_drops_journal_entries_with_their_rows(tmp_path: Path, retention_s
     assert store.journaled("R1", ["old.png", "new.png"]) == {"new.png"}
     assert [row.key for row in store.iter_frames()] == ["new.png"]
     store.close()
+
+
+def test_a_store_from_before_models_were_recorded_gains_the_column_in_place(
+    tmp_path: Path,
+) -> None:
+    """An older store (no `model` column) opens, old rows read back with no model, and new
+    rows name theirs; a read-only view of the old file reads it as it is."""
+    db = sqlite3.connect(tmp_path / DB_FILE)
+    db.executescript(
+        """
+        CREATE TABLE frames (id INTEGER PRIMARY KEY, probe TEXT NOT NULL, key TEXT NOT NULL,
+            ts REAL NOT NULL, batch TEXT, status TEXT NOT NULL, reason TEXT,
+            counts TEXT NOT NULL, n_uncertain INTEGER NOT NULL, stored_at REAL NOT NULL,
+            latency_s REAL, n_ood INTEGER NOT NULL DEFAULT 0);
+        INSERT INTO frames (probe, key, ts, status, counts, n_uncertain, stored_at)
+            VALUES ('R1', 'old.png', 100.0, 'ok', '{"CEX": 3}', 0, 100.5);
+        """
+    )
+    db.commit()
+    db.close()
+    readonly = Store(tmp_path, readonly=True)
+    (old,) = list(readonly.iter_frames())
+    assert old.key == "old.png" and old.model is None
+    readonly.close()
+
+    store = Store(tmp_path)
+    identity = {"name": "site-b", "version": "2", "sha256": "ab" * 32}
+    row = FrameRow("R1", "new.png", 200.0, None, "ok", None, {"CEX": 1}, 0, 200.5, model=identity)
+    assert store.record_frames([row]) == [True]
+    rows = {r.key: r.model for r in store.iter_frames()}
+    store.close()
+    assert rows == {"old.png": None, "new.png": identity}
