@@ -467,7 +467,14 @@ def _prepare_run_dir(run_dir: Path, described: Mapping[str, Any], options: Pretr
         )
     _keep_metrics_rows(run_dir / METRICS_FILE, done)
     # Keep the original record, with the command and time of this start added.
-    starts = [*recorded.get("resumed", []), {"after_epoch": done, "command": options.command}]
+    starts = [
+        *recorded.get("resumed", []),
+        {
+            "after_epoch": done,
+            "command": options.command,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    ]
     _write_json(run_dir / ARGS_FILE, {**recorded, "resumed": starts})
     return done
 
