@@ -86,14 +86,32 @@ class LoadedImages:
         return np.array([f.label for f in self.files], dtype=np.int64)
 
 
+RESERVED_PREFIX = "_"
+"""Folders named `_...` are not classes: the daemon's `samples export` writes crops an
+operator called "not a particle" to `_not_a_particle/` and unlabelled ones to
+`_unlabelled/`, beside the class folders, so its export trains as it is."""
+
+
+def reserved_folders(folder: Path) -> list[str]:
+    """The `_...` sub-folders `find_classes` leaves out, for the run's log."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        entry.name
+        for entry in folder.iterdir()
+        if entry.is_dir() and entry.name.startswith(RESERVED_PREFIX)
+    )
+
+
 def find_classes(folder: Path) -> list[str]:
-    """Class names = sub-folder names, sorted (torchvision's ImageFolder order)."""
+    """Class names = sub-folder names, sorted (torchvision's ImageFolder order); hidden
+    (`.`) and reserved (`_`, see RESERVED_PREFIX) folders are not classes."""
     if not folder.is_dir():
         raise DatasetError(f"data folder not found: {folder}")
     classes = sorted(
         entry.name
         for entry in folder.iterdir()
-        if entry.is_dir() and not entry.name.startswith(".")
+        if entry.is_dir() and not entry.name.startswith((".", RESERVED_PREFIX))
     )
     if not classes:
         raise DatasetError(

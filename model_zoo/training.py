@@ -53,6 +53,7 @@ from model_zoo.imagefolder import (
     LoadedImages,
     count_per_class,
     load_images,
+    reserved_folders,
     resolve_splits,
 )
 from model_zoo.metrics import compute_metrics, format_metrics_table
@@ -181,6 +182,9 @@ def train_model(options: TrainOptions) -> TrainResult:
     device = resolve_device(options.device)
     splits = resolve_splits(options.data_dir, options.layout, options.split, options.seed)
     classes = splits.classes
+    skipped = reserved_folders(options.data_dir)
+    if skipped:
+        print(f"not classes, left out: {', '.join(skipped)}", file=sys.stderr)
     if not splits.validation:
         raise DatasetError(
             f"the validation split of {options.data_dir} is empty; early stopping and the "

@@ -24,6 +24,8 @@ from monitor.pipeline.frame_queue import FrameQueue
 from monitor.pipeline.recorder import Recorder
 from monitor.pipeline.workers import Pipeline
 from monitor.publishers.base import Publisher
+from monitor.review.queue import ReviewQueue
+from monitor.review.sample_store import SampleStore
 from monitor.runtime.alarm_keeper import AlarmKeeper
 from monitor.runtime.events import EventAnnouncer
 from monitor.runtime.frame_results import FrameResults
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
     from monitor.web.server import WebServer
 
 log = structlog.get_logger(__name__)
+
+SAMPLES_DIR = "samples"  # the review queue's store, under daemon.state_dir (and the CLI's)
 
 
 class Daemon:
@@ -110,6 +114,7 @@ class Daemon:
             clock=clock,
             max_delay_s=settings.store.commit_delay,
         )
+        self.review = self._build_review()
         self.workers = settings.batcher.workers or max(1, os.cpu_count() or 1)
         self.pipeline = Pipeline(
             ActiveModel(self.model, self.backend),
@@ -118,6 +123,8 @@ class Daemon:
             self.frames,
             self.recorder.submit,
             workers=self.workers,
+            observers=[self.review] if self.review is not None else [],
+            batch_of=lambda probe: self.probes[probe].aggregator.batch,
         )
         self.cycle = PublishCycle(
             settings=lambda: self.settings,
@@ -145,6 +152,7 @@ class Daemon:
             sources=self.sources,
             publishers=self.publishers,
             clock=clock,
+            samples=None if self.review is None else self.review.store,
         )
         self.progress = SystemdProgress(
             self.notifier,
@@ -161,6 +169,19 @@ class Daemon:
             status=lambda text: self.notifier.ready(status=text),
             reloading=self.notifier.reloading,
         )
+
+    def _build_review(self) -> ReviewQueue | None:
+        """The review queue over <state_dir>/samples, or None with review.enabled off."""
+        config = self.settings.review
+        if not config.enabled:
+            return None
+        samples = SampleStore(
+            self.settings.daemon.state_dir / SAMPLES_DIR,
+            self.model.manifest.classes,
+            max_samples=config.max_samples,
+        )
+        self._running.append(("sample store", samples.close))
+        return ReviewQueue(config, samples, clock=self.clock)
 
     def _start_stages(self) -> None:
         """Downstream first, so every stage has somewhere to hand its output."""
@@ -180,6 +201,9 @@ class Daemon:
         self._running.append(("recorder", lambda: self._stop_recorder(grace)))
         self.batcher.start()
         self._running.append(("batcher", lambda: self.batcher.stop(timeout=grace)))
+        if self.review is not None:
+            self.review.start()  # stops after the pipeline: every kept crop is written
+            self._running.append(("review queue", lambda: self._stop_review(grace)))
         self.pipeline.start()
         self._running.append(("pipeline", lambda: self._stop_pipeline(grace)))
         self._running.append(("frame queue", self.frames.close))
@@ -214,6 +238,10 @@ class Daemon:
 
     def _stop_pipeline(self, grace: float) -> None:
         self.drained = self.pipeline.stop(timeout=grace)
+
+    def _stop_review(self, grace: float) -> None:
+        assert self.review is not None
+        self.review.stop(timeout=grace)
 
     def _stop_recorder(self, grace: float) -> None:
         self.recorder.stop(timeout=grace)

@@ -68,9 +68,7 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _random_crops(
-    rng: np.random.Generator, image: np.ndarray, count: int
-) -> list[np.ndarray]:
+def _random_crops(rng: np.random.Generator, image: np.ndarray, count: int) -> list[np.ndarray]:
     height, width = image.shape
     crops = []
     for _ in range(count):

@@ -67,7 +67,14 @@ def test_json_output_classifies_every_format(crops: Path) -> None:
     assert len(lines) == 12
     for line in lines:
         assert set(line) == {
-            "path", "label", "confidence", "probabilities", "status", "reason", "ood_score", "error"
+            "path",
+            "label",
+            "confidence",
+            "probabilities",
+            "status",
+            "reason",
+            "ood_score",
+            "error",
         }
         assert line["status"] in {"ok", "uncertain"}
         assert abs(sum(line["probabilities"].values()) - 1.0) < 1e-4

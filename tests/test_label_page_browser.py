@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from monitor.config.http import HttpConfig
+from monitor.review.sample_store import NewSample, Sample, SampleStore
 from monitor.simulator import CropSimulator
 from monitor.web.server import WebServer
 from tests.daemon_process import wait_for
@@ -33,9 +34,7 @@ from tests.mosquitto import free_port
 from tests.test_label_api import (
     NOT_A_PARTICLE,
     T0,
-    InMemorySampleStore,
     ReviewView,
-    Sample,
     _settings_two_probes,
 )
 
@@ -94,7 +93,15 @@ def _save(driver: Any, tmp_path: Path, name: str) -> None:
         shutil.copyfile(path, target / name)
 
 
-def _fill(store: InMemorySampleStore) -> None:
+class LabelStore(SampleStore):
+    """The daemon's sample store (a real SQLite file and PNGs), read whole by the test."""
+
+    @property
+    def samples(self) -> dict[int, Sample]:
+        return {sample.id: sample for sample in self.list_samples(limit=10_000)}
+
+
+def _fill(store: LabelStore) -> None:
     """N_SAMPLES simulator crops, one every 30 s, the reasons in turn."""
     simulator = CropSimulator(11)
     rng = np.random.default_rng(5)
@@ -104,11 +111,11 @@ def _fill(store: InMemorySampleStore) -> None:
         confidence = float(rng.uniform(0.5, 0.98))
         other = "PG" if guess == "CEX" else "CEX"
         store.add(
-            Sample(
-                id=i,
+            NewSample(
                 probe="R1" if i % 4 else "R2",
                 frame_key=f"R1_{i:06d}.tif",
                 ts=T0 - 3600 + 30 * i,
+                bbox=(10 * i, 20, 64, 64),
                 batch="B-0412",
                 model="default:1.0:0123456789ab",
                 guess=guess,
@@ -116,6 +123,7 @@ def _fill(store: InMemorySampleStore) -> None:
                 probabilities={guess: confidence, other: 1 - confidence},
                 status="uncertain" if i % 4 == 1 else "ok",
                 decision_reason="low_confidence" if i % 4 == 1 else None,
+                ood_score=None,
                 kept_because=REASONS[(i - 1) % 4],
                 kept_at=T0 - 3600 + 30 * i + 0.5,
             ),
@@ -126,13 +134,13 @@ def _fill(store: InMemorySampleStore) -> None:
 @dataclass
 class LabelPage:
     base: str
-    store: InMemorySampleStore
+    store: LabelStore
     view: ReviewView
 
 
 @pytest.fixture
 def label_page(tmp_path: Path) -> Iterator[LabelPage]:
-    store = InMemorySampleStore(tmp_path)
+    store = LabelStore(tmp_path / "samples", ("CEX", "PG"))
     _fill(store)
     view = ReviewView(settings=_settings_two_probes(), samples=store)
     server = WebServer(
@@ -143,6 +151,7 @@ def label_page(tmp_path: Path) -> Iterator[LabelPage]:
         yield LabelPage(server.url.rstrip("/"), store, view)
     finally:
         server.stop()
+        store.close()
 
 
 # What the page shows, read in one go (tiles are redrawn as labels come back).
@@ -186,7 +195,7 @@ def _press(browser: Any, *keys: str) -> None:
         ActionChains(browser).send_keys(key).perform()
 
 
-def _stored(store: InMemorySampleStore) -> dict[int, tuple[str | None, str | None]]:
+def _stored(store: LabelStore) -> dict[int, tuple[str | None, str | None]]:
     return {i: (s.label, s.labelled_by) for i, s in sorted(store.samples.items())}
 
 

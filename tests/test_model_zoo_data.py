@@ -15,7 +15,9 @@ from model_zoo.imagefolder import (
     LabelledFile,
     count_per_class,
     detect_layout,
+    find_classes,
     load_images,
+    reserved_folders,
     resolve_splits,
     split_stratified,
 )
@@ -181,3 +183,13 @@ def test_brightness_and_contrast_jitter_stay_within_their_bounds() -> None:
 def test_augmentation_rejects_colour_images() -> None:
     with pytest.raises(ValueError, match="2-D uint8"):
         augment_crop(np.zeros((8, 8, 3), np.uint8), np.random.default_rng(0))
+
+
+def test_reserved_underscore_folders_of_a_samples_export_are_not_classes(
+    tmp_path: Path,
+) -> None:
+    for folder in ("CEX", "PG", "_not_a_particle", "_unlabelled", ".cache"):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "a.png"), np.zeros((8, 8), np.uint8))
+    assert find_classes(tmp_path) == ["CEX", "PG"]
+    assert reserved_folders(tmp_path) == ["_not_a_particle", "_unlabelled"]

@@ -1,4 +1,4 @@
-""""I don't know": decisions with an out-of-distribution score, counted apart from every
+""" "I don't know": decisions with an out-of-distribution score, counted apart from every
 class fraction, stored, and standing as the one diagnostic alarm while the probe sees
 things the model was never trained on. Pure logic plus a real SQLite file."""
 
@@ -122,7 +122,7 @@ def test_store_keeps_out_of_distribution_counts_and_upgrades_an_old_file(tmp_pat
         " counts TEXT NOT NULL, n_uncertain INTEGER NOT NULL, stored_at REAL NOT NULL,"
         " latency_s REAL);"
         "INSERT INTO frames VALUES (1, 'R1', 'old.png', 5.0, NULL, 'ok', NULL,"
-        " '{\"CEX\": 3, \"PG\": 1}', 2, 6.0, NULL);"
+        ' \'{"CEX": 3, "PG": 1}\', 2, 6.0, NULL);'
     )
     old.commit()
     old.close()

@@ -818,9 +818,7 @@ def test_pipelined_batcher_submits_the_next_batch_before_collecting_the_current(
         "submit 4 (4)", "wait 3",
         "wait 4",
     ]  # fmt: skip
-    assert [rows for rows, _ in results] == [
-        pytest.approx([v] * 4) for v in (0.1, 0.2, 0.3, 0.4)
-    ]
+    assert [rows for rows, _ in results] == [pytest.approx([v] * 4) for v in (0.1, 0.2, 0.3, 0.4)]
     assert all(error is None for _, error in results)
 
 

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from monitor import __version__
+from monitor.cli.samples import add_samples_commands
 from monitor.cli.subcommands import add_commands
 
 Runner = Callable[[argparse.Namespace], int]
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_simulate, _add_classify, _add_doctor, _add_build_engine, _add_opcua_user):
         add(sub)
     add_commands(sub)
+    add_samples_commands(sub)
     return parser
 
 

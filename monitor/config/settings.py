@@ -49,7 +49,9 @@ from monitor.config.http import HttpConfig, check_http_environment
 from monitor.config.mqtt import MqttConfig
 from monitor.config.opcua import OpcUaConfig, check_opcua_environment
 from monitor.config.overrides import UnknownOverride, find_unknown_overrides
+from monitor.config.review import ReviewConfig
 from monitor.config.sections import merge_values, validate_sections
+from monitor.config.shadow import ShadowConfig
 
 ENV_PREFIX = "CRYSTAL_MONITOR__"
 ENV_DELIMITER = "__"  # CRYSTAL_MONITOR__SECTION__KEY
@@ -252,6 +254,11 @@ class ModelConfig(_Section):
     path: Path | None = Field(
         default=None, description="Exported model directory; empty = the shipped default model."
     )
+    shadow: ShadowConfig | None = Field(
+        default=None,
+        description="A candidate model run beside the live one and compared, never published "
+        "(unset: no shadow).",
+    )
 
 
 BackendType = Literal["auto", "tensorrt", "onnxruntime"]
@@ -405,6 +412,10 @@ class Settings(BaseSettings):
     http: HttpConfig = Field(
         default_factory=HttpConfig,
         description="The HTTP server: health, metrics, JSON API and dashboard.",
+    )
+    review: ReviewConfig = Field(
+        default_factory=ReviewConfig,
+        description="The review queue: crops kept for labelling on /label.",
     )
     probes: tuple[ProbeConfig, ...] = Field(
         min_length=1, description="The probes this daemon reads."
@@ -579,6 +590,22 @@ def check_environment(settings: Settings) -> list[str]:
     return check_sections_environment(dict(settings))
 
 
+def _shadow_problems(path: Path, classes: tuple[str, ...]) -> list[str]:
+    from monitor.manifest import ManifestError, load_manifest  # noqa: PLC0415
+
+    try:
+        shadow = load_manifest(path)
+    except ManifestError as exc:
+        return [f"model.shadow.path: {exc}"]
+    if shadow.manifest.classes != classes:
+        return [
+            f"model.shadow.path: the candidate's classes {list(shadow.manifest.classes)} differ "
+            f"from the live model's {list(classes)}; a shadow is compared class by class, so "
+            "train it on the same class list"
+        ]
+    return []
+
+
 def check_sections_environment(sections: Mapping[str, object]) -> list[str]:
     """`check_environment` over the sections that are there (e.g. `ConfigError.sections`,
     those valid alone), so a missing file is reported with the typos in one pass."""
@@ -597,6 +624,8 @@ def check_sections_environment(sections: Mapping[str, object]) -> list[str]:
                     f"alarms.definitions: {problem}"
                     for problem in check_classes(alarms.definitions, loaded.manifest.classes)
                 ]
+            if model.shadow is not None:
+                problems += _shadow_problems(model.shadow.path, loaded.manifest.classes)
     opcua, http, mqtt = sections.get("opcua"), sections.get("http"), sections.get("mqtt")
     if isinstance(opcua, OpcUaConfig):
         problems += check_opcua_environment(opcua)

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from monitor.config.alarms import AlarmsConfig
 from monitor.config.durations import parse_duration
 from monitor.config.settings import ProbeConfig, Settings
+from monitor.config.shadow import ShadowConfig
 
 HEADER = """\
 # crystal-monitor configuration, every key with its default and meaning.
@@ -161,6 +162,10 @@ EXAMPLE_VALUES: dict[str, Any] = {
     "http.token_env": "CRYSTAL_MONITOR_HTTP_TOKEN",
     "http.token_credential": "http-token",
 }
+# Optional sub-sections (None by default): shown commented out, filled from an example.
+OPTIONAL_SECTIONS: dict[str, tuple[type[BaseModel], dict[str, Any]]] = {
+    "model.shadow": (ShadowConfig, {"path": "/opt/crystal-monitor/models/site-2026-candidate"}),
+}
 ALWAYS_COMMENTED = frozenset({"mqtt.client_id"})  # its default depends on the host
 WIDTH = 88
 COMMENT_COLUMN = 41  # where a short description starts, on its key's line
@@ -295,6 +300,7 @@ def _render_fields(
 ) -> None:
     """Scalar keys first (TOML needs them before any sub-table), then sub-sections."""
     nested: list[tuple[str, BaseModel, FieldInfo]] = []
+    optional: list[tuple[str, BaseModel, FieldInfo]] = []
     fields = type(model).model_fields
     # The id, then what kind of thing it is, then the rest in the model's order.
     order = sorted(fields, key=lambda name: {"id": 0, "kind": 1, "type": 1}.get(name, 2))
@@ -306,6 +312,10 @@ def _render_fields(
             continue
         if isinstance(value, BaseModel):
             nested.append((name, value, info))
+            continue
+        if value is None and key_path in OPTIONAL_SECTIONS:
+            section, example = OPTIONAL_SECTIONS[key_path]
+            optional.append((name, section.model_validate(example), info))
             continue
         if value is None or key_path in ALWAYS_COMMENTED:
             if key_path not in EXAMPLE_VALUES:
@@ -319,6 +329,11 @@ def _render_fields(
         _render_section(out, f"{path}.{name}", value, commented=commented, info=info)
         if f"{path}.{name}" == "probes.source" and not commented:
             _render_other_sources(out)
+    for name, value, info in optional:
+        out.blank()
+        if info.description:
+            out.comment(info.description)
+        _render_section(out, f"{path}.{name}", value, commented=True)
 
 
 def _toml(value: Any, info: FieldInfo) -> str:

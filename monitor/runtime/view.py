@@ -19,6 +19,7 @@ from monitor.pipeline.frame_queue import FrameQueue
 from monitor.pipeline.recorder import RecordedCounts, Recorder
 from monitor.pipeline.workers import Pipeline
 from monitor.publishers.base import Publisher
+from monitor.review.sample_store import SampleStore
 from monitor.runtime.alarm_keeper import AlarmKeeper
 from monitor.runtime.probe_state import LatestFrame, ProbeState
 from monitor.sources.base import Source
@@ -154,6 +155,7 @@ class LiveView:
         sources: Sequence[Source],
         publishers: Sequence[Publisher],
         clock: Callable[[], float],
+        samples: SampleStore | None = None,
     ) -> None:
         self._settings = settings
         self._manifest = manifest
@@ -168,10 +170,16 @@ class LiveView:
         self._sources = sources  # filled as the sources start
         self._publishers = tuple(publishers)
         self._clock = clock
+        self._samples = samples
 
     @property
     def settings(self) -> Settings:
         return self._settings()
+
+    @property
+    def samples(self) -> SampleStore | None:
+        """The review queue's store for the labelling page; None with review off."""
+        return self._samples
 
     @property
     def manifest(self) -> ModelManifest:
