@@ -9,10 +9,12 @@ command, a descriptor limit (prlimit) and a damaged store file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import resource
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -264,15 +266,18 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def _fill(disk: Path) -> Path:
+    """Writes zeros until the disk is full. Unbuffered: a buffered file's close would flush
+    its last partial chunk into the full disk and raise ENOSPC again (it did in CI, where
+    the free space was not a multiple of the chunk)."""
     filler = disk / "filler"
-    with filler.open("wb") as out:
-        chunk = b"\0" * (1 << 16)
+    chunk = b"\0" * (1 << 16)
+    with filler.open("wb", buffering=0) as out:
         try:
-            while True:
-                out.write(chunk)
-                out.flush()
-        except OSError:
-            pass
+            while out.write(chunk):
+                pass
+        except OSError as error:
+            assert error.errno == errno.ENOSPC, error
+    assert shutil.disk_usage(disk).free < len(chunk)
     return filler
 
 
