@@ -9,6 +9,7 @@ source -> frame queue -> workers (decode, quality gate, sampling) -> micro-batch
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -17,10 +18,12 @@ import structlog
 
 from monitor import __version__
 from monitor.config.settings import Settings
+from monitor.config.shadow import ShadowConfig
 from monitor.manifest import ManifestError
 from monitor.pipeline.active_model import ActiveModel
 from monitor.pipeline.batcher import MicroBatcher
 from monitor.pipeline.frame_queue import FrameQueue
+from monitor.pipeline.outcome import ClassifiedFrameObserver
 from monitor.pipeline.recorder import Recorder
 from monitor.pipeline.workers import Pipeline
 from monitor.publishers.base import Publisher
@@ -38,6 +41,9 @@ from monitor.runtime.reload import LiveReload, ReloadPlan
 from monitor.runtime.systemd_notify import SystemdNotifier
 from monitor.runtime.systemd_progress import SystemdProgress
 from monitor.runtime.view import LiveView
+from monitor.shadow.runner import ShadowRunner
+from monitor.shadow.store import DB_FILE as SHADOW_DB_FILE
+from monitor.shadow.store import ShadowStore
 from monitor.sources.base import Source
 from monitor.sources.factory import create_source
 from monitor.store import Store
@@ -48,6 +54,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 SAMPLES_DIR = "samples"  # the review queue's store, under daemon.state_dir (and the CLI's)
+SHADOW_DIR = "shadow"  # the shadow model's comparison record, likewise
 
 
 class Daemon:
@@ -76,6 +83,10 @@ class Daemon:
         self.drained: bool | None = None  # whether in-flight frames finished at stop
         self.last_model_swap: dict[str, object] | None = None  # the last reload's swap
         self.frames_recorded = 0  # at stop
+        self.shadow: ShadowRunner | None = None  # the candidate model running beside
+        self._shadow_store: ShadowStore | None = None
+        self._shadow_lock = threading.Lock()
+        self.last_shadow_problem: str | None = None  # why the configured shadow is not running
 
     def start(self) -> None:
         try:
@@ -123,7 +134,7 @@ class Daemon:
             self.frames,
             self.recorder.submit,
             workers=self.workers,
-            observers=[self.review] if self.review is not None else [],
+            observers=self._observers(),
             batch_of=lambda probe: self.probes[probe].aggregator.batch,
         )
         self.cycle = PublishCycle(
@@ -153,6 +164,8 @@ class Daemon:
             publishers=self.publishers,
             clock=clock,
             samples=None if self.review is None else self.review.store,
+            shadow=lambda: self.shadow,
+            shadow_record=self.shadow_record,
         )
         self.progress = SystemdProgress(
             self.notifier,
@@ -183,6 +196,91 @@ class Daemon:
         self._running.append(("sample store", samples.close))
         return ReviewQueue(config, samples, clock=self.clock)
 
+    def _observers(self) -> list[ClassifiedFrameObserver]:
+        observers: list[ClassifiedFrameObserver] = []
+        if self.review is not None:
+            observers.append(self.review)
+        if self.shadow is not None:
+            observers.append(self.shadow)
+        return observers
+
+    def shadow_record(self) -> ShadowStore | None:
+        """The shadow comparison's record: opened with the first shadow, or for reading
+        when an earlier run left one; None when there is none."""
+        folder = self.settings.daemon.state_dir / SHADOW_DIR
+        if self._shadow_store is None and not (folder / SHADOW_DB_FILE).is_file():
+            return None
+        return self._open_shadow_record()
+
+    def _close_shadow_record(self) -> None:
+        with self._shadow_lock:
+            if self._shadow_store is not None:
+                self._shadow_store.close()
+                self._shadow_store = None
+
+    def _start_shadow(self, config: ShadowConfig) -> ShadowRunner | None:
+        """Load, check and warm up the candidate `config` names and start it; a candidate
+        that cannot start is logged and left out (the live measurement goes on)."""
+        settings = self.settings.model_copy(
+            update={"model": self.settings.model.model_copy(update={"path": config.path})}
+        )
+        try:
+            candidate = load_model(settings, self.notifier)
+            live_classes = self.pipeline.active.manifest.classes
+            if candidate.manifest.classes != live_classes:
+                raise ModelSwapError(
+                    f"its classes {list(candidate.manifest.classes)} differ from the live "
+                    f"model's {list(live_classes)}"
+                )
+            backend = ready_backend(settings, candidate, self.notifier)
+        except Exception as exc:  # any failure leaves the shadow out, never the daemon
+            log.error(
+                "shadow_refused",
+                path=str(config.path),
+                reason=str(exc),
+                action="the live model runs as usual; fix model.shadow.path and reload",
+            )
+            self.last_shadow_problem = str(exc)
+            return None
+        self.last_shadow_problem = None
+        runner = ShadowRunner(
+            config,
+            ActiveModel(candidate, backend),
+            self._open_shadow_record(),
+            None if self.review is None else self.review.store,
+            max_batch=self.settings.batcher.max_batch,
+            clock=self.clock,
+        )
+        runner.start()
+        return runner
+
+    def _open_shadow_record(self) -> ShadowStore:
+        with self._shadow_lock:  # the web server's threads ask too
+            if self._shadow_store is None:
+                self._shadow_store = ShadowStore(self.settings.daemon.state_dir / SHADOW_DIR)
+                self._running.insert(0, ("shadow record", self._close_shadow_record))
+            return self._shadow_store
+
+    def _stop_shadow(self, grace: float) -> None:
+        runner, self.shadow = self.shadow, None
+        if runner is None:
+            return
+        self.pipeline.set_observers(self._observers())
+        runner.stop(timeout=grace)
+        runner.candidate.backend.close()
+
+    def replace_shadow(self, config: ShadowConfig | None) -> str:
+        """Stop the running shadow (its queued frames compared first) and start the one
+        `config` names; returns a note for the systemd status."""
+        self._stop_shadow(float(self.settings.daemon.shutdown_grace))
+        if config is None:
+            return "shadow model stopped"
+        self.shadow = self._start_shadow(config)
+        self.pipeline.set_observers(self._observers())
+        if self.shadow is None:
+            return f"shadow model refused: {self.last_shadow_problem}"
+        return f"shadow model {self.shadow.label} running on {config.share:.0%} of frames"
+
     def _start_stages(self) -> None:
         """Downstream first, so every stage has somewhere to hand its output."""
         grace = self.settings.daemon.shutdown_grace
@@ -204,6 +302,12 @@ class Daemon:
         if self.review is not None:
             self.review.start()  # stops after the pipeline: every kept crop is written
             self._running.append(("review queue", lambda: self._stop_review(grace)))
+        # Stops after the pipeline, so every frame it was handed is compared; a shadow
+        # started by a reload stops here too.
+        self._running.append(("shadow", lambda: self._stop_shadow(grace)))
+        if self.settings.model.shadow is not None:
+            self.shadow = self._start_shadow(self.settings.model.shadow)
+            self.pipeline.set_observers(self._observers())
         self.pipeline.start()
         self._running.append(("pipeline", lambda: self._stop_pipeline(grace)))
         self._running.append(("frame queue", self.frames.close))
@@ -256,8 +360,17 @@ class Daemon:
         for probe in settings.probes:
             self.probes[probe.id].config = probe
         self.settings = settings
-        if plan.new_model is None:
-            return []
+        notes = self._apply_model_swap(plan) if plan.new_model is not None else []
+        if plan.new_shadow is not None:
+            shadow = plan.new_shadow.model.shadow
+            notes.append(self.replace_shadow(shadow))
+            self.settings = self.settings.model_copy(
+                update={"model": self.settings.model.model_copy(update={"shadow": shadow})}
+            )
+        return notes
+
+    def _apply_model_swap(self, plan: ReloadPlan) -> list[str]:
+        assert plan.new_model is not None
         try:
             swap = self.swap_model(plan.new_model)
         except ModelSwapError as exc:

@@ -3,6 +3,7 @@ report and ground-truth file."""
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 
 
@@ -17,3 +18,25 @@ def iso_utc(ts: float | datetime) -> str:
     else:
         moment = datetime.fromtimestamp(ts, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> float:
+    """A time as an operator or the API writes it -> epoch seconds: ISO 8601 (without a
+    zone taken as UTC, 'Z' accepted) or epoch seconds. ValueError names both forms."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds):
+            raise ValueError(f"not a finite time: {text!r}")
+        return seconds
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"not a time: {text!r} (write ISO 8601, e.g. 2026-12-03T14:00:00Z, or epoch seconds)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()

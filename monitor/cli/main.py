@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from monitor import __version__
 from monitor.cli.samples import add_samples_commands
+from monitor.cli.shadow import add_shadow_commands
 from monitor.cli.subcommands import add_commands
 
 Runner = Callable[[argparse.Namespace], int]
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     add_commands(sub)
     add_samples_commands(sub)
+    add_shadow_commands(sub)
     return parser
 
 

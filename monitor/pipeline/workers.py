@@ -109,6 +109,12 @@ class Pipeline:
             probe.id: _ProbeStages(probe.quality, create_sampler(probe)) for probe in probes
         }
 
+    def set_observers(self, observers: Sequence[ClassifiedFrameObserver]) -> None:
+        """Who sees the classified frames from now on (a reload starts or stops the
+        shadow); a frame already in a worker may still reach the ones it replaces. One
+        tuple swap, so no lock is needed."""
+        self._observers = tuple(observers)
+
     @property
     def active(self) -> ActiveModel:
         return self._active
@@ -227,7 +233,8 @@ class Pipeline:
                         out_of_distribution=decision.reason == "out_of_distribution",
                     )
                 )
-            if self._observers:
+            observers = self._observers  # one read: a reload may replace them meanwhile
+            if observers:
                 classified = ClassifiedFrame(
                     item,
                     tuple(
@@ -238,7 +245,7 @@ class Pipeline:
                     model,
                     self._batch_of(item.probe),
                 )
-                observe_all(self._observers, classified)
+                observe_all(observers, classified)
             self._finish(
                 FrameOutcome(
                     item,

@@ -36,6 +36,10 @@ LIVE_PROBE_KEYS = ("quality", "particles", "tiles")
 MODEL_SWAP_KEY = "model.path"
 """A changed model is loaded, checked and warmed up beside the running one, then swapped
 in between batches (`Daemon.swap_model`); refused, the running model keeps going."""
+SHADOW_KEY = "model.shadow"
+"""A changed, added or removed shadow model: the running shadow (if any) finishes what it
+has queued and stops, and the new one (if any) is loaded, warmed up and started
+(`Daemon.replace_shadow`); a candidate that cannot start is logged and left out."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,13 @@ class ReloadPlan:
     new_model: Settings | None = None
     """The new file's settings when `model.path` changed: the daemon tries the swap and,
     when it succeeds, runs on `settings` with this model path from then on."""
+    new_shadow: Settings | None = None
+    """The new file's settings when `model.shadow` changed (set, changed or removed): the
+    daemon replaces the shadow runner and runs with that `model.shadow` from then on."""
 
     @property
     def changed(self) -> bool:
-        return bool(self.applied or self.needs_restart or self.new_model)
+        return bool(self.applied or self.needs_restart or self.new_model or self.new_shadow)
 
 
 def _leaf_differences(old: Any, new: Any, path: str) -> Iterator[str]:
@@ -78,10 +85,13 @@ def plan_reload(current: Settings, new: Settings) -> ReloadPlan:
     new_dump = new.model_dump(mode="json", exclude={"probes"})
     applied: list[str] = []
     needs_restart: list[str] = []
-    model_changed = False
+    model_changed = shadow_changed = False
     for path in _leaf_differences(old_dump, new_dump, ""):
         if path == MODEL_SWAP_KEY:
             model_changed = True
+            continue
+        if path == SHADOW_KEY or path.startswith(SHADOW_KEY + "."):
+            shadow_changed = True
             continue
         live = any(path == p or path.startswith(p + ".") for p in LIVE_KEYS)
         (applied if live else needs_restart).append(path)
@@ -115,7 +125,11 @@ def plan_reload(current: Settings, new: Settings) -> ReloadPlan:
         settings = _with_value(settings, key.split("."), _value_at(new, key.split(".")))
     settings = settings.model_copy(update={"probes": tuple(probes)})
     return ReloadPlan(
-        settings, tuple(applied), tuple(needs_restart), new if model_changed else None
+        settings,
+        tuple(applied),
+        tuple(needs_restart),
+        new if model_changed else None,
+        new if shadow_changed else None,
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from monitor.alarms import Quality
 from monitor.config.settings import Settings
+from monitor.config.shadow import ShadowConfig
 from monitor.manifest import ModelManifest
 from monitor.pipeline.batcher import BucketCounts, MicroBatcher
 from monitor.pipeline.frame_queue import FrameQueue
@@ -22,8 +23,13 @@ from monitor.publishers.base import Publisher
 from monitor.review.sample_store import SampleStore
 from monitor.runtime.alarm_keeper import AlarmKeeper
 from monitor.runtime.probe_state import LatestFrame, ProbeState
+from monitor.shadow.report import shadow_report
+from monitor.shadow.runner import ShadowRunner
+from monitor.shadow.store import ShadowStore
 from monitor.sources.base import Source
 from monitor.store import Store
+
+DEFAULT_SHADOW_WINDOW_S = float(ShadowConfig.model_fields["window"].default)
 
 SnapshotRow = tuple[float, str | None, dict[str, Any]]
 """(time, batch, ProbeSnapshot.to_json()) of one stored window snapshot."""
@@ -156,6 +162,8 @@ class LiveView:
         publishers: Sequence[Publisher],
         clock: Callable[[], float],
         samples: SampleStore | None = None,
+        shadow: Callable[[], ShadowRunner | None] = lambda: None,
+        shadow_record: Callable[[], ShadowStore | None] = lambda: None,
     ) -> None:
         self._settings = settings
         self._manifest = manifest
@@ -171,6 +179,8 @@ class LiveView:
         self._publishers = tuple(publishers)
         self._clock = clock
         self._samples = samples
+        self._shadow = shadow
+        self._shadow_record = shadow_record
 
     @property
     def settings(self) -> Settings:
@@ -180,6 +190,37 @@ class LiveView:
     def samples(self) -> SampleStore | None:
         """The review queue's store for the labelling page; None with review off."""
         return self._samples
+
+    def shadow_report(
+        self,
+        *,
+        since: float | None,
+        until: float | None,
+        window_s: float | None,
+        candidate: str | None,
+    ) -> dict[str, Any] | None:
+        """The shadow comparison for a time range (monitor.shadow.report) with what runs
+        now under "running"; None when no shadow ever ran here. `window_s` None: the
+        configured model.shadow.window (or its default without a shadow now)."""
+        runner = self._shadow()
+        record = runner.store if runner is not None else self._shadow_record()
+        if record is None:
+            return None
+        configured = self.settings.model.shadow
+        if window_s is None:
+            window_s = (
+                float(configured.window) if configured is not None else DEFAULT_SHADOW_WINDOW_S
+            )
+        report = shadow_report(
+            record,
+            self._samples,
+            window_s=window_s,
+            since=since,
+            until=until,
+            candidate=candidate,
+        )
+        report["running"] = runner.status() if runner is not None else None
+        return report
 
     @property
     def manifest(self) -> ModelManifest:
