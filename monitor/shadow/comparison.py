@@ -162,7 +162,8 @@ def mcnemar_exact(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / float(2**n)
+    # Integer over integer, rounded once: float(2**n) would overflow from n = 1024.
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / (1 << n)
     return min(1.0, 2 * tail)
 
 
@@ -180,7 +181,7 @@ class PromotionRule:
     """When a shadow may replace the live model (docs/model-promotion.md)."""
 
     min_window_crops: int = 200
-    """A window counts as full evidence from this many compared crops."""
+    """A window counts as full evidence from this many compared crops (and two frames)."""
     min_full_windows: int = 3
     min_labelled: int = 50
     """Labelled crops both models were scored on, at least."""
@@ -205,14 +206,17 @@ def promotion_verdict(
     - the fractions do differ (what a model trained for this site is for), and the
       labelled crops show the candidate right significantly more often (McNemar).
     """
-    full = [w for w in windows if w.crops >= rule.min_window_crops]
+    # A window of one frame has no interval (frames are the clusters), so it can show
+    # no difference either way: it is no evidence that the fractions agree.
+    full = [w for w in windows if w.crops >= rule.min_window_crops and w.frames >= 2]
     differing = [w for w in full if any(c.significant for c in w.classes)]
     reasons: list[str] = []
     enough_windows = len(full) >= rule.min_full_windows
     if not enough_windows:
         reasons.append(
-            f"{len(full)} full windows (>= {rule.min_window_crops} compared crops), "
-            f"{rule.min_full_windows} needed: let the shadow run longer or raise model.shadow.share"
+            f"{len(full)} full windows (>= {rule.min_window_crops} compared crops from 2 or "
+            f"more frames), {rule.min_full_windows} needed: let the shadow run longer or raise "
+            "model.shadow.share"
         )
     enough_labels = labelled.crops >= rule.min_labelled
     if not enough_labels:
@@ -227,7 +231,8 @@ def promotion_verdict(
     if enough_labels and not not_worse:
         reasons.append(
             f"the candidate is right on {labelled.candidate_right} of {labelled.crops} labelled "
-            f"crops, the live model on {labelled.live_right}"
+            f"crops, the live model on {labelled.live_right}: keep the live model; retrain the "
+            "candidate with these labels (`crystal-monitor samples export`) and shadow it again"
         )
     if differing and enough_labels and not_worse and not better:
         reasons.append(
