@@ -14,8 +14,11 @@ from monitor.config.settings import Settings, load_settings
 from monitor.manifest import ModelManifest, default_model_dir, load_manifest
 from monitor.pipeline.recorder import RecordedCounts
 from monitor.publishers.base import CommandResult
+from monitor.review.sample_store import SampleStore
 from monitor.runtime.probe_state import LatestFrame
 from monitor.runtime.view import Health, Histogram, MonitorView, PipelineLoad, ProbeReading
+from monitor.shadow.report import shadow_report
+from monitor.shadow.store import ShadowStore
 
 
 def _empty_counts() -> RecordedCounts:
@@ -58,6 +61,17 @@ class FakeView:
             batch_seconds=Histogram((0.01, 0.1), (10, 27, 0), 1.5),
         )
     )
+
+    shadow: ShadowStore | None = None
+    """The shadow record `shadow_report` reads (a real store); None: no shadow."""
+    shadow_samples: SampleStore | None = None
+    """The review queue whose labelled crops both models are scored on."""
+    shadow_running: dict[str, Any] | None = None
+    """What the report says runs now ("running"); None: no shadow runs now."""
+    shadow_window_s: float = 300.0
+    """model.shadow.window: the windows of a report asked for without one."""
+    shadow_asked: list[dict[str, Any]] = field(default_factory=list)
+    """The arguments of every shadow_report call, oldest first."""
 
     def __post_init__(self) -> None:
         self.aggregator = WindowAggregator(
@@ -118,6 +132,29 @@ class FakeView:
 
     def recent_alarm_journal(self, limit: int, probe: str | None) -> list[dict[str, Any]]:
         return []
+
+    def shadow_report(
+        self,
+        *,
+        since: float | None,
+        until: float | None,
+        window_s: float | None,
+        candidate: str | None,
+    ) -> dict[str, Any] | None:
+        """LiveView.shadow_report over `shadow`: the real report plus "running"."""
+        asked = {"since": since, "until": until, "window_s": window_s, "candidate": candidate}
+        self.shadow_asked.append(asked)
+        if self.shadow is None:
+            return None
+        report = shadow_report(
+            self.shadow,
+            self.shadow_samples,
+            window_s=self.shadow_window_s if window_s is None else window_s,
+            since=since,
+            until=until,
+            candidate=candidate,
+        )
+        return {**report, "running": self.shadow_running}
 
 
 def a_frame(ts: float, key: str) -> LatestFrame:

@@ -55,6 +55,7 @@ from monitor.web.connections import (
 )
 from monitor.web.labelling import LabellingApi
 from monitor.web.metrics import HttpCollector, create_registry, render_metrics
+from monitor.web.shadow import ShadowApi
 from monitor.web.throttle import FailureThrottle
 from monitor.wire import to_wire
 
@@ -70,7 +71,7 @@ SESSION_COOKIE = "crystal_monitor_session"
 SESSION_MAX_AGE_S = 30 * 86400
 CSRF_HEADER = "X-Requested-By"
 OPEN_PATHS = frozenset({"/healthz", "/login", "/logout"})
-PAGES = frozenset({"/", "/label"})  # without a login these send the browser to /login
+PAGES = frozenset({"/", "/label", "/shadow"})  # without a login these send the browser to /login
 MAX_WHO_CHARS = 64
 MAX_COMMENT_CHARS = 500
 JOURNAL_LIMIT = 200
@@ -282,6 +283,7 @@ class WebServer:
         get("/metrics", self._metrics)
         get("/", self._index)
         get("/label", self._label_page)
+        get("/shadow", self._shadow_page)
         get("/static/{name}", self._static_file)
         get("/login", self._login)
         app.router.add_post("/login", self._login)
@@ -298,6 +300,11 @@ class WebServer:
         LabellingApi(
             samples=lambda: getattr(self._view, "samples", None),
             probes=lambda: self._view.probe_ids,
+            now=self._view.now,
+            work=self._work,
+        ).add_routes(app)
+        ShadowApi(
+            reporter=lambda: getattr(self._view, "shadow_report", None),
             now=self._view.now,
             work=self._work,
         ).add_routes(app)
@@ -495,6 +502,9 @@ class WebServer:
 
     async def _label_page(self, request: web.Request) -> web.Response:
         return self._static_response("label.html", cache=False)
+
+    async def _shadow_page(self, request: web.Request) -> web.Response:
+        return self._static_response("shadow.html", cache=False)
 
     async def _static_file(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
