@@ -22,6 +22,7 @@ from monitor.shadow.comparison import (
     PromotionRule,
     WindowComparison,
     compare_window,
+    differing_windows,
     mcnemar_exact,
     promotion_verdict,
     score_labelled,
@@ -597,3 +598,48 @@ def test_report_before_any_frame_was_compared(tmp_path: Path) -> None:
         "windows": [],
         "note": "no frame compared yet",
     }
+
+
+# -- the verdict over many windows: chance differences -----------------------------------
+
+
+def _chance_windows(rng: np.random.Generator, count: int) -> list[WindowComparison]:
+    """`count` full windows of two equally good models (the coverage test's process)."""
+    windows = []
+    for _ in range(count):
+        frames = []
+        for size, rate in zip(rng.integers(5, 40, 30), rng.beta(2, 18, 30), strict=True):
+            calls = []
+            for _model in range(2):
+                sure = int(rng.binomial(size, 0.9))
+                pg = int(rng.binomial(sure, rate))
+                calls.append((sure - pg, pg))
+            frames.append(_frame(calls[0], calls[1], crops=int(size), agreed=0))
+        windows.append(_compare(frames))
+    return windows
+
+
+def test_a_twelve_hour_batch_of_equally_good_models_is_not_blocked_by_chance_windows() -> None:
+    """144 five-minute windows: at 95 % each, several 'differ' by chance; the verdict
+    judges them together (Bonferroni), so agreeing models can still be promoted."""
+    rng = np.random.default_rng(7)
+    promoted = 0
+    for _batch in range(10):
+        windows = _chance_windows(rng, 144)
+        chance_flags = sum(any(c.significant for c in w.classes) for w in windows)
+        assert chance_flags >= 1  # what the plain 95 % flags would have blocked on
+        verdict = promotion_verdict(windows, LABELS_EQUAL, RULE)
+        promoted += verdict.promote
+    assert promoted >= 8  # family-wise 5 %: about 19 in 20 batches pass
+
+
+def test_a_real_shift_in_a_few_windows_of_a_long_batch_still_counts_as_differing() -> None:
+    rng = np.random.default_rng(8)
+    windows = _chance_windows(rng, 144)
+    shifted = [
+        _compare([_frame((90, 10), (75, 25), ts=float(i)) for i in range(30)]) for _ in range(3)
+    ]
+    verdict = promotion_verdict([*windows, *shifted], LABELS_EQUAL, RULE)
+    assert not verdict.promote
+    assert verdict.differing_windows >= 3
+    assert differing_windows(shifted, RULE.alpha) == shifted

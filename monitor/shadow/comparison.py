@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 from monitor.aggregate.statistics import Z_95
 
@@ -197,6 +198,36 @@ class Verdict:
     checks: dict[str, bool] = field(default_factory=dict)
 
 
+def differing_windows(windows: Sequence[WindowComparison], alpha: float) -> list[WindowComparison]:
+    """The windows where a class fraction differs, judged over all of them at once.
+
+    Each window's own 95 % interval misses a true zero one time in twenty, so over a
+    12-hour batch of 5-minute windows two equally good models would "differ" in several
+    windows by chance alone, and the rule could never let a candidate through on
+    agreeing fractions. The verdict therefore tests every (window, class) difference at
+    the family-wise level `alpha` (Bonferroni: each at alpha / tests), from the standard
+    error its 95 % interval was built with. The per-window `significant` flag (shown in
+    the report's table) stays the plain 95 % one.
+    """
+    tests = [
+        (window, c)
+        for window in windows
+        for c in window.classes
+        if c.difference is not None and c.low is not None and c.high is not None
+    ]
+    if not tests:
+        return []
+    z_family = NormalDist().inv_cdf(1 - alpha / (2 * len(tests)))
+    differing: list[WindowComparison] = []
+    for window, c in tests:
+        assert c.difference is not None and c.low is not None and c.high is not None
+        standard_error = (c.high - c.low) / (2 * Z_95)
+        beyond = abs(c.difference) > z_family * standard_error
+        if beyond and (not differing or differing[-1] is not window):
+            differing.append(window)
+    return differing
+
+
 def promotion_verdict(
     windows: Sequence[WindowComparison], labelled: LabelledScore, rule: PromotionRule
 ) -> Verdict:
@@ -209,7 +240,7 @@ def promotion_verdict(
     # A window of one frame has no interval (frames are the clusters), so it can show
     # no difference either way: it is no evidence that the fractions agree.
     full = [w for w in windows if w.crops >= rule.min_window_crops and w.frames >= 2]
-    differing = [w for w in full if any(c.significant for c in w.classes)]
+    differing = differing_windows(full, rule.alpha)
     reasons: list[str] = []
     enough_windows = len(full) >= rule.min_full_windows
     if not enough_windows:
