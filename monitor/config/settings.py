@@ -204,6 +204,12 @@ class ParticlesConfig(_Section):
     )
     margin: Fraction = Field(default=0.15, description="Crop margin around the box.")
     max_per_frame: int = Field(default=300, ge=1, description="Most particles taken per frame.")
+    separation: Literal["none", "watershed"] = Field(
+        default="watershed",
+        description="How touching and overlapping particles are split: watershed (on the "
+        "distance transform of the foreground, only where a blob looks merged) or none "
+        "(one box per connected blob: the cheapest, right for sparse frames).",
+    )
 
 
 class TilesConfig(_Section):
@@ -236,6 +242,13 @@ class ProbeConfig(_Section):
     )
     tiles: TilesConfig = Field(
         default_factory=TilesConfig, description="Fixed tiles, used with sampling = 'tiles'."
+    )
+    pixel_size_um: float | None = Field(
+        default=None,
+        gt=0,
+        description="The probe's calibration: micrometres per pixel (the vendor's value for "
+        "its objective). Sizes are published in micrometres with it, in pixels (and said to "
+        "be pixels) without.",
     )
     max_pixels: int = Field(
         default=50_000_000, ge=64, description="Images over this are refused before decoding."

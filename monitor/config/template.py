@@ -146,6 +146,7 @@ EXAMPLE_VALUES: dict[str, Any] = {
     "backend.tensorrt.calibration_dir": "/etc/crystal-monitor/calibration-crops",
     "backend.tensorrt.engine_cache_dir": "/var/lib/crystal-monitor/engines",
     "probes.max_decoded_bytes": "100MB",
+    "probes.pixel_size_um": 1.4,
     "probes.source.done_dir": "/srv/probe/R1-done",
     "mqtt.client_id": "crystal-monitor-HOSTNAME",
     "mqtt.username": "crystal-monitor",

@@ -23,6 +23,10 @@ _WORK_SCALE = 4  # background and mask are computed on a 4x smaller copy: ~16x l
 class Crop:
     image: np.ndarray  # 2-D uint8
     bbox: tuple[int, int, int, int]  # x, y, w, h in frame pixels
+    mask: np.ndarray | None = None
+    """The particle's own pixels within `bbox` (h x w, non-zero = particle, at frame
+    resolution), from which its size is measured; None where the sampler has no object
+    (tiles)."""
 
 
 class Sampler(Protocol):
