@@ -104,6 +104,10 @@ function spanText(start, end) {
   return `${dateText(from)} ${clockText(from)}–${sameDay ? "" : `${dateText(to)} `}${clockText(to)}`;
 }
 
+function count(n, noun) {
+  return `${n} ${noun}${n === 1 ? "" : "s"}`;
+}
+
 function durationText(seconds) {
   if (!known(seconds)) return "–";
   if (seconds % 3600 === 0) return `${seconds / 3600} h`;
@@ -223,17 +227,17 @@ function renderRunning(report) {
     fact(list, "Share", `${pct(running.share, 0)} of the frames`,
       "model.shadow.share: the share of the classified frames the candidate also classifies");
     fact(list, "Windows", durationText(running.window_s), "model.shadow.window");
-    fact(list, "Compared", `${running.compared} frames`);
-    fact(list, "Skipped", `${running.skipped} frames`,
+    fact(list, "Compared", count(running.compared, "frame"));
+    fact(list, "Skipped", count(running.skipped, "frame"),
       "left out of the comparison while the candidate fell behind (model.shadow.queue_size)");
-    fact(list, "Failed", `${running.failed} frames`, "the candidate failed on these frames");
-    fact(list, "Labelled scored", `${running.labelled_scored} crops`);
+    fact(list, "Failed", count(running.failed, "frame"), "the candidate failed on these frames");
+    fact(list, "Labelled scored", count(running.labelled_scored, "crop"));
   } else {
     box.append(el("p", "muted", "No shadow runs now: these figures are from the record. " +
       "Set [model.shadow] path in the config and reload to run one."));
   }
   if (report.candidate) {
-    fact(list, "In this range", `${report.frames} frames, ${report.crops} crops`);
+    fact(list, "In this range", `${count(report.frames, "frame")}, ${count(report.crops, "crop")}`);
     fact(list, "Agreement", pct(report.agreement),
       "crops on which both models reached the same call (the same class, or both unsure)");
   }
@@ -262,7 +266,7 @@ function renderLabelled(report) {
   box.append(figures);
   const alpha = report.rule ? report.rule.alpha : 0.05;
   const list = el("dl", "facts");
-  fact(list, "Scored by both", `${labelled.crops} crops`, "review crops labelled as a class on /label");
+  fact(list, "Scored by both", count(labelled.crops, "crop"), "review crops labelled as a class on /label");
   fact(list, "Only live right", String(labelled.only_live_right));
   fact(list, "Only candidate right", String(labelled.only_candidate_right));
   fact(list, "McNemar p", pValue(labelled.mcnemar_p),
@@ -309,7 +313,9 @@ function chart(probe, name, windows, colour) {
   const last = new Date(t1 * 1000);
   node.append(svg("text", { x: margin.left, y: height - 6 }, clockText(first)));
   node.append(svg("text", { x: margin.left + plotW, y: height - 6, "text-anchor": "end" }, clockText(last)));
-  for (const model of ["live", "candidate"]) {
+  // The candidate's points are rings drawn first, the live model's dots inside them: a
+  // window where both agree shows a dot in its ring.
+  for (const model of ["candidate", "live"]) {
     const shown = windows.filter((w) => known(w.classes[name][model]));
     if (shown.length > 1) {
       node.append(svg("polyline", {
@@ -320,7 +326,7 @@ function chart(probe, name, windows, colour) {
     for (const w of shown) {
       const point = svg("circle", {
         class: `point ${model}${w.classes[name].significant ? " significant" : ""}`,
-        cx: x(w).toFixed(1), cy: y(w.classes[name][model]).toFixed(1), r: model === "live" ? 4.5 : 3.5,
+        cx: x(w).toFixed(1), cy: y(w.classes[name][model]).toFixed(1), r: model === "live" ? 3.5 : 6,
         fill: colour, stroke: colour,  // a candidate's point is hollow (shadow.css)
         "data-value": String(w.classes[name][model]),
       });
@@ -345,8 +351,8 @@ function renderCharts(report) {
     entry.append(el("span", `swatch ${className}`), document.createTextNode(text));
     return entry;
   };
-  legend.append(item("live", "live model (dots: windows)"), item("candidate", "candidate"),
-    item("significant", "the difference is significant"));
+  legend.append(item("live", "live model (a dot per window)"), item("candidate", "candidate (a ring)"),
+    item("significant", "red: the difference is significant"));
   box.append(legend);
   const grid = el("div", "chart-grid");
   for (const [probe, list] of byProbe(windows)) {
