@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,8 @@ from monitor.shadow.runner import ShadowRunner, compare_frame, same_call
 from monitor.shadow.store import ShadowStore
 from monitor.simulator import CropSimulator
 from monitor.sources.base import FrameItem
+from tests.daemon_process import DaemonProcess, export, wait_for, write_like_probe
+from tests.notify_listener import Listener
 
 LIVE = ModelIdentity("live-model", "1", "a" * 64)
 
@@ -285,3 +290,102 @@ def test_labelled_review_crops_are_scored_once_each_and_the_report_scores_both_m
     assert labelled["candidate_accuracy"] == pytest.approx(right / 21)
     assert right >= 15, "the shipped network should call most simulator crops right"
     assert labelled["only_candidate_right"] == right and labelled["only_live_right"] == 0
+
+
+# -- in the daemon -------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "monitor", *args]
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+
+
+def _daemon_config(path: Path, state: Path, folder: Path, shadow: Path | None) -> Path:
+    section = "" if shadow is None else f'[model.shadow]\npath = "{shadow}"\nshare = 1.0\n'
+    path.write_text(
+        f"""
+[daemon]
+state_dir = "{state}"
+log_format = "json"
+shutdown_grace = "5s"
+
+[model]
+{section}
+[aggregation]
+publish_interval = "1s"
+windows = ["1m", "5m"]
+
+[[probes]]
+id = "R1"
+sampling = "whole"
+[probes.source]
+type = "folder"
+path = "{folder}"
+settle_time = "200ms"
+rescan_interval = "2s"
+"""
+    )
+    return path
+
+
+def test_a_configured_shadow_runs_from_the_start_is_reported_and_stops_on_reload(
+    tmp_path: Path, listener: Listener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", listener.name)
+    folder, state = tmp_path / "probe", tmp_path / "state"
+    folder.mkdir()
+    strict = _model_copy(tmp_path, "strict", version="9-strict", uncertainty_threshold=0.9999)
+    config = _daemon_config(tmp_path / "config.toml", state, folder, strict)
+    simulator = CropSimulator(seed=3)
+    names = [f"crop_{i:04d}.png" for i in range(30)]
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.start()
+        listener.wait_for("READY", timeout=120)
+        for index, name in enumerate(names):
+            write_like_probe(folder, name, simulator.render(("CEX", "PG")[index % 2]))
+        assert wait_for(lambda: len(export(config)) == 30, timeout=120)
+
+        def compared() -> int:
+            done = _cli("shadow", "report", "--state-dir", str(state), "--json")
+            return int(json.loads(done.stdout).get("frames", 0)) if done.stdout else 0
+
+        assert wait_for(lambda: compared() == 30, timeout=60)
+        text = _cli("shadow", "report", "--config", str(config), "--window", "1h")
+        _daemon_config(config, state, folder, None)
+        daemon.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        ready, _ = listener.wait_for("READY", timeout=60)
+        assert "shadow model stopped" in ready["STATUS"]
+        assert daemon.terminate() == 0
+        stopped = [
+            json.loads(line)
+            for line in daemon.log_text().splitlines()
+            if line.startswith("{") and '"shadow_stopped"' in line
+        ]
+    frames = export(config)
+    assert sorted(row["key"] for row in frames) == names
+    assert {row["model_version"] for row in frames if row["status"] == "ok"} == {"2.0"}
+    assert len(stopped) == 1 and stopped[0]["compared"] == 30 and stopped[0]["failed"] == 0
+
+    store = ShadowStore(state / "shadow", create=False)
+    rows = store.frames()
+    store.close()
+    live_sure = sum(sum(c.live_counts) for c, _, _ in rows)
+    strict_sure = sum(sum(c.candidate_counts) for c, _, _ in rows)
+    assert live_sure == sum(int(row["n_CEX"]) + int(row["n_PG"]) for row in frames)
+    assert strict_sure < live_sure
+    assert text.returncode == 1, text.stderr  # not enough evidence: the verdict says no
+    assert "candidate cex-pg-lite0-96:9-strict:" in text.stdout
+    assert "from the start to now, windows of 3600 s: 30 frames, 30 crops" in text.stdout
+    assert "verdict: do not promote yet" in text.stdout
+    assert "0 labelled crops scored by both models, 50 needed: label more crops" in text.stdout
+
+
+def test_shadow_report_says_what_is_missing_with_its_exit_status(tmp_path: Path) -> None:
+    missing = _cli("shadow", "report", "--state-dir", str(tmp_path / "nowhere"))
+    assert missing.returncode == 66
+    assert "no shadow record at" in missing.stderr and "[model.shadow]" in missing.stderr
+    bad_time = _cli("shadow", "report", "--state-dir", str(tmp_path), "--since", "yesterday")
+    assert bad_time.returncode == 64
+    assert "2026-12-03T14:00:00Z" in bad_time.stderr
+    bad_window = _cli("shadow", "report", "--state-dir", str(tmp_path), "--window", "5")
+    assert bad_window.returncode == 64 and "at least 10 s" in bad_window.stderr
