@@ -20,22 +20,23 @@ def iso_utc(ts: float | datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def parse_time(text: str) -> float:
+def parse_time(text: str, name: str = "time") -> float:
     """A time as an operator or the API writes it -> epoch seconds: ISO 8601 (without a
-    zone taken as UTC, 'Z' accepted) or epoch seconds. ValueError names both forms."""
+    zone taken as UTC, 'Z' accepted) or epoch seconds. The ValueError names `name` (the
+    parameter or option) and both forms."""
     try:
         seconds = float(text)
     except ValueError:
         pass
     else:
         if not math.isfinite(seconds):
-            raise ValueError(f"not a finite time: {text!r}")
+            raise ValueError(f"{name} must be a finite time")
         return seconds
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(
-            f"not a time: {text!r} (write ISO 8601, e.g. 2026-12-03T14:00:00Z, or epoch seconds)"
+            f"{name} must be an ISO 8601 time (e.g. 2026-12-03T14:00:00Z) or epoch seconds"
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)

@@ -87,8 +87,8 @@ def format_report(report: dict[str, Any]) -> str:
 def run_shadow_report(args: argparse.Namespace) -> int:
     """Exit 0 when the verdict is promote, 1 when not (or nothing compared yet)."""
     try:
-        since = None if args.since is None else parse_time(args.since)
-        until = None if args.until is None else parse_time(args.until)
+        since = None if args.since is None else parse_time(args.since, "--since")
+        until = None if args.until is None else parse_time(args.until, "--until")
         window_s = None if args.window is None else parse_duration(args.window)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

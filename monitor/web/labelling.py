@@ -19,14 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
 
-from monitor.timestamps import iso_utc
+from monitor.timestamps import iso_utc, parse_time
 from monitor.wire import to_wire
 
 log = structlog.get_logger(__name__)
@@ -95,22 +94,9 @@ class BadSampleQueryError(ValueError):
 def _time(text: str, name: str) -> float:
     """ISO 8601 (as the API writes times; without a zone taken as UTC) or epoch seconds."""
     try:
-        seconds = float(text)
-    except ValueError:
-        pass
-    else:
-        if not math.isfinite(seconds):
-            raise BadSampleQueryError(f"{name} must be a finite time")
-        return seconds
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadSampleQueryError(
-            f"{name} must be an ISO 8601 time (e.g. 2026-12-03T14:00:00Z) or epoch seconds"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+        return parse_time(text, name)
+    except ValueError as exc:
+        raise BadSampleQueryError(str(exc)) from None
 
 
 def _whole(text: str, name: str, *, low: int, high: int | None = None) -> int:

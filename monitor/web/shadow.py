@@ -26,8 +26,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from monitor.config.durations import parse_duration
-from monitor.timestamps import iso_utc
-from monitor.web.labelling import _time as query_time
+from monitor.timestamps import iso_utc, parse_time
 from monitor.wire import to_wire
 
 MIN_WINDOW_S = 10.0  # as model.shadow.window: shorter windows hold too few crops to compare
@@ -63,7 +62,7 @@ class BadShadowQueryError(ValueError):
 def _moment(text: str, name: str) -> float:
     """A time the API can also write back (ISO 8601 UTC stops at the year 9999)."""
     try:
-        seconds = query_time(text, name)
+        seconds = parse_time(text, name)
     except ValueError as exc:
         raise BadShadowQueryError(str(exc)) from None
     try:
