@@ -1,4 +1,5 @@
-"""The SQLite store: processed-files journal, one row per frame, window snapshots.
+"""The SQLite store: processed-files journal, one row per frame and per particle, window
+snapshots.
 
 WAL mode lets `crystal-monitor export` read while the daemon writes. A frame's row,
 its journal entry and its outgoing result messages (the MQTT outbox lives in the same
@@ -18,7 +19,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,27 @@ CREATE TABLE IF NOT EXISTS frames (
 );
 CREATE INDEX IF NOT EXISTS frames_probe_ts ON frames (probe, ts);
 CREATE INDEX IF NOT EXISTS frames_stored_at ON frames (stored_at);
+-- Added with issue 15: an older store gains it in place (IF NOT EXISTS) when the daemon
+-- opens it; its frames simply have no particle rows.
+CREATE TABLE IF NOT EXISTS particles (
+    frame_id INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    confidence REAL NOT NULL,
+    x INTEGER NOT NULL,
+    y INTEGER NOT NULL,
+    w INTEGER NOT NULL,
+    h INTEGER NOT NULL,
+    area REAL,
+    ecd REAL,
+    feret_max REAL,
+    feret_min REAL,
+    aspect_ratio REAL,
+    unit TEXT,
+    PRIMARY KEY (frame_id, idx)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS windows (
     id INTEGER PRIMARY KEY,
     probe TEXT NOT NULL,
@@ -87,6 +109,45 @@ CREATE TABLE IF NOT EXISTS batches (
 
 
 @dataclass(frozen=True)
+class ParticleSizeRow:
+    """A particle's size and shape as stored (see `monitor.imaging.particle_size`)."""
+
+    area: float
+    ecd: float
+    feret_max: float
+    feret_min: float
+    aspect_ratio: float
+    unit: str
+    """Of the lengths: "um", or "px" when the probe has no pixel size; area in unit²."""
+
+
+@dataclass(frozen=True)
+class ParticleRow:
+    """One classified particle of a frame: the model's call and the particle's size."""
+
+    label: str
+    """The model's top class (also for an uncertain call, which no fraction counts)."""
+    status: str  # "ok" or "uncertain"
+    reason: str | None  # why uncertain: "low_confidence" or "out_of_distribution"
+    confidence: float
+    box: tuple[int, int, int, int]
+    """x, y, w, h in frame pixels."""
+    size: ParticleSizeRow | None = None
+    """None where the sampler segments no object (tiles) or gave no mask."""
+
+
+@dataclass(frozen=True)
+class StoredParticle:
+    """A particle read back with its frame's identity (for export)."""
+
+    probe: str
+    key: str
+    ts: float
+    batch: str | None
+    particle: ParticleRow
+
+
+@dataclass(frozen=True)
 class FrameRow:
     """The summary of one frame (or one crop file) as stored."""
 
@@ -105,6 +166,8 @@ class FrameRow:
     """The model that classified the frame: {"name", "version", "sha256"}; None when no
     model saw it (rejected, unreadable) or for rows written before models were recorded."""
     journal: bool = True  # files are journaled; stream frames have no file to remember
+    particles: tuple[ParticleRow, ...] = ()
+    """Its particles, stored in the same transaction (in `frames_since` only when asked)."""
 
 
 class StoreError(Exception):
@@ -198,6 +261,13 @@ class Store:
         self._frame_columns = (
             "probe, key, ts, batch, status, reason, counts, n_uncertain, stored_at,"
             f" latency_s, {n_ood}, {model}"
+        )
+        # ... and a store written before issue 15 has no particles table.
+        self._has_particles = (
+            self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'particles'"
+            ).fetchone()
+            is not None
         )
         # Re-entrant: a transaction's owner may call the other methods inside it.
         self._lock = threading.RLock()
@@ -293,7 +363,7 @@ class Store:
                 if cursor.rowcount == 0:
                     added.append(False)
                     continue
-            db.execute(
+            cursor = db.execute(
                 "INSERT INTO frames (probe, key, ts, batch, status, reason, counts,"
                 " n_uncertain, stored_at, latency_s, n_ood, model)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -312,6 +382,12 @@ class Store:
                     None if row.model is None else json.dumps(row.model),
                 ),
             )
+            if row.particles:
+                frame_id = cursor.lastrowid
+                db.executemany(
+                    "INSERT INTO particles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_particle_values(frame_id, i, p) for i, p in enumerate(row.particles)],
+                )
             added.append(True)
         return added
 
@@ -380,14 +456,27 @@ class Store:
             ).fetchone()
         return (str(row[0]), float(row[1])) if row else None
 
-    def frames_since(self, probe: str, since: float) -> list[FrameRow]:
-        """Frames newer than `since`, oldest first: used to refill windows after a restart."""
+    def frames_since(self, probe: str, since: float, *, particles: bool = False) -> list[FrameRow]:
+        """Frames newer than `since`, oldest first: used to refill windows after a restart.
+        With `particles`, each with its particle rows."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {self._frame_columns} FROM frames WHERE probe = ? AND ts > ? ORDER BY ts",
+                f"SELECT id, {self._frame_columns} FROM frames WHERE probe = ? AND ts > ?"
+                " ORDER BY ts",
                 (probe, since),
             ).fetchall()
-        return [_frame_row(row) for row in rows]
+            by_frame: dict[int, list[ParticleRow]] = {}
+            if particles and self._has_particles and rows:
+                for frame_id, *values in self._db.execute(
+                    f"SELECT frame_id, {_PARTICLE_COLUMNS} FROM particles WHERE frame_id IN"
+                    " (SELECT id FROM frames WHERE probe = ? AND ts > ?)"
+                    " ORDER BY frame_id, idx",
+                    (probe, since),
+                ):
+                    by_frame.setdefault(frame_id, []).append(_particle_row(values))
+        return [
+            replace(_frame_row(row[1:]), particles=tuple(by_frame.get(row[0], ()))) for row in rows
+        ]
 
     def purge(self, older_than: float) -> int:
         """Drop frame rows, snapshots and journal entries recorded before `older_than`.
@@ -398,6 +487,12 @@ class Store:
         older than the retention, which the folder source skips by its mtime.
         """
         with self._lock, self._transaction():
+            # A frame's particles go with it (they have no time of their own).
+            self._db.execute(
+                "DELETE FROM particles WHERE frame_id IN"
+                " (SELECT id FROM frames WHERE stored_at < ?)",
+                (older_than,),
+            )
             frames = self._db.execute(
                 "DELETE FROM frames WHERE stored_at < ?", (older_than,)
             ).rowcount
@@ -416,6 +511,23 @@ class Store:
                 (since,),
             ).fetchall()
         return (_frame_row(row) for row in rows)
+
+    def iter_particles(self, since: float = 0.0) -> Iterator[StoredParticle]:
+        """Every stored particle of the frames from `since` on (frame time), in the order
+        the frames were stored; none from a store written before particles were kept."""
+        if not self._has_particles:
+            return iter(())
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT f.probe, f.key, f.ts, f.batch, {_PARTICLE_COLUMNS_OF_P}"
+                " FROM frames AS f JOIN particles AS p ON p.frame_id = f.id"
+                " WHERE f.ts >= ? ORDER BY f.id, p.idx",
+                (since,),
+            ).fetchall()
+        return (
+            StoredParticle(probe, key, ts, batch, _particle_row(values))
+            for probe, key, ts, batch, *values in rows
+        )
 
     def iter_snapshots(
         self, since: float = 0.0
@@ -534,6 +646,42 @@ def _frame_row(row: tuple[Any, ...]) -> FrameRow:
         n_ood=n_ood,
         model=None if model is None else json.loads(model),
     )
+
+
+_PARTICLE_COLUMNS = (
+    "label, status, reason, confidence, x, y, w, h, area, ecd, feret_max, feret_min,"
+    " aspect_ratio, unit"
+)
+
+
+_PARTICLE_COLUMNS_OF_P = ", ".join(f"p.{name.strip()}" for name in _PARTICLE_COLUMNS.split(","))
+
+
+def _particle_values(frame_id: int | None, index: int, particle: ParticleRow) -> tuple[Any, ...]:
+    size = particle.size
+    sizes: tuple[Any, ...] = (
+        (None,) * 6
+        if size is None
+        else (size.area, size.ecd, size.feret_max, size.feret_min, size.aspect_ratio, size.unit)
+    )
+    return (
+        frame_id,
+        index,
+        particle.label,
+        particle.status,
+        particle.reason,
+        particle.confidence,
+        *particle.box,
+        *sizes,
+    )
+
+
+def _particle_row(values: Sequence[Any]) -> ParticleRow:
+    label, status, reason, confidence, x, y, w, h, area, ecd, fmax, fmin, aspect, unit = values
+    size = None
+    if ecd is not None:
+        size = ParticleSizeRow(area, ecd, fmax, fmin, aspect, unit)
+    return ParticleRow(label, status, reason, confidence, (x, y, w, h), size)
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:

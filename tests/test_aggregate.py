@@ -407,8 +407,9 @@ def test_snapshot_json_has_the_published_shape_and_survives_json_dumps() -> None
     assert set(window) == {
         "n", "n_uncertain", "frames", "rejected_frames", "rejected_by_reason",
         "rejected_share", "uncertain_share", "n_ood", "ood_share", "particles_per_min",
-        "frames_per_min", "classes",
+        "frames_per_min", "classes", "sizes",
     }  # fmt: skip
+    assert set(window["sizes"]) == {"unit", "measure", "bin_edges", "classes"}
     pg = window["classes"]["PG"]
     assert set(pg) == {"n", "fraction", "ci95", "adjusted", "effective_n"}
     assert pg["fraction"] == 0.1

@@ -3,8 +3,9 @@
 One `WindowAggregator` per probe takes one `FrameRecord` per frame and, whenever asked,
 produces a `ProbeSnapshot`: for each window (60 s, 5 min, 15 min by default) the
 particle and frame counts, the class fractions with design-effect Wilson intervals and
-the confusion-adjusted shares, plus a per-class EWMA and rate of change. Pure logic:
-the caller passes every timestamp in; nothing here reads a clock.
+the confusion-adjusted shares, the size distribution of each class (`sizes`, see
+`monitor.aggregate.sizes`), plus a per-class EWMA and rate of change. Pure logic: the
+caller passes every timestamp in; nothing here reads a clock.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from monitor.aggregate.sizes import SIZE_BIN_EDGES, SizeStats, SizeUnit, size_stats
 from monitor.aggregate.statistics import (
     ConfusionCorrection,
     EwmaFractions,
@@ -36,6 +38,11 @@ class FrameRecord:
     were rejected as out of distribution (not crystals the model knows). A rejected
     frame (out of focus, blank probe window, ...) has `rejected_reason` set and no
     particles; it still counts towards the frame rate and the rejected share.
+
+    `sizes` holds (class index, equivalent circle diameter, aspect ratio) of each
+    confidently classified particle whose size was measured, in the aggregator's size
+    unit; a particle without a size (a tile, a sampler without masks) counts in the
+    fractions but not in the size distributions.
     """
 
     ts: float
@@ -43,6 +50,7 @@ class FrameRecord:
     n_uncertain: int = 0
     rejected_reason: str | None = None
     n_ood: int = 0
+    sizes: tuple[tuple[int, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.ts):
@@ -53,7 +61,12 @@ class FrameRecord:
                 f"n_uncertain={self.n_uncertain} and n_ood={self.n_ood}"
             )
         particles = self.n_uncertain or self.n_ood or any(self.class_counts)
-        if self.rejected_reason is not None and particles:
+        if any(not 0 <= index < len(self.class_counts) for index, _, _ in self.sizes):
+            raise ValueError(
+                f"size class indices must be below {len(self.class_counts)}, got "
+                f"{sorted({index for index, _, _ in self.sizes})}"
+            )
+        if self.rejected_reason is not None and (particles or self.sizes):
             raise ValueError(
                 f"rejected frame ({self.rejected_reason}) must carry no particles: "
                 "set its counts to zero or leave rejected_reason None"
@@ -116,6 +129,8 @@ class WindowStats:
     frames_per_min: float
     """Accepted plus rejected frames per minute."""
     classes: dict[str, ClassStats]
+    sizes: SizeStats
+    """Each class's size distribution over its confident particles with a size."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-able values (the window length is the key one level up)."""
@@ -132,6 +147,7 @@ class WindowStats:
             "particles_per_min": self.particles_per_min,
             "frames_per_min": self.frames_per_min,
             "classes": {name: stats.to_json() for name, stats in self.classes.items()},
+            "sizes": self.sizes.to_json(),
         }
 
 
@@ -284,6 +300,68 @@ class _FrameColumns:
         self._start, self._stop = 0, live
 
 
+class _ParticleColumns:
+    """The sized particles of the retained frames: rows time, class index, ECD and aspect
+    ratio, sorted by time, in a reusable buffer (as `_FrameColumns`: live columns are
+    [start, stop), moved to the front or into a larger buffer only at the end)."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._data: np.ndarray = np.empty((4, capacity), dtype=np.float64)
+        self._start = 0
+        self._stop = 0
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    def clear(self) -> None:
+        self._start = 0
+        self._stop = 0
+
+    @property
+    def ts(self) -> np.ndarray:
+        return self._data[0, self._start : self._stop]
+
+    def between(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(class index, ECD, aspect ratio) of live rows [start, end) (views)."""
+        rows = self._data[1:, self._start + start : self._start + end]
+        return rows[0].astype(np.int64), rows[1], rows[2]
+
+    def insert(self, ts: float, sizes: Sequence[tuple[int, float, float]]) -> None:
+        """Place one frame's particles in time order (after any with the same ts)."""
+        count = len(sizes)
+        if count == 0:
+            return
+        self._make_room(count)
+        start, stop = self._start, self._stop
+        position = stop
+        if stop > start and ts < self._data[0, stop - 1]:
+            position = start + int(np.searchsorted(self._data[0, start:stop], ts, "right"))
+            self._data[:, position + count : stop + count] = self._data[:, position:stop]
+        block = self._data[:, position : position + count]
+        block[0] = ts
+        block[1:] = np.asarray(sizes, dtype=np.float64).T
+        self._stop = stop + count
+
+    def drop_through(self, horizon: float) -> None:
+        """Forget every particle with ts <= horizon."""
+        self._start += int(np.searchsorted(self.ts, horizon, "right"))
+        if self._start == self._stop:
+            self._start = self._stop = 0
+
+    def _make_room(self, count: int) -> None:
+        capacity = self._data.shape[1]
+        if self._stop + count <= capacity:
+            return
+        live = self._stop - self._start
+        if (live + count) * 2 > capacity:
+            data = np.empty((4, max(capacity * 2, (live + count) * 2)), dtype=np.float64)
+        else:
+            data = self._data
+        data[:, :live] = self._data[:, self._start : self._stop]
+        self._data = data
+        self._start, self._stop = 0, live
+
+
 class WindowAggregator:
     """Sliding-window class statistics for ONE probe.
 
@@ -321,7 +399,12 @@ class WindowAggregator:
         confusion_matrix: Sequence[Sequence[int]] | None = None,
         ewma_halflife_s: float = 60.0,
         trend_window_s: float | None = None,
+        *,
+        size_unit: SizeUnit = "px",
+        size_bin_edges: Sequence[float] = SIZE_BIN_EDGES,
     ) -> None:
+        """`size_unit`: the unit the records' sizes are in ("um" with the probe's pixel
+        size, else "px"), said in every window's `sizes`."""
         self.classes: tuple[str, ...] = tuple(classes)
         if not self.classes:
             raise ValueError("need at least one class name (from the model manifest)")
@@ -344,6 +427,16 @@ class WindowAggregator:
         self._retention_s = max(float(self.windows_s[-1]), self.trend_window_s)
         self._ewma = EwmaFractions(len(self.classes), ewma_halflife_s)
         self._frames = _FrameColumns(len(self.classes))
+        self.size_unit: SizeUnit = size_unit
+        self.size_bin_edges: tuple[float, ...] = tuple(float(e) for e in size_bin_edges)
+        if len(self.size_bin_edges) < 2 or any(
+            not low < high
+            for low, high in zip(self.size_bin_edges[:-1], self.size_bin_edges[1:], strict=True)
+        ):
+            raise ValueError(
+                f"size bin edges must be at least two increasing numbers, got {size_bin_edges}"
+            )
+        self._particles = _ParticleColumns()
         self._batch: str | None = None
         self._reset_ts: float | None = None
         self._first_ts: float | None = None
@@ -372,6 +465,7 @@ class WindowAggregator:
 
     def _reset(self, ts: float) -> None:
         self._frames.clear()
+        self._particles.clear()
         self._ewma.reset()
         self._reset_ts = ts
         self._first_ts = None
@@ -390,6 +484,7 @@ class WindowAggregator:
         if self._latest_ts is not None and ts <= self._latest_ts - self._retention_s:
             return
         self._frames.insert(record)
+        self._particles.insert(ts, record.sizes)
         if self._latest_ts is None or ts > self._latest_ts:
             self._latest_ts = ts
         if self._first_ts is None or ts < self._first_ts:
@@ -397,6 +492,7 @@ class WindowAggregator:
         if record.accepted:
             self._ewma.update(ts, record.class_counts)
         self._frames.drop_through(self._latest_ts - self._retention_s)
+        self._particles.drop_through(self._latest_ts - self._retention_s)
 
     # -- reading -------------------------------------------------------------------
 
@@ -404,6 +500,9 @@ class WindowAggregator:
         """Statistics of every window ending at `now`, and the per-class trend."""
         frames = self._frames
         frames.drop_through(now - self._retention_s)
+        self._particles.drop_through(now - self._retention_s)
+        particle_ts = self._particles.ts
+        particles_end = int(np.searchsorted(particle_ts, now, side="right"))
         ts = frames.ts
         end = int(np.searchsorted(ts, now, side="right"))
         origin = self._reset_ts if self._reset_ts is not None else self._first_ts
@@ -414,8 +513,14 @@ class WindowAggregator:
         for window_s in self.windows_s:
             start = int(np.searchsorted(ts, now - window_s, side="right"))
             span_s = float(window_s) if origin is None else min(float(window_s), now - origin)
+            particles_start = int(np.searchsorted(particle_ts, now - window_s, side="right"))
             windows[window_s] = self._window_stats(
-                window_s, start, end, span_s, frame_totals[start:end]
+                window_s,
+                start,
+                end,
+                span_s,
+                per_frame_totals=frame_totals[start:end],
+                sizes=self._window_sizes(particles_start, particles_end),
             )
 
         trend_start = int(np.searchsorted(ts, now - self.trend_window_s, side="right"))
@@ -437,8 +542,25 @@ class WindowAggregator:
         }
         return ProbeSnapshot(ts=now, batch=self._batch, windows=windows, trend=trend)
 
-    def _window_stats(
-        self, window_s: int, start: int, end: int, span_s: float, per_frame_totals: np.ndarray
+    def _window_sizes(self, start: int, end: int) -> SizeStats:
+        class_index, ecd, aspect_ratio = self._particles.between(start, end)
+        return size_stats(
+            self.classes,
+            class_index,
+            ecd,
+            aspect_ratio,
+            unit=self.size_unit,
+            edges=self.size_bin_edges,
+        )
+
+    def _window_stats(  # noqa: PLR0917 (private, called once, each argument named there)
+        self,
+        window_s: int,
+        start: int,
+        end: int,
+        span_s: float,
+        per_frame_totals: np.ndarray,
+        sizes: SizeStats,
     ) -> WindowStats:
         frames = self._frames
         class_counts = frames.counts[:, start:end]
@@ -490,4 +612,5 @@ class WindowAggregator:
             particles_per_min=n / minutes if minutes > 0 else 0.0,
             frames_per_min=frames_total / minutes if minutes > 0 else 0.0,
             classes=classes,
+            sizes=sizes,
         )

@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 import structlog
 
+from monitor.imaging.particle_size import ParticleSize
 from monitor.inference.decision import Decision
 from monitor.manifest import ModelIdentity
 from monitor.sources.base import FrameItem
@@ -18,7 +19,9 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class ParticleBox:
-    """Where one classified crop sat in its frame, for the dashboard's overlay."""
+    """Where one classified crop sat in its frame (the dashboard's overlay), what the
+    model made of it and the particle's size (stored per particle, counted in the
+    windows' size distributions when the call is confident)."""
 
     x: int
     y: int
@@ -28,6 +31,22 @@ class ParticleBox:
     confidence: float
     uncertain: bool
     out_of_distribution: bool = False
+    size: ParticleSize | None = None
+    """Measured from the sampler's mask on the worker; None where the crop has no
+    segmented object (tiles) or the sampler gave no mask."""
+
+    @property
+    def status(self) -> str:
+        """ "ok" (counted in its class) or "uncertain" (low confidence or out of
+        distribution)."""
+        return "uncertain" if self.uncertain else "ok"
+
+    @property
+    def reason(self) -> str | None:
+        """Why an uncertain call is uncertain: "out_of_distribution" or "low_confidence"."""
+        if self.out_of_distribution:
+            return "out_of_distribution"
+        return "low_confidence" if self.uncertain else None
 
 
 @dataclass(frozen=True)

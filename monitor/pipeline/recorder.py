@@ -3,10 +3,11 @@ the windows, the alarms' counts).
 
 Writes are grouped into short transactions (up to `max_rows` or `max_delay`), which
 keeps SQLite far from being the bottleneck while adding only milliseconds of latency.
-One transaction holds a frame's row, its journal entry and its result messages for
-the durable publishers (`stage_results`), so a crash at any point leaves all of them
-or none. Only after the commit are windows updated and files moved: a crash in
-between leaves the file un-journaled, so it is counted once, on the next start.
+One transaction holds a frame's row, its particles' rows (the model's call, box and
+size of each), its journal entry and its result messages for the durable publishers
+(`stage_results`), so a crash at any point leaves all of them or none. Only after the
+commit are windows updated and files moved: a crash in between leaves the file
+un-journaled, so it is counted once, on the next start.
 
 Failures. A write that fails for a passing cause (a full disk, a locked database, an
 I/O error) is retried with backoff, for as long as it takes: nothing is dropped, the
@@ -30,8 +31,15 @@ from typing import Any
 import structlog
 
 from monitor.log_limit import RepeatLimiter
-from monitor.pipeline.outcome import FrameOutcome
-from monitor.store import FrameRow, Store, StoreTransaction, is_transient
+from monitor.pipeline.outcome import FrameOutcome, ParticleBox
+from monitor.store import (
+    FrameRow,
+    ParticleRow,
+    ParticleSizeRow,
+    Store,
+    StoreTransaction,
+    is_transient,
+)
 
 # Outcomes waiting for the store. Beyond this, workers wait: frames are held back
 # upstream (a folder's files on disk), never dropped here. Each may reference its
@@ -78,6 +86,23 @@ def result_document(outcome: FrameOutcome, classes: tuple[str, ...]) -> dict[str
         "n_ood": outcome.n_ood,
         "model": None if outcome.model is None else outcome.model.to_json(),
     }
+
+
+def particle_row(box: ParticleBox) -> ParticleRow:
+    """One particle as the store keeps it."""
+    size = box.size
+    return ParticleRow(
+        label=box.label,
+        status=box.status,
+        reason=box.reason,
+        confidence=box.confidence,
+        box=(box.x, box.y, box.w, box.h),
+        size=None
+        if size is None
+        else ParticleSizeRow(
+            size.area, size.ecd, size.feret_max, size.feret_min, size.aspect_ratio, size.unit
+        ),
+    )
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -297,6 +322,7 @@ class Recorder:
                     model=None if outcome.model is None else outcome.model.to_json(),
                     stored_at=now,
                     journal=outcome.item.journal,
+                    particles=tuple(particle_row(box) for box in outcome.boxes),
                 )
             )
         with self._store.transaction() as tx:

@@ -20,6 +20,7 @@ import structlog
 
 from monitor.config.settings import ProbeConfig, QualityConfig
 from monitor.imaging.decode import DecodeError
+from monitor.imaging.particle_size import ParticleSize, measure_mask
 from monitor.imaging.preprocess import prepare_batch
 from monitor.pipeline.active_model import ActiveModel
 from monitor.pipeline.batcher import MicroBatcher
@@ -68,6 +69,11 @@ def transient_read_error(exc: DecodeError) -> bool:
 class _ProbeStages:
     quality: QualityConfig
     sampler: Sampler
+    pixel_size_um: float | None
+
+
+def _stages(probe: ProbeConfig) -> _ProbeStages:
+    return _ProbeStages(probe.quality, create_sampler(probe), probe.pixel_size_um)
 
 
 class Pipeline:
@@ -87,9 +93,7 @@ class Pipeline:
         self._classes = active.manifest.classes
         self._observers = tuple(observers)
         self._batch_of = batch_of
-        self._stages = {
-            probe.id: _ProbeStages(probe.quality, create_sampler(probe)) for probe in probes
-        }
+        self._stages = {probe.id: _stages(probe) for probe in probes}
         self._batcher = batcher
         self._frames = frames
         self._on_outcome = on_outcome
@@ -105,9 +109,7 @@ class Pipeline:
     def update_probes(self, probes: Sequence[ProbeConfig]) -> None:
         """New quality and sampling thresholds (a config reload); frames already in a
         worker finish with the old ones. One dict swap, so no lock is needed."""
-        self._stages = {
-            probe.id: _ProbeStages(probe.quality, create_sampler(probe)) for probe in probes
-        }
+        self._stages = {probe.id: _stages(probe) for probe in probes}
 
     def set_observers(self, observers: Sequence[ClassifiedFrameObserver]) -> None:
         """Who sees the classified frames from now on (a reload starts or stops the
@@ -206,6 +208,12 @@ class Pipeline:
         rule = active.rule
         model = active.identity
         tensors = prepare_batch([crop.image for crop in crops], manifest.input)
+        # Measured here, on the worker, once per crop from the sampler's mask (a view of
+        # the frame's pixels, nothing copied), while the batcher waits for more crops.
+        sizes: list[ParticleSize | None] = [
+            None if crop.mask is None else measure_mask(crop.mask, stages.pixel_size_um)
+            for crop in crops
+        ]
 
         def on_probabilities(rows: np.ndarray | None, error: str | None) -> None:
             if rows is None:
@@ -217,7 +225,7 @@ class Pipeline:
             uncertain = ood = 0
             boxes = []
             decisions = rule.decide(rows)
-            for crop, decision in zip(crops, decisions, strict=True):
+            for crop, decision, size in zip(crops, decisions, sizes, strict=True):
                 if decision.status == "ok":
                     counts[manifest.classes.index(decision.label)] += 1
                 elif decision.reason == "out_of_distribution":
@@ -231,6 +239,7 @@ class Pipeline:
                         confidence=decision.confidence,
                         uncertain=decision.status != "ok",
                         out_of_distribution=decision.reason == "out_of_distribution",
+                        size=size,
                     )
                 )
             observers = self._observers  # one read: a reload may replace them meanwhile

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from monitor.aggregate import FrameRecord, WindowAggregator
+from monitor.aggregate import FrameRecord, SizeUnit, WindowAggregator
 from monitor.alarms import Quality
 from monitor.config.settings import ProbeConfig, Settings
 from monitor.manifest import ModelIdentity, ModelManifest
@@ -38,15 +38,29 @@ class LatestFrame:
     boxes: tuple[ParticleBox, ...]
 
 
-def frame_record(outcome: FrameOutcome) -> FrameRecord:
-    """What the windows count of one stored frame."""
+def frame_record(
+    outcome: FrameOutcome, classes: Sequence[str] = (), size_unit: SizeUnit | None = None
+) -> FrameRecord:
+    """What the windows count of one stored frame. Its confident particles' sizes go into
+    the size distributions when they are in `size_unit` (the probe's, fixed for a run)."""
+    sizes = tuple(
+        (classes.index(box.label), box.size.ecd, box.size.aspect_ratio)
+        for box in outcome.boxes
+        if not box.uncertain and box.size is not None and box.size.unit == size_unit
+    )
     return FrameRecord(
         ts=outcome.item.ts,
         class_counts=outcome.class_counts,
         n_uncertain=outcome.n_uncertain,
         n_ood=outcome.n_ood,
         rejected_reason=None if outcome.status == "ok" else outcome.reason or outcome.status,
+        sizes=sizes,
     )
+
+
+def size_unit_of(probe: ProbeConfig) -> SizeUnit:
+    """The unit a probe's sizes are measured in: micrometres with its calibration."""
+    return "px" if probe.pixel_size_um is None else "um"
 
 
 @dataclass
@@ -90,7 +104,8 @@ class ProbeState:
 
     def add(self, outcome: FrameOutcome) -> FrameRecord:
         """Count a stored frame in the windows; keep it for the dashboard if classified."""
-        record = frame_record(outcome)
+        aggregator = self.aggregator
+        record = frame_record(outcome, aggregator.classes, aggregator.size_unit)
         with self.lock:
             self.aggregator.add(record)
             self.last_frame_ts = max(self.last_frame_ts or record.ts, record.ts)
@@ -146,6 +161,7 @@ def create_probe_states(
             windows_s=settings.aggregation.windows,
             confusion_matrix=manifest.validation.confusion_matrix,
             ewma_halflife_s=settings.aggregation.ewma_halflife,
+            size_unit=size_unit_of(probe),
         )
         state = ProbeState(probe, aggregator)
         _restore_windows(state, store, manifest.classes, now - max(settings.aggregation.windows))
@@ -160,16 +176,28 @@ def _restore_windows(state: ProbeState, store: Store, classes: Sequence[str], si
         state.aggregator.start_batch(current[0], current[1])
         since = max(since, current[1])
     restored = 0
-    for row in store.frames_since(probe, since):
+    unit = state.aggregator.size_unit
+    for row in store.frames_since(probe, since, particles=True):
         if current is not None and row.batch != current[0]:
             continue
+        ok = row.status == "ok"
         state.aggregator.add(
             FrameRecord(
                 ts=row.ts,
                 class_counts=tuple(row.counts.get(name, 0) for name in classes),
                 n_uncertain=row.n_uncertain,
                 n_ood=row.n_ood,
-                rejected_reason=None if row.status == "ok" else row.reason or row.status,
+                rejected_reason=None if ok else row.reason or row.status,
+                # Sizes in another unit (a pixel size set or removed since) are left out.
+                sizes=tuple(
+                    (classes.index(p.label), p.size.ecd, p.size.aspect_ratio)
+                    for p in row.particles
+                    if ok
+                    and p.status == "ok"
+                    and p.size is not None
+                    and p.size.unit == unit
+                    and p.label in classes
+                ),
             )
         )
         if row.model is not None:
