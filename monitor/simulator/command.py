@@ -10,6 +10,10 @@ simulator's (what the shipped model was trained on). --look-mix slurry draws the
 particle looks of a working slurry through per-site optics; --site, --sites and
 --site-style choose the site(s). ground_truth.jsonl then records each image's
 site and the look of each particle.
+
+In frame mode each particle's ground truth also has its size and shape (area,
+equivalent circle diameter, Feret max/min, aspect ratio) in pixels and, at
+--pixel-size-um, in micrometres, and whether it touches another particle.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ from monitor.simulator.writer import (
 )
 
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
+# Micrometres per pixel of a typical probe: a Mettler-Toledo ParticleView V19 / PVM
+# V819 images about 1075 x 825 um onto its 1360 x 1024 px sensor, 0.79 um/px.
+DEFAULT_PIXEL_SIZE_UM = 0.8
 DEFAULT_PG_FRACTION = {"crop": 0.5, "frame": 0.05}
 # Options that only mean something for full frames.
 FRAME_ONLY_OPTIONS = (
@@ -55,6 +62,7 @@ FRAME_ONLY_OPTIONS = (
     "empty_share",
     "fouling",
     "density",
+    "pixel_size_um",
 )
 
 
@@ -246,6 +254,15 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="frame mode: slurry density, 0 = sparse separate particles (default) .. "
         "1 = dense, needles cover most of the frame and particles touch and overlap",
     )
+    parser.add_argument(
+        "--pixel-size-um",
+        type=_positive_float,
+        default=None,
+        metavar="UM",
+        help="frame mode: micrometres per pixel, for the particle sizes in um in "
+        f"ground_truth.jsonl (default: {DEFAULT_PIXEL_SIZE_UM}, a ParticleView V19's "
+        "1075 x 825 um field on 1360 x 1024 px)",
+    )
 
 
 def _fail(message: str) -> int:
@@ -315,6 +332,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     written = 0
     counts = {CEX: 0, PG: 0}
     began = time.monotonic()
+    pixel_size_um = args.pixel_size_um or DEFAULT_PIXEL_SIZE_UM
     with GroundTruthLog(outdir) as log:
         try:
             for index in indices:
@@ -332,7 +350,8 @@ def run_simulate(args: argparse.Namespace) -> int:
                         elapsed,
                         pg_fraction,
                         site=None if site is None else site.name,
-                        particles=particle_records(truths),
+                        pixel_size_um=pixel_size_um,
+                        particles=particle_records(truths, pixel_size_um),
                     )
                     for truth in truths:
                         counts[truth.label] += 1

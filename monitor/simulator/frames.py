@@ -63,14 +63,38 @@ SLURRY_PG_DIAMETER_PX = (80.0, 400.0)
 DENSE_COVER_FRAMES = 1.0
 
 
+# A pixel belongs to a particle's own mask where drawing it changed the canvas by at
+# least this many grey levels (its light, or the darkening of what it hides): about
+# half the light of a dim particle's edge after the optics' blur, and half the
+# segmenter's default threshold (40), so the truth is the particle's visible
+# silhouette, not its faint blur halo. Holes (pores, gaps between a bundle's needles
+# narrower than the closing) are filled: area is the silhouette's.
+TRUTH_LEVEL = 20.0
+_TRUTH_CLOSE = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+_TOUCH_KERNEL = np.ones((3, 3), np.uint8)
+
+
 @dataclass(frozen=True)
 class ParticleTruth:
-    """What was drawn: class label, box (x, y, w, h) clipped to the frame, focus, look."""
+    """What was drawn: class label, box (x, y, w, h) clipped to the frame, focus, look,
+    and the size and shape of the particle's own mask (clipped to the frame, before
+    compositing: what later particles hide of it still counts), in pixels.
+
+    Sizes follow `monitor.imaging.particle_size.measure_mask` (pixels as unit squares,
+    Feret diameters over their corners); all zero for a particle too faint to reach
+    TRUTH_LEVEL anywhere. `touching`: its mask, dilated by 1 px, meets another
+    particle's mask (touching or overlapping)."""
 
     label: str
     bbox: tuple[int, int, int, int]
     in_focus: bool
     look: str = ""
+    area_px: float = 0.0
+    ecd_px: float = 0.0
+    feret_max_px: float = 0.0
+    feret_min_px: float = 0.0
+    aspect_ratio: float = 0.0
+    touching: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +134,129 @@ class FrameConfig:
                 raise ValueError(
                     f"{name} must be (low, high) with 4 <= low <= high, got {low, high}"
                 )
+
+
+def _draw_region(
+    centre: tuple[float, float], size: float, shape: tuple[int, ...]
+) -> tuple[slice, slice]:
+    """The part of the canvas a look drawing a particle `size` across at `centre` can
+    change within its box: every look's box lies within about 0.8 size of the centre
+    (plus the defocus growth), so 1.25 size + 40 px leaves room."""
+    reach = 1.25 * size + 40.0
+    cx, cy = centre
+    height, width = shape[0], shape[1]
+    x0, x1 = max(0, math.floor(cx - reach)), min(width, math.ceil(cx + reach) + 1)
+    y0, y1 = max(0, math.floor(cy - reach)), min(height, math.ceil(cy + reach) + 1)
+    return slice(y0, max(y0, y1)), slice(x0, max(x0, x1))
+
+
+def _own_mask(
+    canvas: FloatImage,
+    before: FloatImage,
+    region: tuple[slice, slice],
+    box: tuple[int, int, int, int],
+) -> np.ndarray:
+    """The particle's own pixels within its box (h x w uint8, 1 = particle): where its
+    drawing changed the canvas by TRUTH_LEVEL or more, closed and with holes filled."""
+    x, y, w, h = box
+    mask = np.zeros((h, w), np.uint8)
+    ys, xs = region
+    # The box within the region (always all of it for the shipped looks).
+    bx0, by0 = max(x, xs.start), max(y, ys.start)
+    bx1, by1 = min(x + w, xs.stop), min(y + h, ys.stop)
+    if bx1 <= bx0 or by1 <= by0:
+        return mask
+    earlier = before[by0 - ys.start : by1 - ys.start, bx0 - xs.start : bx1 - xs.start]
+    change = np.abs(canvas[by0:by1, bx0:bx1] - earlier)
+    mask[by0 - y : by1 - y, bx0 - x : bx1 - x] = change >= TRUTH_LEVEL
+    closed = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _TRUTH_CLOSE)
+    contours, _ = cv2.findContours(closed, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(mask)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    return filled
+
+
+def _mask_size(mask: np.ndarray) -> tuple[float, float, float, float, float]:
+    """(area, ecd, feret max, feret min, aspect ratio) in pixels, by the definitions of
+    `monitor.imaging.particle_size.measure_mask`: pixels are unit squares, the Feret
+    diameters are caliper widths over their outer corners (rotating calipers on the
+    hull). Repeated here because the simulator sits beside, not above, the imaging
+    layer; tests/test_separation.py checks that the two agree."""
+    area = float(np.count_nonzero(mask))
+    if area == 0.0:
+        return 0.0, 0.0, 0.0, 0.0, 0.0
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    boundary = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float64)
+    corners = np.concatenate([boundary + offset for offset in ((0, 0), (1, 0), (0, 1), (1, 1))])
+    hull = cv2.convexHull(corners.astype(np.float32)).reshape(-1, 2).astype(np.float64)
+    feret_max = float(np.sqrt(((hull[:, None, :] - hull[None, :, :]) ** 2).sum(axis=2)).max())
+    feret_min = math.inf
+    for index in range(len(hull)):
+        edge = hull[(index + 1) % len(hull)] - hull[index]
+        length = math.hypot(edge[0], edge[1])
+        if length > 0.0:
+            distances = (hull - hull[index]) @ (np.array([-edge[1], edge[0]]) / length)
+            feret_min = min(feret_min, float(distances.max() - distances.min()))
+    ecd = math.sqrt(4.0 * area / math.pi)
+    return area, ecd, feret_max, feret_min, feret_min / feret_max
+
+
+def _window(
+    mask: np.ndarray, box: tuple[int, int, int, int], window: tuple[int, int, int, int]
+) -> np.ndarray:
+    """The mask (placed at its box) seen through the frame window (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = window
+    out = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    x, y, w, h = box
+    ax0, ay0 = max(x0, x), max(y0, y)
+    ax1, ay1 = min(x1, x + w), min(y1, y + h)
+    if ax1 > ax0 and ay1 > ay0:
+        out[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = mask[ay0 - y : ay1 - y, ax0 - x : ax1 - x]
+    return out
+
+
+def touching_flags(boxes: list[tuple[int, int, int, int]], masks: list[np.ndarray]) -> list[bool]:
+    """For each particle: does its mask, dilated by 1 px, meet another particle's mask?"""
+    flags = [False] * len(boxes)
+    for i, (xi, yi, wi, hi) in enumerate(boxes):
+        for j in range(i + 1, len(boxes)):
+            if flags[i] and flags[j]:
+                continue
+            xj, yj, wj, hj = boxes[j]
+            # Where box i grown by 1 px meets box j: only there can they touch.
+            x0, y0 = max(xi - 1, xj), max(yi - 1, yj)
+            x1, y1 = min(xi + wi + 1, xj + wj), min(yi + hi + 1, yj + hj)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            near_i = _window(masks[i], boxes[i], (x0 - 1, y0 - 1, x1 + 1, y1 + 1))
+            grown = cv2.dilate(near_i, _TOUCH_KERNEL)[1:-1, 1:-1]
+            if np.any(grown & _window(masks[j], boxes[j], (x0, y0, x1, y1))):
+                flags[i] = flags[j] = True
+    return flags
+
+
+def _particle_truths(
+    drawn: list[tuple[_PlannedParticle, tuple[int, int, int, int], np.ndarray]],
+) -> list[ParticleTruth]:
+    touching = touching_flags([box for _, box, _ in drawn], [mask for _, _, mask in drawn])
+    truths = []
+    for (particle, box, mask), touches in zip(drawn, touching, strict=True):
+        area, ecd, feret_max, feret_min, aspect = _mask_size(mask)
+        truths.append(
+            ParticleTruth(
+                particle.label,
+                box,
+                particle.in_focus,
+                particle.look.name,
+                area_px=area,
+                ecd_px=ecd,
+                feret_max_px=feret_max,
+                feret_min_px=feret_min,
+                aspect_ratio=aspect,
+                touching=touches,
+            )
+        )
+    return truths
 
 
 @dataclass(frozen=True)
@@ -272,7 +419,10 @@ class FrameSimulator:
             plan = self._plan_particles(rng, grid, self.pg_fraction_at(t_seconds), mix)
             # Out-of-focus particles are farther from the window: draw them
             # first so in-focus ones lie on top.
+            drawn: list[tuple[_PlannedParticle, tuple[int, int, int, int], np.ndarray]] = []
             for particle in sorted(plan, key=lambda p: p.in_focus):
+                region = _draw_region(particle.centre, particle.size, canvas.shape)
+                before = canvas[region].copy()
                 box = particle.look.draw(
                     canvas,
                     rng,
@@ -282,9 +432,8 @@ class FrameSimulator:
                     defocus=particle.defocus,
                 )
                 if box is not None:
-                    truths.append(
-                        ParticleTruth(particle.label, box, particle.in_focus, particle.look.name)
-                    )
+                    drawn.append((particle, box, _own_mask(canvas, before, region, box)))
+            truths = _particle_truths(drawn)
 
         if cfg.bubbles:
             for _ in range(int(rng.poisson(1.5))):

@@ -94,17 +94,36 @@ def write_png_atomically(path: Path, image: npt.NDArray[np.uint8] | npt.NDArray[
         raise
 
 
-def particle_records(truths: Iterable[ParticleTruth]) -> list[dict[str, Any]]:
-    """Ground-truth particles as JSON-ready dicts: label, bbox [x, y, w, h], in_focus, look."""
-    return [
-        {
+def particle_records(
+    truths: Iterable[ParticleTruth], pixel_size_um: float | None = None
+) -> list[dict[str, Any]]:
+    """Ground-truth particles as JSON-ready dicts: label, bbox [x, y, w, h], in_focus,
+    look, touching, the size and shape in pixels (area_px, ecd_px, feret_max_px,
+    feret_min_px, aspect_ratio) and, with a pixel size, in micrometres (area_um2,
+    ecd_um, feret_max_um, feret_min_um)."""
+    records = []
+    for truth in truths:
+        record: dict[str, Any] = {
             "label": truth.label,
             "bbox": list(truth.bbox),
             "in_focus": truth.in_focus,
             "look": truth.look,
+            "touching": truth.touching,
+            "area_px": truth.area_px,
+            "ecd_px": round(truth.ecd_px, 3),
+            "feret_max_px": round(truth.feret_max_px, 3),
+            "feret_min_px": round(truth.feret_min_px, 3),
+            "aspect_ratio": round(truth.aspect_ratio, 4),
         }
-        for truth in truths
-    ]
+        if pixel_size_um is not None:
+            record.update(
+                area_um2=round(truth.area_px * pixel_size_um**2, 3),
+                ecd_um=round(truth.ecd_px * pixel_size_um, 3),
+                feret_max_um=round(truth.feret_max_px * pixel_size_um, 3),
+                feret_min_um=round(truth.feret_min_px * pixel_size_um, 3),
+            )
+        records.append(record)
+    return records
 
 
 class GroundTruthLog:
