@@ -72,6 +72,12 @@ class FakeView:
     """model.shadow.window: the windows of a report asked for without one."""
     shadow_asked: list[dict[str, Any]] = field(default_factory=list)
     """The arguments of every shadow_report call, oldest first."""
+    window_sizes: dict[int, dict[str, Any] | None] = field(default_factory=dict)
+    """The size statistics `probe` gives each window (window seconds -> the window's
+    "sizes" document; None: no "sizes" key, as from a daemon without sizes); a window
+    not named keeps what the aggregator gives."""
+    stored_snapshots: list[tuple[float, str | None, dict[str, Any]]] = field(default_factory=list)
+    """The store's rows (ts, batch, ProbeSnapshot.to_json()) `probe_snapshots` reads."""
 
     def __post_init__(self) -> None:
         self.aggregator = WindowAggregator(
@@ -93,6 +99,12 @@ class FakeView:
         if probe not in self.probe_ids:
             raise KeyError(probe)
         snapshot = self.aggregator.snapshot(self.clock).to_json()
+        for seconds, sizes in self.window_sizes.items():
+            stats = snapshot["windows"][str(seconds)]
+            if sizes is None:
+                stats.pop("sizes", None)
+            else:
+                stats["sizes"] = sizes
         latest = self.frames[0] if self.frames else None
         return ProbeReading(probe, snapshot, self.last_frame_ts, self.quality, latest)
 
@@ -128,7 +140,8 @@ class FakeView:
     def probe_snapshots(
         self, probe: str, since: float, max_rows: int
     ) -> list[tuple[float, str | None, dict[str, Any]]]:
-        return []
+        rows = [row for row in self.stored_snapshots if row[0] >= since]
+        return rows[-max_rows:]
 
     def recent_alarm_journal(self, limit: int, probe: str | None) -> list[dict[str, Any]]:
         return []
@@ -155,6 +168,28 @@ class FakeView:
             candidate=candidate,
         )
         return {**report, "running": self.shadow_running}
+
+
+def a_sizes_document(
+    classes: dict[str, dict[str, Any]],
+    *,
+    unit: str = "um",
+    bin_edges: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0),
+) -> dict[str, Any]:
+    """A window's "sizes" as the aggregator writes it: ECD on fixed log-spaced bins; each
+    class's figures default to none measured (count 0, quantiles None, empty bins)."""
+    empty = {
+        "count": 0,
+        **dict.fromkeys(("d10", "d50", "d90", "d10_sq", "d50_sq", "d90_sq"), None),
+        "mean_aspect_ratio": None,
+        "histogram": [0] * (len(bin_edges) - 1),
+    }
+    return {
+        "unit": unit,
+        "measure": "ecd",
+        "bin_edges": list(bin_edges),
+        "classes": {name: {**empty, **figures} for name, figures in classes.items()},
+    }
 
 
 def a_frame(ts: float, key: str) -> LatestFrame:

@@ -187,28 +187,39 @@ def trend_series(
     window: int,
 ) -> dict[str, Any]:
     """Stored snapshots as columns for one window: time, particle count and per class the
-    fraction, its 95 % interval and the adjusted share."""
+    fraction, its 95 % interval, the adjusted share and the median size (`d50`, and
+    `d50_sq` square-weighted; None where a row has no sizes: stored by a daemon that did
+    not measure them). `size_unit` is the newest sized row's unit ("um" or "px"), None
+    when no row has sizes."""
     key = str(window)
     ts: list[float] = []
     n: list[int] = []
     series: dict[str, dict[str, list[float | None]]] = {
-        name: {"fraction": [], "low": [], "high": [], "adjusted": []} for name in classes
+        name: {"fraction": [], "low": [], "high": [], "adjusted": [], "d50": [], "d50_sq": []}
+        for name in classes
     }
+    size_unit: str | None = None
     for row_ts, _batch, snapshot in rows:
         stats = snapshot.get("windows", {}).get(key)
         if stats is None:
             continue  # stored before the window was configured
         ts.append(row_ts)
         n.append(int(stats.get("n", 0)))
+        sizes = stats.get("sizes") or {}
+        if sizes:
+            size_unit = sizes.get("unit", size_unit)
         for name in classes:
             cls = stats.get("classes", {}).get(name, {})
             ci = cls.get("ci95") or (None, None)
+            sized = sizes.get("classes", {}).get(name, {})
             column = series[name]
             column["fraction"].append(cls.get("fraction"))
             column["low"].append(ci[0])
             column["high"].append(ci[1])
             column["adjusted"].append(cls.get("adjusted"))
-    return {"ts": ts, "n": n, "series": series}
+            column["d50"].append(sized.get("d50"))
+            column["d50_sq"].append(sized.get("d50_sq"))
+    return {"ts": ts, "n": n, "series": series, "size_unit": size_unit}
 
 
 def probe_history(

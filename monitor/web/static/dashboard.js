@@ -213,6 +213,8 @@ function createView(probe) {
     journalSignature: null,   // the alarm states the markers were read for
     journalAt: 0,             // when they were read (browser ms)
   };
+  const sizePanel = createSizePanel(view);
+  grid.append(sizePanel);
   image.addEventListener("load", () => drawFrame(view));
   image.addEventListener("error", () => frameMissing(view));
   live.addEventListener("click", () => goLive(view));
@@ -263,7 +265,11 @@ function renderFigures(view, probe, allWindows) {
     button.addEventListener("click", () => {
       view.window = seconds;
       renderFigures(view, view.state, allWindows);
-      loadHistory(view).then(() => drawTrend(view)).catch(() => {});
+      renderSizes(view);
+      loadHistory(view).then(() => {
+        drawTrend(view);
+        drawD50Trend(view);
+      }).catch(() => {});
     });
     view.windows.append(button);
   }
@@ -569,6 +575,47 @@ function segments(ts, values) {
   return runs;
 }
 
+// A value axis' top and step: `max` with 15 % headroom, rounded up to a whole number of
+// round steps (at most `ticks` of them), no higher than `limit`.
+function niceTop(max, ticks, limit = Infinity) {
+  let top = Math.min(limit, max * 1.15);
+  const step = niceStep(top, ticks);
+  top = Math.min(limit, Math.ceil(top / step - 1e-9) * step);
+  return { top, step };
+}
+
+// The time a trend spans: from the first point to now (at least a minute; ten minutes
+// while there is no point yet).
+function timeSpan(history, points) {
+  const t1 = points ? Math.max(history.now, history.ts[points - 1]) : Date.now() / 1000;
+  let t0 = points ? history.ts[0] : t1 - 600;
+  if (t1 - t0 < 60) t0 = t1 - 60;
+  return { t0, t1 };
+}
+
+// The axes of a trend over time (the fraction trend, the D50 trend): value gridlines
+// from 0 to `top` every `step` with `label(v)`, time gridlines with clock ticks and the
+// date where it changes. Returns the scales x(t) and y(v).
+function drawTimeValueAxes(chart, { t0, t1, top, step, margin, width, height }, label) {
+  const plotW = width - margin.left - margin.right;
+  const plotH = height - margin.top - margin.bottom;
+  const x = (t) => margin.left + ((t - t0) / (t1 - t0)) * plotW;
+  const y = (v) => margin.top + (1 - v / top) * plotH;
+  for (let v = 0; v <= top + 1e-9; v += step) {
+    chart.append(svg("line", { class: "gridline", x1: margin.left, x2: margin.left + plotW, y1: y(v), y2: y(v) }));
+    chart.append(svg("text", { x: margin.left - 8, y: y(v) + 5, "text-anchor": "end" }, label(v)));
+  }
+  const tStep = [30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200].find((s) => (t1 - t0) / s <= 7) || 86400;
+  for (const tick of axisTicks(t0, t1, tStep)) {
+    chart.append(svg("line", { class: "gridline", x1: x(tick.t), x2: x(tick.t), y1: margin.top, y2: margin.top + plotH }));
+    chart.append(svg("text", { class: "tick", x: x(tick.t), y: height - 28, "text-anchor": "middle" }, tick.time));
+    if (tick.date) {
+      chart.append(svg("text", { class: "tick-date", x: x(tick.t), y: height - 10, "text-anchor": "middle" }, tick.date));
+    }
+  }
+  return { x, y };
+}
+
 function drawTrend(view) {
   const probe = view.state;
   const history = view.history;
@@ -594,28 +641,12 @@ function drawTrend(view) {
     }
   }
   for (const limit of limits) top = Math.max(top, limit.limit);
-  top = Math.min(1, top * 1.15);
-  const yStep = niceStep(top, 5);
-  top = Math.min(1, Math.ceil(top / yStep - 1e-9) * yStep);
+  const { top: yTop, step: yStep } = niceTop(top, 5, 1);
+  top = yTop;
 
-  const t1 = points ? Math.max(history.now, history.ts[points - 1]) : Date.now() / 1000;
-  let t0 = points ? history.ts[0] : t1 - 600;
-  if (t1 - t0 < 60) t0 = t1 - 60;
-  const x = (t) => margin.left + ((t - t0) / (t1 - t0)) * plotW;
-  const y = (v) => margin.top + (1 - v / top) * plotH;
-
-  for (let v = 0; v <= top + 1e-9; v += yStep) {
-    chart.append(svg("line", { class: "gridline", x1: margin.left, x2: margin.left + plotW, y1: y(v), y2: y(v) }));
-    chart.append(svg("text", { x: margin.left - 8, y: y(v) + 5, "text-anchor": "end" }, pct(v, yStep < 0.01 ? 1 : 0)));
-  }
-  const tStep = [30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200].find((s) => (t1 - t0) / s <= 7) || 86400;
-  for (const tick of axisTicks(t0, t1, tStep)) {
-    chart.append(svg("line", { class: "gridline", x1: x(tick.t), x2: x(tick.t), y1: margin.top, y2: margin.top + plotH }));
-    chart.append(svg("text", { class: "tick", x: x(tick.t), y: height - 28, "text-anchor": "middle" }, tick.time));
-    if (tick.date) {
-      chart.append(svg("text", { class: "tick-date", x: x(tick.t), y: height - 10, "text-anchor": "middle" }, tick.date));
-    }
-  }
+  const { t0, t1 } = timeSpan(history, points);
+  const { x, y } = drawTimeValueAxes(chart, { t0, t1, top, step: yStep, margin, width, height },
+    (v) => pct(v, yStep < 0.01 ? 1 : 0));
   const zone = zoneText(t1);
   chart.dataset.zone = zone;
 
@@ -702,6 +733,265 @@ function drawTrend(view) {
   const span = history.span === "batch" ? `batch ${history.batch || ""} since ${clockText(history.since, false)}` : "last hour";
   view.legend.append(el("span", "zone", `times in ${zone}`));
   view.legend.append(el("span", "", `${span} · ${windowLabel(view.window)} window · ${points} points`));
+}
+
+// -- the size distribution ----------------------------------------------------------
+// Per class, the particle sizes (equivalent circle diameter, ECD) in the selected window
+// as a histogram on the aggregator's fixed log-spaced bins, with D10/D50/D90 marked, and
+// beside it each class's D50 over time from the history the fraction trend loads.
+// Number-weighted by default; "d²" weights each particle by its diameter squared (as a
+// chord-length distribution does), bins by count × lower × upper edge.
+
+const SIZE_ROW_HEIGHT = 140;  // px per class in the distribution chart
+const SIZE_TREND_HEIGHT = 300;
+const QUANTILES = ["d10", "d50", "d90"];
+const SQUARE_HELP = "d² (square-weighted): each particle counts by its diameter squared, " +
+  "so large particles weigh more; comparable with a chord-length (FBRM) distribution";
+const NO_SIZES_TEXT = "no sizes yet: this window carries no size statistics (a daemon " +
+  "that does not measure particle sizes, or rows stored before it did)";
+
+function unitText(unit) {
+  return unit === "um" ? "µm" : unit || "";
+}
+
+function sizeText(value, unit) {
+  if (value === null || value === undefined) return "–";
+  const digits = value >= 100 ? 0 : value >= 10 ? 1 : 2;
+  return `${value.toFixed(digits)} ${unitText(unit)}`;
+}
+
+function quantileKey(name, weighting) {
+  return weighting === "square" ? `${name}_sq` : name;
+}
+
+// The window's sizes document, or null where the daemon sent none (the key absent).
+function windowSizes(probe, window) {
+  const stats = probe.snapshot.windows[`${window}s`];
+  const sizes = stats ? stats.sizes : null;
+  return sizes && Array.isArray(sizes.bin_edges) && sizes.bin_edges.length > 1 ? sizes : null;
+}
+
+function createSizePanel(view) {
+  const panel = el("div", "size-panel");
+  const head = el("div", "size-head");
+  const title = el("span", "size-title");
+  const weighting = el("div", "weighting");
+  for (const [key, text, help] of [
+    ["number", "by number", "number-weighted: every particle counts once"],
+    ["square", "by d²", SQUARE_HELP],
+  ]) {
+    const button = el("button", "", text);
+    button.type = "button";
+    button.dataset.weighting = key;
+    button.title = help;
+    button.addEventListener("click", () => {
+      view.weighting = key;
+      renderSizes(view);
+      drawD50Trend(view);
+    });
+    weighting.append(button);
+  }
+  head.append(title, weighting);
+  const note = el("div", "size-note");
+  const body = el("div", "size-body");
+  const distribution = svg("svg", { class: "size-dist", role: "img" });
+  const d50 = svg("svg", { class: "d50-trend", role: "img" });
+  body.append(distribution, d50);
+  const legend = el("div", "legend size-legend");
+  panel.append(head, note, body, legend);
+  Object.assign(view, {
+    sizePanel: panel, sizeTitle: title, sizeWeighting: weighting, sizeNote: note,
+    sizeChart: distribution, d50Chart: d50, sizeLegend: legend, weighting: "number",
+  });
+  return panel;
+}
+
+// The log axis of the distribution: 1-2-5 ticks of each decade between the bin edges.
+function logTicks(lo, hi) {
+  const ticks = [];
+  for (let power = Math.floor(Math.log10(lo)); power <= Math.ceil(Math.log10(hi)); power += 1) {
+    for (const m of [1, 2, 5]) {
+      const v = m * Math.pow(10, power);
+      if (v >= lo * (1 - 1e-9) && v <= hi * (1 + 1e-9)) ticks.push(v);
+    }
+  }
+  return ticks;
+}
+
+function renderSizes(view) {
+  const probe = view.state;
+  const sizes = windowSizes(probe, view.window);
+  const chart = view.sizeChart;
+  const weighting = view.weighting;
+  view.sizePanel.dataset.weighting = weighting;
+  for (const button of view.sizeWeighting.children) {
+    button.classList.toggle("selected", button.dataset.weighting === weighting);
+  }
+  const square = weighting === "square";
+  const unit = sizes ? unitText(sizes.unit) : "";
+  view.sizeTitle.textContent = sizes
+    ? `Size distribution · equivalent circle diameter (${unit}) · ${windowLabel(view.window)} window`
+    : `Size distribution · ${windowLabel(view.window)} window`;
+  view.sizeNote.textContent = sizes ? "" :
+    NO_SIZES_TEXT.charAt(0).toUpperCase() + NO_SIZES_TEXT.slice(1) + ".";
+  view.sizeNote.hidden = !!sizes;
+  if (sizes && sizes.unit === "px") {
+    view.sizeNote.textContent = "Sizes in pixels: set probes.pixel_size_um (the probe's " +
+      "calibration) for micrometres.";
+    view.sizeNote.hidden = false;
+  }
+  view.sizePanel.dataset.unit = sizes ? sizes.unit : "";
+
+  const width = Math.max(320, chart.clientWidth || 640);
+  const names = sizes ? classes.filter((name) => sizes.classes[name]) : [];
+  const margin = { left: 62, right: 16, top: 8, bottom: 46 };
+  const height = sizes ? margin.top + Math.max(1, names.length) * SIZE_ROW_HEIGHT + margin.bottom : SIZE_TREND_HEIGHT;
+  chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  chart.style.height = `${height}px`;
+  chart.replaceChildren();
+  chart.dataset.state = sizes ? "sizes" : "none";
+  if (!sizes) {
+    chart.append(svg("text", { class: "empty", x: width / 2, y: height / 2, "text-anchor": "middle" }, "no sizes yet"));
+    view.sizeLegend.replaceChildren();
+    return;
+  }
+  const edges = sizes.bin_edges;
+  const lo = edges[0];
+  const hi = edges[edges.length - 1];
+  const plotW = width - margin.left - margin.right;
+  const x = (d) => margin.left + ((Math.log(d) - Math.log(lo)) / (Math.log(hi) - Math.log(lo))) * plotW;
+
+  // Each class's share per bin (of its own particles, so a rare class reads as clearly
+  // as a common one); one value axis for all rows.
+  const shares = new Map();
+  let top = 0.05;
+  for (const name of names) {
+    const histogram = sizes.classes[name].histogram || [];
+    const weights = histogram.map((n, i) => (square ? n * edges[i] * edges[i + 1] : n));
+    const total = weights.reduce((a, b) => a + b, 0);
+    const share = weights.map((w) => (total > 0 ? w / total : 0));
+    shares.set(name, share);
+    for (const v of share) top = Math.max(top, v);
+  }
+  const { top: yTop, step: yStep } = niceTop(top, 2, 1);
+  const plotBottom = height - margin.bottom;
+
+  names.forEach((name, row) => {
+    const cls = sizes.classes[name];
+    const colour = classColour(name);
+    const rowTop = margin.top + row * SIZE_ROW_HEIGHT;
+    const captionY = rowTop + 16;
+    const y0 = rowTop + SIZE_ROW_HEIGHT - 8;  // the row's baseline
+    const y1 = rowTop + 58;  // the row's top value, under the caption and the D labels
+    const y = (v) => y0 - (v / yTop) * (y0 - y1);
+    const group = svg("g", { class: "size-row", "data-class": name });
+    for (let v = 0; v <= yTop + 1e-9; v += yStep) {
+      group.append(svg("line", { class: "gridline", x1: margin.left, x2: margin.left + plotW, y1: y(v), y2: y(v) }));
+      group.append(svg("text", { x: margin.left - 8, y: y(v) + 5, "text-anchor": "end" }, pct(v, 0)));
+    }
+    const histogram = cls.histogram || [];
+    shares.get(name).forEach((share, i) => {
+      if (!histogram[i]) return;
+      const left = x(edges[i]);
+      const right = x(edges[i + 1]);
+      const bar = svg("rect", {
+        class: "bar", x: left + 1, y: y(share), width: Math.max(1, right - left - 2), height: y0 - y(share),
+        fill: colour, "data-class": name, "data-bin": i, "data-count": histogram[i],
+      });
+      bar.append(svg("title", {}, `${name} ${sizeText(edges[i], sizes.unit)} – ${sizeText(edges[i + 1], sizes.unit)}: ` +
+        `${histogram[i]} particles, ${pct(share)} of the ${name} ${square ? "d²" : "count"}`));
+      group.append(bar);
+    });
+    // The D values are on their markers; the caption says what they rest on.
+    const parts = [`${name}`, `${cls.count} particles`];
+    if (!cls.count) parts.push("none in the window");
+    if (cls.mean_aspect_ratio !== null && cls.mean_aspect_ratio !== undefined) {
+      parts.push(`mean aspect ratio ${cls.mean_aspect_ratio.toFixed(2)}`);
+    }
+    const caption = svg("text", { class: "size-caption", x: margin.left, y: captionY, fill: colour }, parts.join(" · "));
+    group.append(caption);
+    QUANTILES.forEach((q, level) => {
+      const value = cls[quantileKey(q, weighting)];
+      if (value === null || value === undefined || value < lo || value > hi) return;
+      const qx = x(value);
+      const marker = svg("g", { class: "quantile", "data-class": name, "data-quantile": q.toUpperCase(), "data-value": value });
+      marker.append(svg("title", {}, `${name} ${q.toUpperCase()}${square ? " (d²-weighted)" : ""}: ${sizeText(value, sizes.unit)}`));
+      // D50 a line higher than D10 and D90, so neighbouring labels do not collide.
+      const labelY = rowTop + (level === 1 ? 34 : 49);
+      marker.append(svg("line", { x1: qx, x2: qx, y1: labelY - 11, y2: y0, stroke: colour }));
+      marker.append(svg("text", { class: "quantile-label", x: qx + 3, y: labelY, fill: colour },
+        `${q.toUpperCase()} ${sizeText(value, sizes.unit)}`));
+      group.append(marker);
+    });
+    chart.append(group);
+  });
+
+  for (const tick of logTicks(lo, hi)) {
+    chart.append(svg("line", { class: "gridline", x1: x(tick), x2: x(tick), y1: margin.top + 24, y2: plotBottom }));
+    chart.append(svg("text", { class: "tick", x: x(tick), y: plotBottom + 18, "text-anchor": "middle" }, String(+tick.toPrecision(3))));
+  }
+  chart.append(svg("text", { class: "axis-label", x: margin.left + plotW / 2, y: height - 6, "text-anchor": "middle" },
+    `equivalent circle diameter (${unit}), log scale`));
+
+  view.sizeLegend.replaceChildren();
+  for (const name of names) {
+    const item = el("span");
+    const swatch = el("span", "swatch band");
+    swatch.style.background = classColour(name);
+    item.append(swatch, document.createTextNode(name));
+    view.sizeLegend.append(item);
+  }
+  const what = square ? helpSpan("share of the class's d² per bin", SQUARE_HELP) : "share of the class's particles per bin";
+  const item = el("span");
+  item.append(el("span", "swatch quantile"), "D10 / D50 / D90 · bars: ", what);
+  view.sizeLegend.append(item);
+}
+
+// Each class's D50 (or d²-weighted D50) in the selected window over the trend's time.
+function drawD50Trend(view) {
+  const history = view.history;
+  const chart = view.d50Chart;
+  const width = Math.max(320, chart.clientWidth || 640);
+  const sizes = windowSizes(view.state, view.window);
+  const rows = sizes ? Math.max(1, classes.filter((name) => sizes.classes[name]).length) : 0;
+  const height = sizes ? Math.max(SIZE_TREND_HEIGHT, 8 + rows * SIZE_ROW_HEIGHT + 46) : SIZE_TREND_HEIGHT;
+  chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  chart.style.height = `${height}px`;
+  chart.replaceChildren();
+  const key = quantileKey("d50", view.weighting);
+  const points = history && history.window === view.window ? history.ts.length : 0;
+  const names = points ? classes.filter((name) => history.series[name]) : [];
+  const sized = names.filter((name) => (history.series[name][key] || []).some((v) => v !== null && v !== undefined));
+  chart.dataset.points = String(points);
+  chart.dataset.sized = String(sized.length);
+  const unit = unitText(history && history.size_unit);
+  const margin = { left: 62, right: 90, top: 30, bottom: 50 };
+  let top = 0;
+  for (const name of sized) for (const v of history.series[name][key]) if (v !== null && v > top) top = v;
+  const { top: yTop, step } = niceTop(Math.max(top, 1), 5);
+  const { t0, t1 } = timeSpan(history, points);
+  const { x, y } = drawTimeValueAxes(chart, { t0, t1, top: yTop, step, margin, width, height },
+    (v) => String(+v.toPrecision(3)));
+  const label = `D50${view.weighting === "square" ? " (d²-weighted)" : ""}${unit ? ` (${unit})` : ""}, ${windowLabel(view.window)} window`;
+  chart.append(svg("text", { class: "chart-title", x: margin.left, y: 18 }, label));
+  if (!sized.length) {
+    chart.append(svg("text", { class: "empty", x: margin.left + (width - margin.left - margin.right) / 2, y: height / 2, "text-anchor": "middle" },
+      points ? "no sizes yet" : "waiting for data…"));
+    return;
+  }
+  for (const name of sized) {
+    const values = history.series[name][key];
+    const colour = classColour(name);
+    for (const run of segments(history.ts, values)) {
+      const line = run.map(([t, v]) => `${x(t).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+      chart.append(svg("polyline", { class: "series d50-series", points: line, stroke: colour, "data-class": name }));
+    }
+    const lastIndex = values.map((v) => v !== null && v !== undefined).lastIndexOf(true);
+    const v = values[lastIndex];
+    chart.append(svg("circle", { cx: x(history.ts[lastIndex]), cy: y(v), r: 5, fill: colour }));
+    chart.append(svg("text", { class: "last-value", x: x(history.ts[lastIndex]) + 9, y: y(v) + 5, fill: colour, "data-class": name },
+      sizeText(v, history.size_unit)));
+  }
 }
 
 // -- the recent frames -------------------------------------------------------------
@@ -913,10 +1203,12 @@ async function refresh() {
       renderAlarmValues(view, probe);
       renderFigures(view, probe, state.windows);
       renderCounts(view, probe);
+      renderSizes(view);
     }
     await Promise.all([...views.values()].map(async (view) => {
       await Promise.all([loadHistory(view), loadAlarmJournal(view)]);
       drawTrend(view);
+      drawD50Trend(view);
       await loadFrames(view, view.state.latest_frame);
     }));
     connection.textContent = "live";
@@ -954,7 +1246,12 @@ document.addEventListener("DOMContentLoaded", () => {
     operator.classList.remove("missing");
     window.localStorage.setItem(OPERATOR_KEY, operator.value.trim());
   });
-  window.addEventListener("resize", () => views.forEach((view) => view.history && drawTrend(view)));
+  window.addEventListener("resize", () => views.forEach((view) => {
+    renderSizes(view);
+    if (!view.history) return;
+    drawTrend(view);
+    drawD50Trend(view);
+  }));
   setInterval(tickClock, 1000);
   refresh();
 });
