@@ -216,8 +216,10 @@ def _window_rows(store: Store, since: float) -> list[dict[str, Any]]:
     for probe, ts, batch, snapshot in store.iter_snapshots(since):
         trend = snapshot.get("trend", {})
         for window, stats in snapshot["windows"].items():
+            sizes = stats.get("sizes") or {}  # none in snapshots stored before issue 15
             for name, cls in stats["classes"].items():
                 ci = cls.get("ci95") or [None, None]
+                size = sizes.get("classes", {}).get(name, {})
                 rows.append(
                     {
                         "ts": iso_utc(ts),
@@ -241,6 +243,13 @@ def _window_rows(store: Store, since: float) -> list[dict[str, Any]]:
                         "frames_per_min": stats["frames_per_min"],
                         "models": _model_labels(stats.get("models")),
                         "spans_model_swap": stats.get("spans_model_swap", False),
+                        "size_count": size.get("count"),
+                        "d10": size.get("d10"),
+                        "d50": size.get("d50"),
+                        "d90": size.get("d90"),
+                        "d50_sq": size.get("d50_sq"),
+                        "mean_aspect_ratio": size.get("mean_aspect_ratio"),
+                        "size_unit": sizes.get("unit"),
                     }
                 )
     return rows
@@ -271,6 +280,42 @@ def _frame_rows(store: Store, since: float) -> list[dict[str, Any]]:
         }
         for row in store.iter_frames(since)
     ]
+
+
+def _particle_rows(store: Store, since: float) -> list[dict[str, Any]]:
+    """One row per stored particle: its frame, the model's call and its size. Lengths in
+    `unit` ("um", or "px" for a probe without pixel_size_um), the area in unit²; the
+    size columns are empty for a particle without a mask (tiles)."""
+    rows = []
+    for stored in store.iter_particles(since):
+        particle, size = stored.particle, stored.particle.size
+        x, y, w, h = particle.box
+        rows.append(
+            {
+                "ts": iso_utc(stored.ts),
+                "probe": stored.probe,
+                "key": stored.key,
+                "batch": stored.batch,
+                "class": particle.label,
+                "status": particle.status,
+                "reason": particle.reason,
+                "confidence": particle.confidence,
+                "x": x,
+                "y": y,
+                "w": w,
+                "h": h,
+                "area": None if size is None else size.area,
+                "ecd": None if size is None else size.ecd,
+                "feret_max": None if size is None else size.feret_max,
+                "feret_min": None if size is None else size.feret_min,
+                "aspect_ratio": None if size is None else size.aspect_ratio,
+                "unit": None if size is None else size.unit,
+            }
+        )
+    return rows
+
+
+_EXPORTS = {"windows": _window_rows, "frames": _frame_rows, "particles": _particle_rows}
 
 
 def _parse_since(text: str | None) -> float:
@@ -304,7 +349,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EX_DATAERR
     try:
-        rows = _window_rows(store, since) if args.what == "windows" else _frame_rows(store, since)
+        rows = _EXPORTS[args.what](store, since)
     finally:
         store.close()
     rows = [to_wire(row) for row in rows]  # the numbers as every other output rounds them
@@ -352,11 +397,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     parser = sub.add_parser("print-default-config", help="print a commented example config")
     parser.set_defaults(runner=run_print_default_config)
 
-    parser = sub.add_parser("export", help="read windows or frames back from the store")
+    parser = sub.add_parser("export", help="read windows, frames or particles back from the store")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="the daemon's configuration file")
     source.add_argument("--state-dir", type=Path, help="or the state folder directly")
-    parser.add_argument("--what", choices=["windows", "frames"], default="windows")
+    parser.add_argument(
+        "--what",
+        choices=list(_EXPORTS),
+        default="windows",
+        help="windows: a row per window and class; frames: a row per frame; particles: a"
+        " row per particle (its call, box and size)",
+    )
     parser.add_argument("--since", help="ISO 8601 time, e.g. 2026-11-22T08:00:00Z")
     parser.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     parser.set_defaults(runner=run_export)

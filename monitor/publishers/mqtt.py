@@ -4,7 +4,9 @@ Topics (all under `{prefix}` = `mqtt.topic_prefix`):
 
 - `{prefix}/status`: retained `{"state": "online"|"offline", "ts", "version", "run_id"}`.
   "offline" is the Last Will and is also published on a clean stop.
-- `{prefix}/{probe}/fractions`: retained, the window statistics of every publish interval.
+- `{prefix}/{probe}/fractions`: retained, the window statistics of every publish interval,
+  each window with each class's size distribution (`sizes`: D10/D50/D90 number- and
+  square-weighted, mean aspect ratio, a histogram on fixed log-spaced bins).
 - `{prefix}/{probe}/alarms/{alarm_id}`: retained, the alarm's state, published when it
   changes and at every (re)connect, with `ts`, the daemon's `run_id` (its start time)
   and `current`. On a clean stop each is published once more with `current: false`; a

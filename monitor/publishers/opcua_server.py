@@ -16,6 +16,10 @@ Layout (namespace `namespace_uri`; string NodeIds `CrystalMonitor.<probe>.<path>
           Fraction       AnalogItemType, %, EURange 0..100, historized (HistoryRead raw)
           CI95Low, CI95High, Adjusted            AnalogItemType, %
           Count          Int32    confident particles of the class
+        Sizes/<class>/
+          D10, D50, D90  AnalogItemType, µm (UNECE 4H), EURange 0..10000: quantiles of the
+                         equivalent circle diameter, number-weighted
+          Count          Int32    confident particles of the class with a measured size
         Alarms/<alarm_id>/                       created on first sight of the alarm
           State String, Active Boolean, Acknowledged Boolean, Shelved Boolean,
           Suppressed Boolean, Severity UInt16, Message String
@@ -24,11 +28,14 @@ Layout (namespace `namespace_uri`; string NodeIds `CrystalMonitor.<probe>.<path>
         StartBatch(BatchId String) -> Reason String
         StopBatch() -> Reason String
 
-Fractions, rates and shares come from the 5-minute window. Measured values carry the
+Fractions, rates, shares and sizes come from the 5-minute window. Measured values carry the
 StatusCode of the update's quality (GOOD -> Good, UNCERTAIN -> UncertainSubNormal,
 BAD -> BadNoCommunication for a stale probe, BadSensorFailure otherwise) and the
 update's time as SourceTimestamp; a value that does not exist yet (no particles in
-the window) is null with BadWaitingForInitialData. Status, Batch, Model, LastFrameTime
+the window) is null with BadWaitingForInitialData. Sizes are only ever served in
+micrometres: a probe without `probes.pixel_size_um` measures in pixels, and its D10, D50
+and D90 are null with BadConfigurationError (set the pixel size; MQTT and the export
+carry the pixel values, said to be px). Status, Batch, Model, LastFrameTime
 and the alarm variables are facts about the monitor and stay Good.
 
 Methods call the CommandHandler with the session's user name; a refused command
@@ -81,6 +88,7 @@ from monitor.config.certificates import (
 )
 from monitor.config.opcua import OpcUaConfig, endpoint_host, users_path
 from monitor.publishers.base import CommandHandler, CommandResult, ProbeUpdate
+from monitor.publishers.opcua_conditions import ConditionSpace
 from monitor.publishers.opcua_security import (
     CallerAwareInternalServer,
     ClientTrust,
@@ -134,6 +142,11 @@ def engineering_units(code: str, symbol: str, description: str) -> ua.EUInformat
 
 PERCENT = engineering_units("P1", "%", "percent")
 PER_MINUTE = engineering_units("C94", "min⁻¹", "reciprocal minute")
+MICROMETRE = engineering_units("4H", "µm", "micrometre (micron)")
+SIZE_RANGE_UM = (0.0, 10_000.0)
+"""EURange of the size quantiles: the size histogram's range (up to 10 mm)."""
+SIZE_QUANTILES = (("D10", "d10", "10 %"), ("D50", "d50", "50 %"), ("D90", "d90", "90 %"))
+"""Node name, key in the window's `sizes`, and what the display name says."""
 
 
 @dataclass(frozen=True)
@@ -217,6 +230,7 @@ class _ProbeNodes:
     node: Node
     fractions: Node
     alarms: Node
+    sizes: Node
     classes: set[str] = field(default_factory=set)
     alarm_ids: set[str] = field(default_factory=set)
 
@@ -252,6 +266,8 @@ class CrystalMonitorServer:
         self.trust: ClientTrust | None = None
         self.users: CrystalMonitorUserManager | None = None
         self._events: EventGenerator | None = None
+        self.conditions: ConditionSpace | None = None
+        """Each alarm as a Part 9 condition (`monitor.publishers.opcua_conditions`)."""
         self._probes: dict[str, _ProbeNodes] = {}
         self._probe_of_node: dict[ua.NodeId, str] = {}
         self.after_command: Callable[[], Awaitable[None]] | None = None
@@ -366,6 +382,10 @@ class CrystalMonitorServer:
             ],
         )
         self._events = await server.get_event_generator(event_type, ObjectIds.Server)
+        self.conditions = ConditionSpace(
+            server, self.idx, ROOT, self.commands, lambda: self.after_command
+        )
+        await self.conditions.bind_methods()
         await server.start()
         log.info(
             "opcua_listening",
@@ -563,8 +583,9 @@ class CrystalMonitorServer:
         )
         fractions = await self._add_object(node, probe, "Fractions", "Fractions")
         alarms = await self._add_object(node, probe, "Alarms", "Alarms")
+        sizes = await self._add_object(node, probe, "Sizes", "Sizes")
         await self._add_methods(node, probe)
-        nodes = _ProbeNodes(node, fractions, alarms)
+        nodes = _ProbeNodes(node, fractions, alarms, sizes)
         self._probes[probe] = nodes
         self._probe_of_node[node.nodeid] = probe
         log.info("opcua_probe_added", probe=probe)
@@ -599,6 +620,19 @@ class CrystalMonitorServer:
                 eu_range=(0.0, 100.0),
             )
         await self._add_variable(folder, probe, f"{base}/Count", 0, ua.VariantType.Int32)
+        sizes_base = f"Sizes/{name}"
+        sizes = await self._add_object(nodes.sizes, probe, sizes_base, name)
+        for part, _, label in SIZE_QUANTILES:
+            await self._add_analog(
+                sizes,
+                probe,
+                f"{sizes_base}/{part}",
+                f"{probe} {name} {part}: {label} of particles smaller, equivalent circle"
+                " diameter (5 min)",
+                units=MICROMETRE,
+                eu_range=SIZE_RANGE_UM,
+            )
+        await self._add_variable(sizes, probe, f"{sizes_base}/Count", 0, ua.VariantType.Int32)
         nodes.classes.add(name)
 
     async def _ensure_alarm(self, probe: str, nodes: _ProbeNodes, alarm_id: str) -> None:
@@ -712,9 +746,44 @@ class CrystalMonitorServer:
                 code=code,
                 ts=ts,
             )
+        await self._write_sizes(update, window.get("sizes") or {}, code=code, ts=ts)
 
         await self.apply_alarms(probe, update.alarms, ts=update.ts)
         await self._historize_new()
+
+    async def _write_sizes(
+        self, update: ProbeUpdate, sizes: dict[str, Any], *, code: int, ts: ua.DateTime
+    ) -> None:
+        """Each class's D10/D50/D90 in micrometres; BadConfigurationError (null) for a
+        probe measured in pixels, which has no pixel size to give micrometres."""
+        probe = update.probe
+        in_pixels = sizes.get("unit") != "um"
+        quantile_code = (
+            SC.BadConfigurationError if in_pixels and not _status(code).is_bad() else code
+        )
+        classes: dict[str, Any] = sizes.get("classes") or {}
+        for name in update.classes:
+            stats = classes.get(name) or {}
+            base = f"Sizes/{name}"
+            for part, key, _ in SIZE_QUANTILES:
+                value = None if in_pixels else stats.get(key)
+                await self._write(
+                    probe,
+                    f"{base}/{part}",
+                    None if value is None else float(value),
+                    ua.VariantType.Double,
+                    code=quantile_code,
+                    ts=ts,
+                )
+            count = stats.get("count")
+            await self._write(
+                probe,
+                f"{base}/Count",
+                None if count is None else int(count),
+                ua.VariantType.Int32,
+                code=code,
+                ts=ts,
+            )
 
     async def apply_alarms(
         self, probe: str, alarms: list[dict[str, Any]], *, ts: float | None = None
@@ -753,6 +822,8 @@ class CrystalMonitorServer:
                     ts=stamp,
                     pending_when_null=False,
                 )
+        if self.conditions is not None:
+            await self.conditions.apply(probe, nodes.node, alarms)
 
     async def _historize_new(self) -> None:
         """Historize new Fraction nodes once they hold their first real value."""
