@@ -78,6 +78,7 @@ return {
   state: dist.dataset.state,
   empty: text(dist.querySelector("text.empty")),
   axis: text(dist.querySelector("text.axis-label")),
+  ticks: [...dist.querySelectorAll("text.tick")].map(text),
   rows,
   trend: {
     points: Number(trend.dataset.points),
@@ -136,6 +137,9 @@ def test_size_view_draws_each_class_distribution_d50_trend_and_unit(
     assert page["unit"] == "um" and page["state"] == "sizes" and page["note"] == ""
     assert page["title"] == "Size distribution · equivalent circle diameter (µm) · 5 min window"
     assert page["axis"] == "equivalent circle diameter (µm), log scale"
+    # The axis spans the filled bins and one either side (3.16 to 1778 um), not all
+    # four decades of the aggregator's bins.
+    assert page["ticks"] == ["5", "10", "20", "50", "100", "200", "500", "1000"]
     assert set(page["rows"]) == {"CEX", "PG"}
     for name, sizes, colour in (("CEX", CEX_SIZES, "#4ea1ff"), ("PG", PG_SIZES, "#d29bff")):
         row = page["rows"][name]

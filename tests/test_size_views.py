@@ -14,10 +14,11 @@ from typing import Any
 from monitor.web import views
 from tests.fake_view import FakeView, a_sizes_document, as_view
 
-# Log-spaced bins as the aggregator draws them: 5 um to 640 um, two bins per octave.
-BIN_EDGES = tuple(float(f"{5.0 * 2 ** (k / 2):.6g}") for k in range(15))  # as on the wire
-CEX_HISTOGRAM = [0, 2, 9, 25, 48, 70, 52, 30, 12, 4, 1, 0, 0, 0]
-PG_HISTOGRAM = [0, 0, 0, 1, 3, 6, 10, 14, 11, 6, 3, 1, 0, 0]
+# Log-spaced bins as the aggregator draws them: 1 to 10,000, four bins per decade (the
+# numbers as on the wire, 6 significant digits).
+BIN_EDGES = tuple(float(f"{10.0 ** (k / 4):.6g}") for k in range(17))
+CEX_HISTOGRAM = [0, 0, 0, 2, 14, 60, 95, 60, 20, 2, 0, 0, 0, 0, 0, 0]
+PG_HISTOGRAM = [0, 0, 0, 0, 0, 0, 4, 10, 20, 15, 5, 1, 0, 0, 0, 0]
 CEX_SIZES = {
     "count": sum(CEX_HISTOGRAM),
     "d10": 17.2,
@@ -50,7 +51,7 @@ PX_SIZES = {
     "d50_sq": 19.0,
     "d90_sq": 41.2,
     "mean_aspect_ratio": 2.9,
-    "histogram": [0, 3, 8, 12, 9, 5, 2, 1, 0, 0, 0, 0, 0, 0],
+    "histogram": [0, 0, 1, 8, 15, 12, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0],
 }
 HISTORY_STEP_S = 30.0
 HISTORY_ROWS = 60  # the last 30 minutes

@@ -818,6 +818,24 @@ function logTicks(lo, hi) {
   return ticks;
 }
 
+// The part of the bin edges worth drawing: the filled bins of every class and one empty
+// bin either side (the aggregator's bins span decades no probe fills at once).
+function filledRange(edges, histograms) {
+  let first = edges.length;
+  let last = -1;
+  for (const histogram of histograms) {
+    histogram.forEach((n, i) => {
+      if (!n) return;
+      first = Math.min(first, i);
+      last = Math.max(last, i);
+    });
+  }
+  if (last < 0) return { lo: edges[0], hi: edges[edges.length - 1] };
+  first = Math.max(0, first - 1);
+  last = Math.min(edges.length - 2, last + 1);
+  return { lo: edges[first], hi: edges[last + 1] };
+}
+
 function renderSizes(view) {
   const probe = view.state;
   const sizes = windowSizes(probe, view.window);
@@ -856,8 +874,7 @@ function renderSizes(view) {
     return;
   }
   const edges = sizes.bin_edges;
-  const lo = edges[0];
-  const hi = edges[edges.length - 1];
+  const { lo, hi } = filledRange(edges, names.map((name) => sizes.classes[name].histogram || []));
   const plotW = width - margin.left - margin.right;
   const x = (d) => margin.left + ((Math.log(d) - Math.log(lo)) / (Math.log(hi) - Math.log(lo))) * plotW;
 
@@ -891,7 +908,7 @@ function renderSizes(view) {
     }
     const histogram = cls.histogram || [];
     shares.get(name).forEach((share, i) => {
-      if (!histogram[i]) return;
+      if (!histogram[i] || edges[i] < lo || edges[i + 1] > hi) return;
       const left = x(edges[i]);
       const right = x(edges[i + 1]);
       const bar = svg("rect", {
