@@ -94,7 +94,9 @@ class AlarmState(StrEnum):
 
 
 Cause = Literal["condition", "acknowledge", "shelve", "unshelve", "shelve_expired", "restore"]
-JournalEvent = Literal["transition", "acknowledge", "shelve", "unshelve", "suppress", "unsuppress"]
+JournalEvent = Literal[
+    "transition", "acknowledge", "shelve", "unshelve", "suppress", "unsuppress", "comment"
+]
 
 _NORMAL = AlarmState.NORMAL
 _UNACK = AlarmState.ACTIVE_UNACKNOWLEDGED
@@ -596,6 +598,21 @@ class AlarmEngine:
         self._clear_shelve(alarm)
         marker = self._mark(probe, alarm, "unshelve", now, announced=True, who=who)
         return ActionResult(True, None, (marker,))
+
+    def add_comment(
+        self, probe: str, alarm_id: str, who: str, comment: str, now: float
+    ) -> ActionResult:
+        """Put an operator's comment on an alarm in the journal (OPC UA AddComment); no
+        state changes."""
+        alarm, reason = self._target(probe, alarm_id, who)
+        if reason is None and not comment.strip():
+            reason = "the comment is empty: write what should go on record"
+        if alarm is None or reason is not None:
+            return self._refuse(
+                "comment", probe, alarm_id, who=who, comment=comment, now=now, reason=reason
+            )
+        self._accept("comment", probe, alarm_id, who=who, comment=comment, now=now)
+        return ActionResult(True)
 
     # -- reading -------------------------------------------------------------------
 

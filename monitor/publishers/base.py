@@ -58,6 +58,14 @@ class CommandHandler(Protocol):
         self, probe: str, alarm_id: str, minutes: float, who: str, comment: str
     ) -> CommandResult: ...
 
+    def unshelve(self, probe: str, alarm_id: str, who: str, comment: str) -> CommandResult:
+        """End a shelve now (OPC UA Unshelve)."""
+        ...
+
+    def add_comment(self, probe: str, alarm_id: str, who: str, comment: str) -> CommandResult:
+        """Journal a comment on an alarm (OPC UA AddComment); no state changes."""
+        ...
+
     def start_batch(
         self, probe: str, batch_id: str, who: str, *, end_running: bool = False
     ) -> CommandResult:

@@ -62,6 +62,18 @@ class AlarmKeeper:
         with self._lock:
             return self._engine.shelve(probe, alarm_id, seconds, who, comment, now)
 
+    def unshelve(
+        self, probe: str, alarm_id: str, who: str, comment: str, now: float
+    ) -> ActionResult:
+        with self._lock:
+            return self._engine.unshelve(probe, alarm_id, who, comment, now)
+
+    def add_comment(
+        self, probe: str, alarm_id: str, who: str, comment: str, now: float
+    ) -> ActionResult:
+        with self._lock:
+            return self._engine.add_comment(probe, alarm_id, who, comment, now)
+
     def reset_shift(self, probe: str, now: float) -> None:
         with self._lock:
             self._engine.reset_shift(probe, now)
