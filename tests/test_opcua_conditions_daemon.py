@@ -1,0 +1,225 @@
+"""Issue 17's acceptance through the real daemon: a SCADA-style asyncua client builds its
+alarm list from ConditionRefresh and events and sees the engine's active alarms (as the
+retained MQTT alarm topics say them); it acknowledges one with a comment as a named
+operator, and the engine's state (MQTT alarm topic and the condition), the alarm journal
+(with the user and comment) follow within one publish interval.
+
+A real mosquitto on a free port, the daemon in a subprocess (simulated probes), a real
+paho subscriber and a real asyncua client logged in with a user name."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from asyncua import Client, ua
+
+from monitor.publishers.opcua_users import write_user
+from monitor.store import DB_FILE
+from tests.mosquitto import Subscriber, free_port, running_mosquitto
+from tests.test_daemon_interfaces import Daemon
+from tests.test_opcua_conditions import ack_args, call, refresh, subscribe_alarms
+
+PREFIX = "cm-a-and-c"
+PUBLISH_INTERVAL_S = 1.0
+OI = ua.ObjectIds
+SC = ua.StatusCodes
+
+
+def _config(tmp_path: Path, broker_port: int, opcua_port: int, users: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[daemon]
+state_dir = "{tmp_path / "state"}"
+log_format = "json"
+shutdown_grace = "5s"
+
+[aggregation]
+windows = ["10s", "30s"]
+publish_interval = "{PUBLISH_INTERVAL_S:g}s"
+
+[mqtt]
+enabled = true
+port = {broker_port}
+topic_prefix = "{PREFIX}"
+commands = true
+
+[opcua]
+enabled = true
+security_profile = "demo"
+endpoint = "opc.tcp://127.0.0.1:{opcua_port}/crystal-monitor"
+users_file = "{users}"
+
+[[alarms.definitions]]
+id = "pg_high"
+kind = "fraction_high"
+priority = "high"
+message = "PG {{value:.0%}} above {{limit:.0%}}"
+class_name = "PG"
+window = "10s"
+limit = 0.3
+min_count = 20
+
+[[alarms.definitions]]
+id = "cex_low"
+kind = "fraction_low"
+priority = "medium"
+message = "CEX {{value:.0%}} below {{limit:.0%}}"
+class_name = "CEX"
+window = "10s"
+limit = 0.1
+min_count = 20
+
+[[probes]]
+id = "R1"
+source = {{ type = "simulated", mode = "crop", fps = 10, profile = "constant:0.5", seed = 3 }}
+
+[[probes]]
+id = "R2"
+source = {{ type = "simulated", mode = "crop", fps = 10, profile = "constant:0.0", seed = 4 }}
+"""
+    )
+    return path
+
+
+def _retained_alarms(sub: Subscriber) -> dict[tuple[str, str], dict[str, Any]]:
+    """The newest alarm message per (probe, alarm id)."""
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    for message in sub.received:
+        parts = message.topic.split("/")
+        if len(parts) == 4 and parts[2] == "alarms":
+            newest[(parts[1], parts[3])] = message.json()
+    return newest
+
+
+def _journal(state_dir: Path) -> list[dict[str, Any]]:
+    with sqlite3.connect(f"file:{state_dir / DB_FILE}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT entry FROM alarm_journal ORDER BY id").fetchall()
+    return [json.loads(entry) for (entry,) in rows]
+
+
+def test_alarm_list_from_refresh_matches_the_engine_and_an_ack_reaches_mqtt_and_journal(
+    tmp_path: Path,
+) -> None:
+    users = tmp_path / "users"
+    write_user(users, "anna", "anna-pass-1")
+    opcua_port = free_port()
+    url = f"opc.tcp://127.0.0.1:{opcua_port}/crystal-monitor"
+    with running_mosquitto(tmp_path / "broker") as broker:
+        config = _config(tmp_path, broker.port, opcua_port, users)
+        sub = Subscriber(broker.port, [f"{PREFIX}/+/alarms/#"])
+        daemon = Daemon(config, tmp_path / "daemon.log")
+        with daemon, sub:
+            daemon.start()
+            raised = sub.wait_for(
+                lambda _: (
+                    _retained_alarms(sub).get(("R1", "pg_high"), {}).get("state")
+                    == "active_unacknowledged"
+                ),
+                timeout=90,
+            )
+            assert raised, daemon.log.read_text()[-3000:]
+            assert sub.wait_for(lambda _: len(_retained_alarms(sub)) == 4, timeout=20)
+            engine_active = {key for key, alarm in _retained_alarms(sub).items() if alarm["active"]}
+            assert engine_active == {("R1", "pg_high")}
+            outcome = asyncio.run(_operator_session(url, sub))
+            state_dir = tmp_path / "state"
+            journal = _journal(state_dir)
+            assert daemon.terminate() == 0
+
+    listed, ack_arrived_s = outcome["listed"], outcome["ack_arrived_s"]
+    assert {key for key, event in listed.items() if event["ActiveState/Id"]} == engine_active
+    assert set(listed) == engine_active  # only retained conditions are refreshed
+    high = listed[("R1", "pg_high")]
+    assert high["EventType"] == ua.NodeId(OI.ExclusiveLevelAlarmType)
+    assert high["Severity"] == 750 and high["Retain"] is True
+    assert high["Message"].Text.startswith("PG ")
+    assert ack_arrived_s <= PUBLISH_INTERVAL_S, ack_arrived_s
+
+    acked = outcome["acked_message"]
+    assert acked["state"] == "active_acknowledged"
+    assert acked["acknowledged_by"] == "anna"
+    acknowledged = [
+        e for e in journal if e["event"] == "acknowledge" and e["alarm_id"] == "pg_high"
+    ]
+    assert [(e["who"], e["comment"], e["accepted"]) for e in acknowledged] == [
+        ("anna", "PG confirmed by the lab", True)
+    ]
+    comments = [e for e in journal if e["event"] == "comment"]
+    assert [(e["probe"], e["who"], e["comment"]) for e in comments] == [
+        ("R1", "anna", "batch to be filtered twice")
+    ]
+    event = outcome["acked_event"]
+    assert event["AckedState/Id"] is True and event["ActiveState/Id"] is True
+    assert event["ClientUserId"] == "anna"
+    assert event["Comment"].Text == "PG confirmed by the lab"
+    assert outcome["acked_variable"] is True
+    assert outcome["again"] == SC.BadConditionBranchAlreadyAcked
+
+
+async def _operator_session(url: str, sub: Subscriber) -> dict[str, Any]:
+    client = Client(url, timeout=10)
+    client.set_user("anna")
+    client.set_password("anna-pass-1")
+    async with client:
+        idx = await client.get_namespace_index("urn:crystal-monitor")
+        subscription, collector = await subscribe_alarms(client)
+        events = await refresh(client, subscription, collector)
+        listed = {(e["SourceName"], e["ConditionName"]): e for e in events}
+        high = listed[("R1", "pg_high")]
+        node = ua.NodeId("CrystalMonitor.R1.Conditions.pg_high", idx)
+        before = len(sub.received)
+        started = time.monotonic()
+        code = await call(
+            client,
+            node,
+            OI.AcknowledgeableConditionType_Acknowledge,
+            *ack_args(high["EventId"], "PG confirmed by the lab"),
+        )
+        assert code == SC.Good
+        acked_variable = await client.get_node(
+            ua.NodeId("CrystalMonitor.R1.Conditions.pg_high.AckedState.Id", idx)
+        ).read_value()
+
+        def ack_on_mqtt(received: list[Any]) -> bool:
+            return any(
+                m.topic == f"{PREFIX}/R1/alarms/pg_high" and m.json()["acknowledged"]
+                for m in received[before:]
+            )
+
+        assert sub.wait_for(ack_on_mqtt, timeout=10)
+        arrival = next(
+            m
+            for m in sub.received[before:]
+            if m.topic == f"{PREFIX}/R1/alarms/pg_high" and m.json()["acknowledged"]
+        )
+        acked_event = await collector.next(
+            lambda e: e.get("NodeId") == node and e["AckedState/Id"] is True
+        )
+        again = await call(
+            client,
+            node,
+            OI.AcknowledgeableConditionType_Acknowledge,
+            *ack_args(acked_event["EventId"], "again"),
+        )
+        comment = await call(
+            client,
+            node,
+            OI.ConditionType_AddComment,
+            *ack_args(acked_event["EventId"], "batch to be filtered twice"),
+        )
+        assert comment == SC.Good
+        await subscription.delete()
+    return {
+        "listed": listed,
+        "ack_arrived_s": arrival.at - started,
+        "acked_message": arrival.json(),
+        "acked_event": acked_event,
+        "acked_variable": acked_variable,
+        "again": again,
+    }
