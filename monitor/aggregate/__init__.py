@@ -10,7 +10,6 @@ from monitor.aggregate.sizes import (
     SizeUnit,
     class_sizes,
     size_histogram,
-    size_stats,
     weighted_quantiles,
 )
 from monitor.aggregate.statistics import (
@@ -56,7 +55,6 @@ __all__ = [
     "design_effect",
     "normalise_confusion_matrix",
     "size_histogram",
-    "size_stats",
     "slope_per_minute",
     "weighted_quantiles",
     "wilson_interval",

@@ -56,11 +56,21 @@ def weighted_quantiles(
     if values.size == 0:
         return [None] * len(probabilities)
     order = np.argsort(values, kind="stable")
-    ordered = values[order]
+    return _sorted_quantiles(
+        values[order], None if weights is None else np.asarray(weights)[order], probabilities
+    )
+
+
+def _sorted_quantiles(
+    ordered: np.ndarray, weights: np.ndarray | None, probabilities: Sequence[float]
+) -> list[float | None]:
+    """`weighted_quantiles` of values already sorted ascending (weights in that order)."""
+    if ordered.size == 0:
+        return [None] * len(probabilities)
     if weights is None:
         w = np.ones(ordered.size, dtype=np.float64)
     else:
-        w = np.asarray(weights, dtype=np.float64)[order]
+        w = np.asarray(weights, dtype=np.float64)
     total = float(w.sum())
     if not total > 0:
         return [None] * len(probabilities)
@@ -71,9 +81,14 @@ def weighted_quantiles(
 
 def size_histogram(ecd: np.ndarray, edges: Sequence[float] = SIZE_BIN_EDGES) -> list[int]:
     """Counts per bin [e_i, e_i+1) (the last closed); outside values go to the end bins."""
-    bins = len(edges) - 1
-    index = np.searchsorted(np.asarray(edges, dtype=np.float64), ecd, side="right") - 1
-    return [int(c) for c in np.bincount(np.clip(index, 0, bins - 1), minlength=bins)]
+    return _sorted_histogram(np.sort(ecd), edges)
+
+
+def _sorted_histogram(ordered: np.ndarray, edges: Sequence[float]) -> list[int]:
+    """`size_histogram` of values sorted ascending: one binary search per inner edge."""
+    inner = np.searchsorted(ordered, np.asarray(edges[1:-1], dtype=np.float64), side="left")
+    bounds = np.concatenate(([0], inner, [ordered.size]))
+    return [int(c) for c in np.diff(bounds)]
 
 
 @dataclass(frozen=True)
@@ -108,9 +123,11 @@ class ClassSizes:
 def class_sizes(
     ecd: np.ndarray, aspect_ratio: np.ndarray, edges: Sequence[float] = SIZE_BIN_EDGES
 ) -> ClassSizes:
-    """The distribution of one class's particles (their ECDs and aspect ratios)."""
-    d10, d50, d90 = weighted_quantiles(ecd, None, QUANTILES)
-    d10_sq, d50_sq, d90_sq = weighted_quantiles(ecd, ecd * ecd, QUANTILES)
+    """The distribution of one class's particles (their ECDs and aspect ratios). One sort
+    serves both weightings (ECD² grows with the ECD) and the histogram."""
+    ordered = np.sort(ecd)
+    d10, d50, d90 = _sorted_quantiles(ordered, None, QUANTILES)
+    d10_sq, d50_sq, d90_sq = _sorted_quantiles(ordered, ordered * ordered, QUANTILES)
     return ClassSizes(
         count=int(ecd.size),
         d10=d10,
@@ -120,7 +137,7 @@ def class_sizes(
         d50_sq=d50_sq,
         d90_sq=d90_sq,
         mean_aspect_ratio=float(aspect_ratio.mean()) if aspect_ratio.size else None,
-        histogram=tuple(size_histogram(ecd, edges)),
+        histogram=tuple(_sorted_histogram(ordered, edges)),
     )
 
 
@@ -140,21 +157,3 @@ class SizeStats:
             "bin_edges": list(self.bin_edges),
             "classes": {name: sizes.to_json() for name, sizes in self.classes.items()},
         }
-
-
-def size_stats(
-    classes: Sequence[str],
-    class_index: np.ndarray,
-    ecd: np.ndarray,
-    aspect_ratio: np.ndarray,
-    *,
-    unit: SizeUnit,
-    edges: Sequence[float] = SIZE_BIN_EDGES,
-) -> SizeStats:
-    """Per-class distributions of the particles given as parallel arrays (class index
-    into `classes`, ECD, aspect ratio)."""
-    per_class = {}
-    for index, name in enumerate(classes):
-        chosen = class_index == index
-        per_class[name] = class_sizes(ecd[chosen], aspect_ratio[chosen], edges)
-    return SizeStats(unit=unit, bin_edges=tuple(edges), classes=per_class)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.aggregate.sizes import SIZE_BIN_EDGES, SizeStats, SizeUnit, size_stats
+from monitor.aggregate.sizes import SIZE_BIN_EDGES, SizeStats, SizeUnit, class_sizes
 from monitor.aggregate.statistics import (
     ConfusionCorrection,
     EwmaFractions,
@@ -301,12 +301,13 @@ class _FrameColumns:
 
 
 class _ParticleColumns:
-    """The sized particles of the retained frames: rows time, class index, ECD and aspect
+    """One class's sized particles in the retained frames: rows time, ECD and aspect
     ratio, sorted by time, in a reusable buffer (as `_FrameColumns`: live columns are
-    [start, stop), moved to the front or into a larger buffer only at the end)."""
+    [start, stop), moved to the front or into a larger buffer only at the end). One per
+    class, so a window of a class is a slice: no masks or copies before the sort."""
 
     def __init__(self, capacity: int = 4096) -> None:
-        self._data: np.ndarray = np.empty((4, capacity), dtype=np.float64)
+        self._data: np.ndarray = np.empty((3, capacity), dtype=np.float64)
         self._start = 0
         self._stop = 0
 
@@ -321,13 +322,14 @@ class _ParticleColumns:
     def ts(self) -> np.ndarray:
         return self._data[0, self._start : self._stop]
 
-    def between(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(class index, ECD, aspect ratio) of live rows [start, end) (views)."""
+    def between(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ECD, aspect ratio) of live rows [start, end) (views)."""
         rows = self._data[1:, self._start + start : self._start + end]
-        return rows[0].astype(np.int64), rows[1], rows[2]
+        return rows[0], rows[1]
 
-    def insert(self, ts: float, sizes: Sequence[tuple[int, float, float]]) -> None:
-        """Place one frame's particles in time order (after any with the same ts)."""
+    def insert(self, ts: float, sizes: Sequence[tuple[float, float]]) -> None:
+        """Place one frame's (ECD, aspect ratio) pairs in time order (after any with the
+        same ts)."""
         count = len(sizes)
         if count == 0:
             return
@@ -354,7 +356,7 @@ class _ParticleColumns:
             return
         live = self._stop - self._start
         if (live + count) * 2 > capacity:
-            data = np.empty((4, max(capacity * 2, (live + count) * 2)), dtype=np.float64)
+            data = np.empty((3, max(capacity * 2, (live + count) * 2)), dtype=np.float64)
         else:
             data = self._data
         data[:, :live] = self._data[:, self._start : self._stop]
@@ -436,7 +438,7 @@ class WindowAggregator:
             raise ValueError(
                 f"size bin edges must be at least two increasing numbers, got {size_bin_edges}"
             )
-        self._particles = _ParticleColumns()
+        self._particles = [_ParticleColumns() for _ in self.classes]
         self._batch: str | None = None
         self._reset_ts: float | None = None
         self._first_ts: float | None = None
@@ -465,7 +467,8 @@ class WindowAggregator:
 
     def _reset(self, ts: float) -> None:
         self._frames.clear()
-        self._particles.clear()
+        for columns in self._particles:
+            columns.clear()
         self._ewma.reset()
         self._reset_ts = ts
         self._first_ts = None
@@ -484,7 +487,12 @@ class WindowAggregator:
         if self._latest_ts is not None and ts <= self._latest_ts - self._retention_s:
             return
         self._frames.insert(record)
-        self._particles.insert(ts, record.sizes)
+        if record.sizes:
+            by_class: list[list[tuple[float, float]]] = [[] for _ in self.classes]
+            for index, ecd, aspect_ratio in record.sizes:
+                by_class[index].append((ecd, aspect_ratio))
+            for columns, sizes in zip(self._particles, by_class, strict=True):
+                columns.insert(ts, sizes)
         if self._latest_ts is None or ts > self._latest_ts:
             self._latest_ts = ts
         if self._first_ts is None or ts < self._first_ts:
@@ -492,7 +500,8 @@ class WindowAggregator:
         if record.accepted:
             self._ewma.update(ts, record.class_counts)
         self._frames.drop_through(self._latest_ts - self._retention_s)
-        self._particles.drop_through(self._latest_ts - self._retention_s)
+        for columns in self._particles:
+            columns.drop_through(self._latest_ts - self._retention_s)
 
     # -- reading -------------------------------------------------------------------
 
@@ -500,9 +509,8 @@ class WindowAggregator:
         """Statistics of every window ending at `now`, and the per-class trend."""
         frames = self._frames
         frames.drop_through(now - self._retention_s)
-        self._particles.drop_through(now - self._retention_s)
-        particle_ts = self._particles.ts
-        particles_end = int(np.searchsorted(particle_ts, now, side="right"))
+        for columns in self._particles:
+            columns.drop_through(now - self._retention_s)
         ts = frames.ts
         end = int(np.searchsorted(ts, now, side="right"))
         origin = self._reset_ts if self._reset_ts is not None else self._first_ts
@@ -513,14 +521,13 @@ class WindowAggregator:
         for window_s in self.windows_s:
             start = int(np.searchsorted(ts, now - window_s, side="right"))
             span_s = float(window_s) if origin is None else min(float(window_s), now - origin)
-            particles_start = int(np.searchsorted(particle_ts, now - window_s, side="right"))
             windows[window_s] = self._window_stats(
                 window_s,
                 start,
                 end,
                 span_s,
                 per_frame_totals=frame_totals[start:end],
-                sizes=self._window_sizes(particles_start, particles_end),
+                sizes=self._window_sizes(now - window_s, now),
             )
 
         trend_start = int(np.searchsorted(ts, now - self.trend_window_s, side="right"))
@@ -542,16 +549,16 @@ class WindowAggregator:
         }
         return ProbeSnapshot(ts=now, batch=self._batch, windows=windows, trend=trend)
 
-    def _window_sizes(self, start: int, end: int) -> SizeStats:
-        class_index, ecd, aspect_ratio = self._particles.between(start, end)
-        return size_stats(
-            self.classes,
-            class_index,
-            ecd,
-            aspect_ratio,
-            unit=self.size_unit,
-            edges=self.size_bin_edges,
-        )
+    def _window_sizes(self, after: float, until: float) -> SizeStats:
+        """Each class's size distribution over its particles with after < ts <= until."""
+        classes = {}
+        for name, columns in zip(self.classes, self._particles, strict=True):
+            ts = columns.ts
+            start = int(np.searchsorted(ts, after, side="right"))
+            end = int(np.searchsorted(ts, until, side="right"))
+            ecd, aspect_ratio = columns.between(start, end)
+            classes[name] = class_sizes(ecd, aspect_ratio, self.size_bin_edges)
+        return SizeStats(unit=self.size_unit, bin_edges=self.size_bin_edges, classes=classes)
 
     def _window_stats(  # noqa: PLR0917 (private, called once, each argument named there)
         self,
