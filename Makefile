@@ -1,11 +1,12 @@
 # The README's commands. `make test` builds .venv with the train and dev extras,
-# installs Mosquitto and Chromium (the browser test) when missing (root only), then lints,
+# installs Mosquitto and Chromium (the browser test) when missing (root only) and node-opcua
+# (tests/node, npm ci), then lints,
 # checks the import layout, type-checks and runs the tests.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint imports typecheck pytest test-gpu bench bench-gpu mosquitto browser clean
+.PHONY: run test lint imports typecheck pytest test-gpu bench bench-gpu mosquitto browser node-opcua clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,17 @@ browser:
 		echo "chromium is missing: run 'sudo apt-get install chromium chromium-driver'"; exit 1; \
 	fi
 
+# The OPC UA Alarms and Conditions test's second client stack: node-opcua from the npm
+# registry into tests/node (package-lock.json pinned), run with the machine's Node.js.
+node-opcua:
+	@if [ -d tests/node/node_modules/node-opcua ]; then :; \
+	elif command -v npm >/dev/null 2>&1; then \
+		echo "installing node-opcua into tests/node (the OPC UA conditions test's client)"; \
+		cd tests/node && npm ci --no-audit --no-fund --loglevel=error; \
+	else \
+		echo "Node.js and npm are missing: run 'sudo apt-get install nodejs npm' (Node.js 20+)"; exit 1; \
+	fi
+
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 
@@ -53,7 +65,7 @@ imports: $(VENV)/.dev-installed
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy
 
-pytest: $(VENV)/.dev-installed mosquitto browser
+pytest: $(VENV)/.dev-installed mosquitto browser node-opcua
 	$(BIN)/pytest -m "not gpu"
 
 test: lint imports typecheck pytest

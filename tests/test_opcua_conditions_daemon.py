@@ -1,17 +1,20 @@
-"""Issue 17's acceptance through the real daemon: a SCADA-style asyncua client builds its
-alarm list from ConditionRefresh and events and sees the engine's active alarms (as the
-retained MQTT alarm topics say them); it acknowledges one with a comment as a named
-operator, and the engine's state (MQTT alarm topic and the condition), the alarm journal
-(with the user and comment) follow within one publish interval.
+"""Issue 17's acceptance through the real daemon, with two independent client stacks: an
+asyncua client and a node-opcua client (tests/node, run with the machine's Node.js) each
+build their alarm list from ConditionRefresh and events and see the engine's active
+alarms (as the retained MQTT alarm topics say them); each acknowledges one with a comment
+as a named operator, and the engine's state (MQTT alarm topic and the condition) and the
+alarm journal (with the user and comment) follow within one publish interval.
 
 A real mosquitto on a free port, the daemon in a subprocess (simulated probes), a real
-paho subscriber and a real asyncua client logged in with a user name."""
+paho subscriber. `make test` installs node-opcua into tests/node (npm ci)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from tests.mosquitto import Subscriber, free_port, running_mosquitto
 from tests.test_daemon_interfaces import Daemon
 from tests.test_opcua_conditions import ack_args, call, refresh, subscribe_alarms
 
+NODE_CLIENT = Path(__file__).parent / "node" / "alarm_client.js"
 PREFIX = "cm-a-and-c"
 PUBLISH_INTERVAL_S = 1.0
 OI = ua.ObjectIds
@@ -81,7 +85,7 @@ source = {{ type = "simulated", mode = "crop", fps = 10, profile = "constant:0.5
 
 [[probes]]
 id = "R2"
-source = {{ type = "simulated", mode = "crop", fps = 10, profile = "constant:0.0", seed = 4 }}
+source = {{ type = "simulated", mode = "crop", fps = 10, profile = "constant:0.5", seed = 4 }}
 """
     )
     return path
@@ -117,17 +121,19 @@ def test_alarm_list_from_refresh_matches_the_engine_and_an_ack_reaches_mqtt_and_
         with daemon, sub:
             daemon.start()
             raised = sub.wait_for(
-                lambda _: (
-                    _retained_alarms(sub).get(("R1", "pg_high"), {}).get("state")
+                lambda _: all(
+                    _retained_alarms(sub).get((probe, "pg_high"), {}).get("state")
                     == "active_unacknowledged"
+                    for probe in ("R1", "R2")
                 ),
                 timeout=90,
             )
             assert raised, daemon.log.read_text()[-3000:]
             assert sub.wait_for(lambda _: len(_retained_alarms(sub)) == 4, timeout=20)
             engine_active = {key for key, alarm in _retained_alarms(sub).items() if alarm["active"]}
-            assert engine_active == {("R1", "pg_high")}
+            assert engine_active == {("R1", "pg_high"), ("R2", "pg_high")}
             outcome = asyncio.run(_operator_session(url, sub))
+            node = _node_session(url, sub, tmp_path / "node-pki")
             state_dir = tmp_path / "state"
             journal = _journal(state_dir)
             assert daemon.terminate() == 0
@@ -144,9 +150,7 @@ def test_alarm_list_from_refresh_matches_the_engine_and_an_ack_reaches_mqtt_and_
     acked = outcome["acked_message"]
     assert acked["state"] == "active_acknowledged"
     assert acked["acknowledged_by"] == "anna"
-    acknowledged = [
-        e for e in journal if e["event"] == "acknowledge" and e["alarm_id"] == "pg_high"
-    ]
+    acknowledged = [e for e in journal if e["event"] == "acknowledge" and e["probe"] == "R1"]
     assert [(e["who"], e["comment"], e["accepted"]) for e in acknowledged] == [
         ("anna", "PG confirmed by the lab", True)
     ]
@@ -160,6 +164,27 @@ def test_alarm_list_from_refresh_matches_the_engine_and_an_ack_reaches_mqtt_and_
     assert event["Comment"].Text == "PG confirmed by the lab"
     assert outcome["acked_variable"] is True
     assert outcome["again"] == SC.BadConditionBranchAlreadyAcked
+
+    # node-opcua: the same list (R1 acknowledged by now, R2 not), then R2 acknowledged.
+    report, node_arrival_s, node_message = node
+    node_list = {(a["SourceName"], a["ConditionName"]): a for a in report["alarms"]}
+    assert {key for key, a in node_list.items() if a["ActiveState.Id"]} == engine_active
+    assert node_list[("R1", "pg_high")]["AckedState.Id"] is True
+    assert node_list[("R1", "pg_high")]["ClientUserId"] == "anna"
+    assert node_list[("R2", "pg_high")]["AckedState.Id"] is False
+    assert node_list[("R2", "pg_high")]["EventType"] == "ns=0;i=9482"
+    assert report["ackStatus"] == "Good"
+    assert report["unknownEventStatus"] == "BadEventIdUnknown"
+    assert report["ackedEvent"]["Comment"] == "acknowledged from node-opcua"
+    assert report["ackedEvent"]["ClientUserId"] == "anna"
+    assert node_arrival_s <= PUBLISH_INTERVAL_S, node_arrival_s
+    assert node_message["acknowledged_by"] == "anna"
+    from_node = [
+        (e["probe"], e["who"], e["comment"])
+        for e in journal
+        if e["event"] == "acknowledge" and e["probe"] == "R2"
+    ]
+    assert from_node == [("R2", "anna", "acknowledged from node-opcua")]
 
 
 async def _operator_session(url: str, sub: Subscriber) -> dict[str, Any]:
@@ -223,3 +248,46 @@ async def _operator_session(url: str, sub: Subscriber) -> dict[str, Any]:
         "acked_variable": acked_variable,
         "again": again,
     }
+
+
+def _node_session(url: str, sub: Subscriber, pki: Path) -> tuple[dict[str, Any], float, Any]:
+    """Run the node-opcua client; (its report, seconds from its Acknowledge call to the
+    acknowledged MQTT alarm message, that message)."""
+    node = shutil.which("node")
+    assert node, "Node.js is missing: install nodejs (20 or newer)"
+    assert (NODE_CLIENT.parent / "node_modules" / "node-opcua").is_dir(), (
+        "node-opcua is missing: run `make node-opcua` (npm ci in tests/node)"
+    )
+    before = len(sub.received)
+    done = subprocess.run(
+        [
+            node,
+            str(NODE_CLIENT),
+            url,
+            "anna",
+            "anna-pass-1",
+            "R2",
+            "pg_high",
+            "acknowledged from node-opcua",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "NODE_OPCUA_PKI": str(pki)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    report = json.loads(line.removeprefix("REPORT "))
+    topic = f"{PREFIX}/R2/alarms/pg_high"
+
+    def acked(received: list[Any]) -> bool:
+        return any(m.topic == topic and m.json()["acknowledged"] for m in received[before:])
+
+    assert sub.wait_for(acked, timeout=10)
+    message = next(
+        m for m in sub.received[before:] if m.topic == topic and m.json()["acknowledged"]
+    )
+    # Received.at is this process's monotonic clock; the client says its wall-clock time.
+    requested = report["ackRequestedAt"] - (time.time() - time.monotonic())
+    return report, message.at - requested, message.json()
