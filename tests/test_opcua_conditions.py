@@ -20,10 +20,12 @@ import pytest
 from asyncua import Client, ua
 from asyncua.ua.uaerrors import UaStatusCodeError
 
+from monitor.alarms import AlarmEngine
 from monitor.config.opcua import OpcUaConfig
 from monitor.publishers.base import CommandResult
 from monitor.publishers.opcua import OpcUaPublisher
 from monitor.publishers.opcua_users import write_user
+from tests.test_alarms import PROBE, T0, high, run
 from tests.test_opcua import (
     NS,
     alarm_status,
@@ -423,7 +425,7 @@ def test_refresh_resends_retained_conditions_and_acknowledge_goes_to_the_handler
 def test_refresh_from_the_probe_and_refresh2_for_one_item(served: Served) -> None:
     """Subscribed to the probe's object (its event notifier): the events come from it, a
     refresh re-sends only that probe's conditions; ConditionRefresh2 names one item; a
-    wrong subscription id is BadSubscriptionIdInvalid."""
+    wrong subscription id, or another session's, is BadSubscriptionIdInvalid."""
     served.show("C3", [status("C3", "pg_high", "fraction_high", active=True)])
     served.show("C4", [status("C4", "pg_high", "fraction_high", active=True)])
     time.sleep(0.5)
@@ -454,6 +456,52 @@ def test_refresh_from_the_probe_and_refresh2_for_one_item(served: Served) -> Non
                 ua.Variant(987654, ua.VariantType.UInt32),
             )
             assert wrong == SC.BadSubscriptionIdInvalid
+            async with Client(served.url, timeout=10) as other:
+                foreign = await call(
+                    other,
+                    ua.NodeId(OI.ConditionType),
+                    OI.ConditionType_ConditionRefresh,
+                    ua.Variant(subscription.subscription_id, ua.VariantType.UInt32),
+                )
+                assert foreign == SC.BadSubscriptionIdInvalid  # not that session's
+            await subscription.delete()
+
+    asyncio.run(scenario())
+
+
+def test_an_event_of_an_earlier_occurrence_does_not_acknowledge_a_new_one(
+    served: Served,
+) -> None:
+    """Raised, returned unacknowledged, raised again: Acknowledge with an EventId of the
+    first occurrence is BadEventIdUnknown (the operator saw the old one); with the new
+    occurrence's EventId it is accepted. Every event has a new EventId and LastSeverity
+    keeps the severity before the change."""
+    first = status("C6", "pg_high", "fraction_high", active=True)
+
+    async def scenario() -> None:
+        async with Client(served.url, timeout=10) as client:
+            idx = await client.get_namespace_index(NS)
+            node = condition_id(client, "C6", "pg_high", idx)
+            subscription, collector = await subscribe_alarms(client)
+            served.show("C6", [first])
+            raised = await collector.next(lambda e: e.get("NodeId") == node)
+            returned = dict(first, active=False, state="returned_unacknowledged")
+            returned["message"] = "returned to normal, not acknowledged (was: PG above 3 %)"
+            served.show("C6", [returned])
+            back = await collector.next(lambda e: e.get("NodeId") == node)
+            assert back["ActiveState/Id"] is False and back["Retain"] is True
+            again = dict(first, severity=1000, priority="critical", state_since=time.time())
+            served.show("C6", [again])
+            second = await collector.next(lambda e: e.get("NodeId") == node)
+            assert second["ActiveState/Id"] is True
+            assert (second["Severity"], second["LastSeverity"]) == (1000, 750)
+            ids = {raised["EventId"], back["EventId"], second["EventId"]}
+            assert len(ids) == 3
+            ack = OI.AcknowledgeableConditionType_Acknowledge
+            old = await call(client, node, ack, *ack_args(raised["EventId"], "old"))
+            assert old == SC.BadEventIdUnknown
+            new = await call(client, node, ack, *ack_args(second["EventId"], "new"))
+            assert new == SC.Good
             await subscription.delete()
 
     asyncio.run(scenario())
@@ -592,3 +640,27 @@ def test_production_viewer_may_refresh_but_not_acknowledge_and_operator_may(
     assert not any(c[3] == "vic" for c in calls if c[0] in {"acknowledge", "add_comment"})
     assert not any(c[0] == "shelve" for c in calls)
     assert ("acknowledge", "S1", "pg_high", "anna", "on it") in calls
+
+
+def test_engine_add_comment_is_journalled_with_who_and_changes_no_state() -> None:
+    """AddComment's engine side: accepted comments are journal entries 'comment' with the
+    operator; an empty comment, no operator or an unknown alarm is refused and journalled
+    as refused; the alarm's state is untouched."""
+    engine = AlarmEngine([high()])
+    run(engine, [0.12], start=T0)
+    before = [s.to_json() for s in engine.alarm_states(PROBE)]
+    engine.drain_journal()
+    assert engine.add_comment(PROBE, "pg_high", "anna", "lab sample taken", T0 + 50).accepted
+    empty = engine.add_comment(PROBE, "pg_high", "anna", "  ", T0 + 51)
+    nobody = engine.add_comment(PROBE, "pg_high", "", "x", T0 + 52)
+    unknown = engine.add_comment(PROBE, "nope", "anna", "x", T0 + 53)
+    assert not (empty.accepted or nobody.accepted or unknown.accepted)
+    assert empty.reason is not None and "empty" in empty.reason
+    journal = [(e.event, e.accepted, e.who, e.comment) for e in engine.drain_journal()]
+    assert journal == [
+        ("comment", True, "anna", "lab sample taken"),
+        ("comment", False, "anna", "  "),
+        ("comment", False, "", "x"),
+        ("comment", False, "anna", "x"),
+    ]
+    assert [s.to_json() for s in engine.alarm_states(PROBE)] == before

@@ -59,7 +59,7 @@ from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 
 from monitor.publishers.base import CommandHandler, CommandResult
-from monitor.publishers.opcua_security import current_caller
+from monitor.publishers.opcua_security import current_caller, current_session
 
 log = structlog.get_logger(__name__)
 
@@ -370,6 +370,9 @@ class ConditionSpace:
             return
         condition.last_severity = old.severity if old is not None else new.severity
         condition.state = new
+        if old is None or (new.active and not old.active):
+            # A new occurrence: an EventId of an earlier one no longer acknowledges it.
+            condition.event_ids.clear()
         await self._emit(condition, new)
 
     async def _emit(self, condition: _Condition, state: ConditionState) -> None:
@@ -562,15 +565,12 @@ class ConditionSpace:
             return result
         service = self.server.iserver.isession.subscription_service
         subscription = service.subscriptions.get(int(values[0]))
-        if subscription is None:
+        caller = current_session()
+        if subscription is None or (caller is not None and subscription.session_id != caller):
             result.StatusCode = _status(SC.BadSubscriptionIdInvalid)
             return result
         items = subscription.monitored_item_srv
-        targets = [
-            (node, mid)
-            for node, mids in items._monitored_events.items()
-            for mid in mids
-        ]
+        targets = [(node, mid) for node, mids in items._monitored_events.items() for mid in mids]
         if len(values) > 1:
             wanted = values[1]
             targets = [(node, mid) for node, mid in targets if mid == wanted]

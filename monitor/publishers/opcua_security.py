@@ -73,11 +73,20 @@ LOG_INTERVAL_S = 60.0
 
 _caller: contextvars.ContextVar[str | None] = contextvars.ContextVar("opcua_caller", default=None)
 _peer: contextvars.ContextVar[str | None] = contextvars.ContextVar("opcua_peer", default=None)
+_session: contextvars.ContextVar[ua.NodeId | None] = contextvars.ContextVar(
+    "opcua_session", default=None
+)
 
 
 def current_caller() -> str:
     """The user name of the session whose method call is running ('anonymous' if none)."""
     return _caller.get() or ANONYMOUS
+
+
+def current_session() -> ua.NodeId | None:
+    """The SessionId of the network session whose method call is running (None if none):
+    ConditionRefresh may only refresh that session's own subscriptions."""
+    return _session.get()
 
 
 def current_peer() -> str:
@@ -550,9 +559,11 @@ class _CallerAwareSession(InternalSession):
                 ],
             )
         token = _caller.set(name)
+        session_token = _session.set(self.session_id)
         try:
             answers = iter(await super().call(allowed) if allowed else [])
         finally:
+            _session.reset(session_token)
             _caller.reset(token)
         # One result per request, in the order asked; a refused one is BadUserAccessDenied.
         return [
