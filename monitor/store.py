@@ -512,22 +512,27 @@ class Store:
             ).fetchall()
         return (_frame_row(row) for row in rows)
 
-    def iter_particles(self, since: float = 0.0) -> Iterator[StoredParticle]:
+    def iter_particles(self, since: float = 0.0, chunk: int = 5000) -> Iterator[StoredParticle]:
         """Every stored particle of the frames from `since` on (frame time), in the order
-        the frames were stored; none from a store written before particles were kept."""
+        the frames were stored; none from a store written before particles were kept.
+        Read `chunk` rows at a time: a long retention holds far more particles than fit
+        in memory at once."""
         if not self._has_particles:
-            return iter(())
+            return
         with self._lock:
-            rows = self._db.execute(
+            cursor = self._db.execute(
                 f"SELECT f.probe, f.key, f.ts, f.batch, {_PARTICLE_COLUMNS_OF_P}"
                 " FROM frames AS f JOIN particles AS p ON p.frame_id = f.id"
                 " WHERE f.ts >= ? ORDER BY f.id, p.idx",
                 (since,),
-            ).fetchall()
-        return (
-            StoredParticle(probe, key, ts, batch, _particle_row(values))
-            for probe, key, ts, batch, *values in rows
-        )
+            )
+        while True:
+            with self._lock:
+                rows = cursor.fetchmany(chunk)
+            if not rows:
+                return
+            for probe, key, ts, batch, *values in rows:
+                yield StoredParticle(probe, key, ts, batch, _particle_row(values))
 
     def iter_snapshots(
         self, since: float = 0.0

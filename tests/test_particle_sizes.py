@@ -9,9 +9,13 @@ windows after a restart.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -342,3 +346,82 @@ def test_a_restart_refills_the_size_distributions_from_the_store(tmp_path: Path)
 
 def _manifest() -> ModelManifest:
     return load_manifest(verify_hash=False).manifest
+
+
+def _export(state: Path, *options: str) -> str:
+    command = [sys.executable, "-m", "monitor", "export", "--state-dir", str(state)]
+    result = subprocess.run(
+        [*command, "--what", "particles", *options],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_export_particles_streams_csv_and_json_lines_with_sizes_rounded_and_empty_without(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path)
+    sized = ParticleRow(
+        "PG", "ok", None, 0.987654321, (10, 20, 30, 40), ParticleSizeRow(*_row_size(_size(80.0)))
+    )
+    tile = ParticleRow("CEX", "uncertain", "low_confidence", 0.51, (0, 0, 224, 224), None)
+    frames = [
+        FrameRow("R1", "a.png", 1e9, "B-7", "ok", None, {"PG": 1}, 1, 1e9, particles=(sized, tile)),
+        FrameRow("R1", "b.png", 1e9 + 9, None, "ok", None, {}, 0, 1e9 + 9),  # no particles
+    ]
+    store.record_frames(frames)
+    store.close()
+
+    lines = [json.loads(line) for line in _export(tmp_path, "--format", "jsonl").splitlines()]
+    assert lines == [
+        {
+            "ts": "2001-09-09T01:46:40.000Z",
+            "probe": "R1",
+            "key": "a.png",
+            "batch": "B-7",
+            "class": "PG",
+            "status": "ok",
+            "reason": None,
+            "confidence": 0.987654,
+            "x": 10,
+            "y": 20,
+            "w": 30,
+            "h": 40,
+            "area": pytest.approx(math.pi * 1600, rel=1e-5),
+            "ecd": 80.0,
+            "feret_max": 160.0,
+            "feret_min": 40.0,
+            "aspect_ratio": 0.25,
+            "unit": "um",
+        },
+        {
+            "ts": "2001-09-09T01:46:40.000Z",
+            "probe": "R1",
+            "key": "a.png",
+            "batch": "B-7",
+            "class": "CEX",
+            "status": "uncertain",
+            "reason": "low_confidence",
+            "confidence": 0.51,
+            "x": 0,
+            "y": 0,
+            "w": 224,
+            "h": 224,
+            "area": None,
+            "ecd": None,
+            "feret_max": None,
+            "feret_min": None,
+            "aspect_ratio": None,
+            "unit": None,
+        },
+    ]
+    rows = list(csv.DictReader(io.StringIO(_export(tmp_path))))
+    assert [(r["class"], r["ecd"], r["unit"]) for r in rows] == [
+        ("PG", "80.0", "um"),
+        ("CEX", "", ""),
+    ]
+    assert _export(tmp_path, "--since", "2001-09-09T01:47:00Z") == ""

@@ -8,6 +8,7 @@ import json
 import sys
 import threading
 import tomllib
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -282,40 +283,75 @@ def _frame_rows(store: Store, since: float) -> list[dict[str, Any]]:
     ]
 
 
-def _particle_rows(store: Store, since: float) -> list[dict[str, Any]]:
-    """One row per stored particle: its frame, the model's call and its size. Lengths in
-    `unit` ("um", or "px" for a probe without pixel_size_um), the area in unit²; the
-    size columns are empty for a particle without a mask (tiles)."""
-    rows = []
+PARTICLE_FIELDS = (
+    "ts",
+    "probe",
+    "key",
+    "batch",
+    "class",
+    "status",
+    "reason",
+    "confidence",
+    "x",
+    "y",
+    "w",
+    "h",
+    "area",
+    "ecd",
+    "feret_max",
+    "feret_min",
+    "aspect_ratio",
+    "unit",
+)
+
+
+def _particle_rows(store: Store, since: float) -> Iterator[dict[str, Any]]:
+    """One row per stored particle (`PARTICLE_FIELDS`): its frame, the model's call and
+    its size. Lengths in `unit` ("um", or "px" for a probe without pixel_size_um), the
+    area in unit²; the size columns are empty for a particle without a mask (tiles).
+    Streamed: a long retention holds more particles than fit in memory."""
     for stored in store.iter_particles(since):
         particle, size = stored.particle, stored.particle.size
         x, y, w, h = particle.box
-        rows.append(
-            {
-                "ts": iso_utc(stored.ts),
-                "probe": stored.probe,
-                "key": stored.key,
-                "batch": stored.batch,
-                "class": particle.label,
-                "status": particle.status,
-                "reason": particle.reason,
-                "confidence": particle.confidence,
-                "x": x,
-                "y": y,
-                "w": w,
-                "h": h,
-                "area": None if size is None else size.area,
-                "ecd": None if size is None else size.ecd,
-                "feret_max": None if size is None else size.feret_max,
-                "feret_min": None if size is None else size.feret_min,
-                "aspect_ratio": None if size is None else size.aspect_ratio,
-                "unit": None if size is None else size.unit,
-            }
+        yield dict(
+            zip(
+                PARTICLE_FIELDS,
+                (
+                    iso_utc(stored.ts),
+                    stored.probe,
+                    stored.key,
+                    stored.batch,
+                    particle.label,
+                    particle.status,
+                    particle.reason,
+                    particle.confidence,
+                    x,
+                    y,
+                    w,
+                    h,
+                    *(
+                        (None,) * 6
+                        if size is None
+                        else (
+                            size.area,
+                            size.ecd,
+                            size.feret_max,
+                            size.feret_min,
+                            size.aspect_ratio,
+                            size.unit,
+                        )
+                    ),
+                ),
+                strict=True,
+            )
         )
-    return rows
 
 
-_EXPORTS = {"windows": _window_rows, "frames": _frame_rows, "particles": _particle_rows}
+_EXPORTS: dict[str, Callable[[Store, float], Iterable[dict[str, Any]]]] = {
+    "windows": _window_rows,
+    "frames": _frame_rows,
+    "particles": _particle_rows,
+}
 
 
 def _parse_since(text: str | None) -> float:
@@ -349,19 +385,30 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EX_DATAERR
     try:
-        rows = _EXPORTS[args.what](store, since)
+        if args.what == "particles":  # streamed, with a fixed header
+            _write_rows(_particle_rows(store, since), args.format, list(PARTICLE_FIELDS))
+            return 0
+        rows = list(_EXPORTS[args.what](store, since))
     finally:
         store.close()
-    rows = [to_wire(row) for row in rows]  # the numbers as every other output rounds them
-    if args.format == "jsonl":
-        for row in rows:
-            sys.stdout.write(json.dumps(row) + "\n")
-    elif rows:
-        fields = list(dict.fromkeys(key for row in rows for key in row))
-        writer = csv.DictWriter(sys.stdout, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    if rows:
+        _write_rows(iter(rows), args.format, list(dict.fromkeys(k for row in rows for k in row)))
     return 0
+
+
+def _write_rows(rows: Iterator[dict[str, Any]], form: str, fields: list[str]) -> None:
+    """CSV (a header, then only when there is a row) or JSON lines, the numbers as every
+    other output rounds them."""
+    writer: csv.DictWriter[str] | None = None
+    for row in rows:
+        wire = to_wire(row)
+        if form == "jsonl":
+            sys.stdout.write(json.dumps(wire) + "\n")
+            continue
+        if writer is None:
+            writer = csv.DictWriter(sys.stdout, fieldnames=fields)
+            writer.writeheader()
+        writer.writerow(wire)
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
