@@ -23,12 +23,15 @@ _WORK_SCALE = 4  # background and mask are computed on a 4x smaller copy: ~16x l
 # _PEAK_MIN px deep (20 frame px: an agglomerate or a thick bundle, never a lone
 # needle) and the deepest within _PEAK_RADIUS px (48 frame px). Two parts stay apart
 # only across a neck shallower than _NECK_SHARE of the shallower part's depth, and a
-# part smaller than _MIN_PART_AREA px (2,400 frame px²) joins its neighbour. Tuned on
-# simulated sparse, medium and dense slurries (bench/instances.py).
+# part smaller than _MIN_PART_AREA px (2,400 frame px²) joins its neighbour. Before
+# the split a blob grows into the pixels above _LOW_SHARE of the threshold around it
+# where that joins it to no other blob. Tuned on simulated sparse, medium and dense
+# slurries (bench/instances.py) and two discs of radius 35 px overlapping by 7 px.
 _PEAK_MIN = 5.0
 _PEAK_RADIUS = 12
-_NECK_SHARE = 0.6
+_NECK_SHARE = 0.8
 _MIN_PART_AREA = 150
+_LOW_SHARE = 0.5
 
 Box = tuple[int, int, int, int]
 
@@ -105,9 +108,11 @@ class ParticleSampler:
     def __init__(self, config: ParticlesConfig) -> None:
         self._config = config
         self._close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
-        self._three = np.ones((3, 3), np.uint8)
+        # 4-neighbours only: blobs are 4-connected, so a diagonal neighbour may be another's.
+        self._cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+        # A square window: separable, so the dilation costs little whatever its size.
         self._peak_window = cv2.getStructuringElement(
-            cv2.MORPH_ELLIPSE, (2 * _PEAK_RADIUS + 1, 2 * _PEAK_RADIUS + 1)
+            cv2.MORPH_RECT, (2 * _PEAK_RADIUS + 1, 2 * _PEAK_RADIUS + 1)
         )
 
     def find_particles(self, grey: np.ndarray) -> list[Box]:
@@ -135,7 +140,12 @@ class ParticleSampler:
         raw_mask = (corrected > config.threshold).astype(np.uint8)
         # Closing joins the needles of a bundle and the grains of an agglomerate.
         mask = cv2.morphologyEx(raw_mask, cv2.MORPH_CLOSE, self._close)
-        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        if config.separation == "watershed":
+            mask = self._grow_alone(corrected, mask, config.threshold)
+        # The watershed floods between 4-neighbours: with it, blobs are 4-connected too,
+        # or a corner-joined piece could be flooded from another blob through the gap.
+        connectivity = 8 if config.separation == "none" else 4
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=connectivity)
         if config.separation == "watershed" and count > 1:
             count, labels, stats = self._separate(corrected, mask, count, labels, stats)
         scale2 = _WORK_SCALE * _WORK_SCALE
@@ -154,6 +164,27 @@ class ParticleSampler:
             (box, _upsampled_mask(labels, index, box))
             for _, box, index in found[: config.max_per_frame]
         ]
+
+    def _grow_alone(self, corrected: np.ndarray, mask: np.ndarray, threshold: int) -> np.ndarray:
+        """Hysteresis for particles on their own: a blob grows into the dimmer pixels
+        around it (above _LOW_SHARE of the threshold: a bundle's faint needles, a soft
+        rim) unless that would join it to another blob, so a lone particle's box covers
+        all of it and crowded ones are not glued together."""
+        dim = (corrected > _LOW_SHARE * threshold).astype(np.uint8)
+        low = cv2.morphologyEx(dim, cv2.MORPH_CLOSE, self._close)
+        low_count, low_labels = cv2.connectedComponents(low, connectivity=4)
+        high_count, high_labels = cv2.connectedComponents(mask, connectivity=4)
+        if high_count <= 1:
+            return mask
+        # A blob lies within one low component (closing is monotone): one pixel of each
+        # says which. The first pixel of each blob, in raster order, without a sort:
+        flat = high_labels.ravel()
+        first = np.zeros(high_count, np.intp)
+        first[flat[::-1]] = np.arange(flat.size - 1, -1, -1)
+        blobs_per_low = np.bincount(low_labels.ravel()[first[1:]], minlength=low_count)
+        alone = (blobs_per_low == 1).astype(np.uint8)
+        alone[0] = 0
+        return np.asarray(np.maximum(mask, alone[low_labels]), np.uint8)
 
     def _separate(
         self,
@@ -182,32 +213,57 @@ class ParticleSampler:
         merged = merged[merged > 0]
         if merged.size == 0:
             return count, labels, stats
+        # Work within the box around the merged blobs (plus 1 px: cv2.watershed makes
+        # the image's outer pixels a boundary).
+        x0 = max(0, int(stats[merged, 0].min()) - 1)
+        y0 = max(0, int(stats[merged, 1].min()) - 1)
+        x1 = min(mask.shape[1], int((stats[merged, 0] + stats[merged, 2]).max()) + 1)
+        y1 = min(mask.shape[0], int((stats[merged, 1] + stats[merged, 3]).max()) + 1)
+        roi = (slice(y0, y1), slice(x0, x1))
+        is_merged = np.zeros(count, bool)
+        is_merged[merged] = True
+        in_merged = is_merged[labels[roi]]
         # Markers: one per maximum of a merged blob (2, 3, ...); every other pixel is
         # flooded, background included, so no pixel of a merged blob is left out.
-        in_merged = np.isin(labels, merged)
-        seeds = np.isin(blob_of_peak, merged)
+        seeds = is_merged[blob_of_peak]
         seeds[0] = False
+        seed_count = int(seeds.sum())
         seed_ids = np.zeros(peak_count, np.int32)
-        seed_ids[seeds] = np.arange(2, 2 + int(seeds.sum()), dtype=np.int32)
-        seed_pixels = peaks & in_merged
-        markers = np.zeros(labels.shape, np.int32)
-        markers[seed_pixels] = seed_ids[peak_labels[seed_pixels]]
+        seed_ids[seeds] = np.arange(2, 2 + seed_count, dtype=np.int32)
+        seed_pixels = peaks[roi] & in_merged
+        markers = np.zeros(in_merged.shape, np.int32)
+        markers[seed_pixels] = seed_ids[peak_labels[roi][seed_pixels]]
         # cv2.watershed floods in the order of the grey-level step between neighbours.
         # Outside the merged blobs the relief is 0 and inside at least 128, a larger step
         # than any within a blob, so each blob is flooded from its own seeds before any
         # flood leaves it; the cut falls on the sharpest edges between the seeds.
-        relief = np.where(in_merged, 128 + (corrected >> 2), 0).astype(np.uint8)
+        relief = np.where(in_merged, 128 + (corrected[roi] >> 2), 0).astype(np.uint8)
         cv2.watershed(cv2.cvtColor(relief, cv2.COLOR_GRAY2BGR), markers)
         # Only the merged blobs' pixels matter: the floods beyond them are dropped.
         markers[~in_merged] = 0
-        parts = _merge_shallow_cuts(markers, distance, 2 + int(seeds.sum()))
-        # Renumber: blobs left whole keep their label, each split part gets a new one.
-        parts = np.where(in_merged & (parts >= 2), parts - 2 + count, 0).astype(np.float32)
+        parts = _merge_shallow_cuts(markers, distance[roi], 2 + seed_count)
+        # Renumber: each split part gets a label after the blobs' (count, count + 1, ...).
+        parts = np.where(parts >= 2, parts - 2 + count, 0).astype(np.float32)
         # The watershed lines (1 px, unassigned) join a neighbouring part.
-        parts = np.where(in_merged & (parts == 0), cv2.dilate(parts, self._three), parts)
-        combined = np.where(in_merged, parts, labels).astype(np.int32)
-        new_count = count + int(seeds.sum())
-        return new_count, combined, _component_stats(combined, new_count)
+        parts = np.where(in_merged & (parts == 0), cv2.dilate(parts, self._cross), parts)
+        # A part never spans two blobs: a flood that left its blob through the
+        # background is cut back to each blob it reached.
+        blob = labels[roi][in_merged].astype(np.int64)
+        keys = parts[in_merged].astype(np.int64) * count + blob
+        unique, inverse = np.unique(keys, return_inverse=True)
+        assigned = unique >= count  # key < count: a pixel no part reached
+        new_ids = np.where(assigned, count + np.cumsum(assigned) - 1, 0).astype(np.int32)
+        parts = np.zeros(in_merged.shape, np.int32)
+        parts[in_merged] = new_ids[inverse.ravel()]
+        part_count = int(assigned.sum())
+        combined = labels.copy()
+        combined[roi][in_merged] = parts[in_merged]
+        part_stats = _component_stats(parts, count + part_count)[count:]
+        part_stats[:, 0] += x0
+        part_stats[:, 1] += y0
+        kept = stats.copy()
+        kept[merged, 4] = 0  # the merged blobs live on as their parts
+        return count + part_count, combined, np.concatenate([kept, part_stats])
 
     def sample(self, grey: np.ndarray) -> list[Crop]:
         return [
@@ -241,7 +297,7 @@ def _merge_shallow_cuts(markers: np.ndarray, distance: np.ndarray, count: int) -
     if len(lines):
         ys, xs = lines[:, 0], lines[:, 1]
         around = np.stack(
-            [markers[ys + dy, xs + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=1
+            [markers[ys + dy, xs + dx] for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))], axis=1
         )
         around = np.where(around >= 2, around, 0)
         low = np.where(around > 0, around, np.iinfo(np.int32).max).min(axis=1)
@@ -287,7 +343,7 @@ def _upsampled_mask(labels: np.ndarray, index: int, box: Box) -> np.ndarray:
     """Segment `index` within its box at frame resolution (a working pixel -> a square)."""
     x, y, w, h = (v // _WORK_SCALE for v in box)
     own = (labels[y : y + h, x : x + w] == index).astype(np.uint8)
-    return np.repeat(np.repeat(own, _WORK_SCALE, axis=0), _WORK_SCALE, axis=1)
+    return np.asarray(cv2.resize(own, (box[2], box[3]), interpolation=cv2.INTER_NEAREST))
 
 
 def _object_focus(grey: np.ndarray, box: tuple[int, int, int, int]) -> float:

@@ -169,7 +169,10 @@ def _own_mask(
     earlier = before[by0 - ys.start : by1 - ys.start, bx0 - xs.start : bx1 - xs.start]
     change = np.abs(canvas[by0:by1, bx0:bx1] - earlier)
     mask[by0 - y : by1 - y, bx0 - x : bx1 - x] = change >= TRUTH_LEVEL
-    closed = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _TRUTH_CLOSE)
+    # Padded first: erosion treats pixels beyond the image as set, so a mask that
+    # fills its box (as every particle's does) would keep the box's corners.
+    padded = cv2.copyMakeBorder(mask, 3, 3, 3, 3, cv2.BORDER_CONSTANT, value=0)
+    closed = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, _TRUTH_CLOSE)[3:-3, 3:-3]
     contours, _ = cv2.findContours(closed, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     filled = np.zeros_like(mask)
     cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
