@@ -3,9 +3,11 @@
 Inline SVG and CSS only (no code runs, no web font, no CDN), so it can be mailed, archived
 with the batch record and opened on a plant PC without network. It shows, in recorded
 time: each watched class's share in its alarm window with the 95 % band and the alarm
-limits, the probe's input quality, the frame quality (rejected share by reason and the
-frame rate), a marker wherever an alarm was raised or cleared, and the alarm events as
-a table. The data behind the charts is embedded as JSON for tools.
+limits, the probe's input quality, the particle sizes (the batch's size distribution
+per class and each class's D50 over time, where the windows carry sizes), the frame
+quality (rejected share by reason and the frame rate), a marker wherever an alarm was
+raised or cleared, and the alarm events as a table. The data behind the charts is
+embedded as JSON for tools.
 
 Every SVG marker carries `data-alarm`, `data-transition` ("raise" or "clear") and
 `data-ts` (epoch seconds), so the report can be checked by a program as well as by eye.
@@ -42,6 +44,9 @@ _PRIORITY_COLOUR = {"low": "#b45309", "medium": "#ea580c", "high": "#dc2626", "c
 _CLEAR_COLOUR = "#15803d"
 _QUALITY_COLOUR = {"GOOD": "#16a34a", "UNCERTAIN": "#eab308", "BAD": "#dc2626"}
 _REASON_COLOURS = ("#7c3aed", "#0891b2", "#db2777", "#65a30d", "#d97706", "#475569")
+# The classes' colours in the size charts, in manifest order (blue CEX, purple PG, as on
+# the dashboard), clear of the alarm reds and the quality strip's green and yellow.
+_CLASS_COLOURS = ("#1d4ed8", "#9333ea", "#0d9488", "#475569", "#a16207", "#be185d")
 _MOVING = {"rising": "rising", "falling": "falling", "both": "rising or falling"}
 _RAISED = "active_unacknowledged"
 _CLEARED = frozenset({"returned_unacknowledged", "normal"})
@@ -92,6 +97,7 @@ def render_report(result: ReplayResult) -> str:
         _header(result),
         _alarm_summary(result, markers),
         *(_trend_section(result, name, markers) for name in _watched_classes(result)),
+        _sizes_section(result),
         _quality_section(result, markers),
         _event_table(result),
         _notes(result),
@@ -483,6 +489,351 @@ def _report_data(result: ReplayResult, markers: Sequence[Marker]) -> dict[str, A
             ]
             for name in _watched_classes(result)
         },
+        "sizes": _sizes_data(result),
+    }
+
+
+# -- particle sizes -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassSizes:
+    """One class's sizes over the whole batch, from its windows' histograms."""
+
+    count: int
+    histogram: list[int]
+    quantiles: dict[str, float | None]
+    """D10/D50/D90 ("d10", ...) and square-weighted ("d10_sq", ...) read off the summed
+    histogram: interpolated within a bin on the log scale, so good to a bin's width."""
+    mean_aspect_ratio: float | None
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """The batch's size distribution per class: the histograms of back-to-back windows
+    summed, so that each particle counts once."""
+
+    window: int
+    unit: str
+    bin_edges: list[float]
+    tiles: int
+    classes: dict[str, ClassSizes]
+
+
+def _window_sizes(snapshot: dict[str, Any], window: int) -> dict[str, Any] | None:
+    """A snapshot's "sizes" of `window`, or None where the daemon wrote none."""
+    sizes = snapshot.get("windows", {}).get(str(window), {}).get("sizes")
+    if not sizes or len(sizes.get("bin_edges") or ()) < 2:
+        return None
+    return dict(sizes)
+
+
+def _size_window(result: ReplayResult) -> int:
+    """The window the size charts read: the first watched class's (its share chart's)."""
+    return _window_for(result, _watched_classes(result)[0])
+
+
+def histogram_quantile(
+    edges: Sequence[float], weights: Sequence[float], probability: float
+) -> float | None:
+    """The diameter below which `probability` of the weight lies, interpolated on the log
+    scale within the bin that crosses it; None without weight."""
+    total = sum(weights)
+    if total <= 0:
+        return None
+    target = probability * total
+    below = 0.0
+    for index, weight in enumerate(weights):
+        if weight > 0 and below + weight >= target:
+            share = (target - below) / weight
+            low, high = edges[index], edges[index + 1]
+            return float(low * (high / low) ** share)
+        below += weight
+    return float(edges[-1])
+
+
+def batch_sizes(result: ReplayResult, window: int) -> BatchSizes | None:
+    """The windows of `window` seconds ending at the last evaluation with sizes, then
+    every `window` seconds before it, summed (windows are (end - window, end], so these
+    count each particle once; frames before the first evaluation that a tile does not
+    reach, at most one publish interval's, are left out). None when no evaluation has
+    sizes; tiles with other bin edges or another unit than the last are left out."""
+    sized = [(u.ts, s) for u in result.updates if (s := _window_sizes(u.snapshot, window))]
+    if not sized:
+        return None
+    end_ts, last = sized[-1]
+    unit, edges = str(last.get("unit", "")), [float(e) for e in last["bin_edges"]]
+    tiles: list[dict[str, Any]] = []
+    target = end_ts
+    for ts, sizes in reversed(sized):
+        if ts > target + 1e-6:
+            continue
+        if sizes.get("unit") == unit and [float(e) for e in sizes["bin_edges"]] == edges:
+            tiles.append(sizes)
+        target = ts - window
+    classes: dict[str, ClassSizes] = {}
+    for name in result.classes:
+        histogram = [0] * (len(edges) - 1)
+        aspect_sum, aspect_n = 0.0, 0
+        for tile in tiles:
+            figures = tile.get("classes", {}).get(name) or {}
+            for index, n in enumerate(figures.get("histogram") or ()):
+                if index < len(histogram):
+                    histogram[index] += int(n)
+            ratio, count = figures.get("mean_aspect_ratio"), int(figures.get("count") or 0)
+            if ratio is not None and count:
+                aspect_sum += float(ratio) * count
+                aspect_n += count
+        squares = [n * edges[i] * edges[i + 1] for i, n in enumerate(histogram)]
+        quantiles: dict[str, float | None] = {}
+        for key, probability in (("d10", 0.1), ("d50", 0.5), ("d90", 0.9)):
+            quantiles[key] = histogram_quantile(edges, histogram, probability)
+            quantiles[f"{key}_sq"] = histogram_quantile(edges, squares, probability)
+        classes[name] = ClassSizes(
+            count=sum(histogram),
+            histogram=histogram,
+            quantiles=quantiles,
+            mean_aspect_ratio=aspect_sum / aspect_n if aspect_n else None,
+        )
+    return BatchSizes(window, unit, edges, len(tiles), classes)
+
+
+def _d50_series(
+    result: ReplayResult, class_name: str, window: int
+) -> list[tuple[float, float | None, float | None]]:
+    """(ts, D50, square-weighted D50) of the class per evaluation; None without sizes."""
+    series = []
+    for update in result.updates:
+        sizes = _window_sizes(update.snapshot, window) or {}
+        figures = sizes.get("classes", {}).get(class_name) or {}
+        series.append((update.ts, figures.get("d50"), figures.get("d50_sq")))
+    return series
+
+
+def _unit_text(unit: str) -> str:
+    return "µm" if unit == "um" else unit
+
+
+def size_text(value: float | None, unit: str) -> str:
+    """A diameter to three significant figures or so, with its unit ("42.1 µm")."""
+    if value is None:
+        return "–"
+    digits = 0 if value >= 100 else 1 if value >= 10 else 2
+    return f"{value:.{digits}f} {_unit_text(unit)}"
+
+
+def _class_colour(result: ReplayResult, name: str) -> str:
+    index = result.classes.index(name) if name in result.classes else 0
+    return _CLASS_COLOURS[index % len(_CLASS_COLOURS)]
+
+
+def _sizes_section(result: ReplayResult) -> str:
+    window = _size_window(result)
+    batch = batch_sizes(result, window)
+    if batch is None:
+        return (
+            '<section class="sizes"><h2>Particle sizes</h2><p class="no-sizes">No sizes yet: '
+            "no window of this replay carries size statistics (the daemon that replayed it "
+            "does not measure particle sizes).</p></section>"
+        )
+    unit = _unit_text(batch.unit)
+    pixels = (
+        " Sizes are in pixels: set <code>probes.pixel_size_um</code> (the probe's "
+        "calibration) for micrometres."
+        if batch.unit == "px"
+        else ""
+    )
+    rows = []
+    for name in result.classes:
+        cls = batch.classes[name]
+        q = cls.quantiles
+        aspect = "–" if cls.mean_aspect_ratio is None else f"{cls.mean_aspect_ratio:.2f}"
+        cells = [
+            str(cls.count),
+            *(size_text(q[key], batch.unit) for key in ("d10", "d50", "d90", "d50_sq")),
+            aspect,
+        ]
+        rows.append(
+            f'<tr data-class={_q(name)}><td><b style="color:{_class_colour(result, name)}">'
+            f"{_e(name)}</b></td>"
+            + "".join(f'<td class="num">{_e(cell)}</td>' for cell in cells)
+            + "</tr>"
+        )
+    table = (
+        '<table class="tbl size-table"><thead><tr><th>Class</th><th class="num">Particles</th>'
+        '<th class="num">D10</th><th class="num">D50</th><th class="num">D90</th>'
+        '<th class="num">D50, d²-weighted</th><th class="num">Mean aspect ratio</th></tr>'
+        f"</thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+    return (
+        '<section class="sizes"><h2>Particle sizes</h2>'
+        f"<p>Equivalent circle diameter (ECD) in {unit} of the confidently classified "
+        f"particles: the batch's distribution per class, summed over {batch.tiles} "
+        f"back-to-back {_seconds(window)} windows (each particle once; D values read off "
+        f"those bins), and the D50 of each {_seconds(window)} window over the batch.{pixels}"
+        f"</p>{table}{_size_distribution_svg(result, batch)}"
+        f"{_d50_chart(result, batch)}</section>"
+    )
+
+
+def _size_distribution_svg(result: ReplayResult, batch: BatchSizes) -> str:
+    """Per class a row of bars on a log ECD axis (share of the class's particles per
+    bin), the batch's D10/D50/D90 marked."""
+    edges = batch.bin_edges
+    filled = [i for cls in batch.classes.values() for i, n in enumerate(cls.histogram) if n]
+    first = max(0, min(filled, default=0) - 1)
+    last = min(len(edges) - 2, max(filled, default=len(edges) - 2) + 1)
+    lo, hi = edges[first], edges[last + 1]
+    left, right = LEFT, WIDTH - RIGHT
+    row_h, top, bottom_margin = 130, 8, 44
+    names = list(result.classes)
+    height = top + row_h * len(names) + bottom_margin
+
+    def x(diameter: float) -> float:
+        share = (math.log(diameter) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        return left + share * (right - left)
+
+    # The diameter gridlines first, so that the bars are drawn over them.
+    parts = []
+    axis_y = height - bottom_margin
+    power = math.floor(math.log10(lo))
+    while 10.0**power <= hi * (1 + 1e-9):
+        for m in (1, 2, 5):
+            tick = m * 10.0**power
+            if lo * (1 - 1e-9) <= tick <= hi * (1 + 1e-9):
+                parts.append(
+                    f'<line class="gridline" x1="{x(tick):.1f}" x2="{x(tick):.1f}" '
+                    f'y1="{top + 24}" y2="{axis_y}"/><text class="tick" x="{x(tick):.1f}" '
+                    f'y="{axis_y + 16}" text-anchor="middle">{tick:g}</text>'
+                )
+        power += 1
+    for row, name in enumerate(names):
+        cls = batch.classes[name]
+        colour = _class_colour(result, name)
+        row_top = top + row * row_h
+        y0, y1 = row_top + row_h - 10, row_top + 58
+        shares = [n / cls.count if cls.count else 0.0 for n in cls.histogram]
+        y_max = _nice_ceiling(min(1.0, max([*shares, 0.05]) * 1.1))
+
+        def y(value: float, y0: float = y0, y1: float = y1, y_max: float = y_max) -> float:
+            return y0 - value / y_max * (y0 - y1)
+
+        aspect = (
+            ""
+            if cls.mean_aspect_ratio is None
+            else f" · mean aspect ratio {cls.mean_aspect_ratio:.2f}"
+        )
+        group = [
+            f'<g class="size-row" data-class={_q(name)}>'
+            f'<text class="size-caption" x="{left}" y="{row_top + 16}" fill="{colour}">'
+            f"{_e(name)} · {cls.count} particles{aspect}</text>"
+        ]
+        for value in (0.0, y_max):
+            group.append(
+                f'<line class="gridline" x1="{left}" x2="{right}" y1="{y(value):.1f}" '
+                f'y2="{y(value):.1f}"/><text class="tick" x="{left - 6}" y="{y(value) + 4:.1f}" '
+                f'text-anchor="end">{value * 100:.0f} %</text>'
+            )
+        for index, n in enumerate(cls.histogram):
+            if not n or index < first or index > last:
+                continue
+            x0, x1 = x(edges[index]), x(edges[index + 1])
+            group.append(
+                f'<rect class="bar" x="{x0 + 1:.1f}" y="{y(shares[index]):.1f}" '
+                f'width="{max(x1 - x0 - 2, 1):.1f}" height="{y0 - y(shares[index]):.1f}" '
+                f'fill="{colour}" data-class={_q(name)} data-bin="{index}" data-count="{n}">'
+                f"<title>{_e(name)} {size_text(edges[index], batch.unit)} – "
+                f"{size_text(edges[index + 1], batch.unit)}: {n} particles "
+                f"({shares[index]:.1%})</title></rect>"
+            )
+        for level, key in enumerate(("d10", "d50", "d90")):
+            quantile = cls.quantiles[key]
+            if quantile is None or not lo <= quantile <= hi:
+                continue
+            qx = x(quantile)
+            label_y = row_top + (34 if level == 1 else 49)
+            text = f"{key.upper()} {size_text(quantile, batch.unit)}"
+            group.append(
+                f'<g class="quantile" data-class={_q(name)} data-quantile="{key.upper()}" '
+                f'data-value="{quantile:.6g}"><line x1="{qx:.1f}" x2="{qx:.1f}" '
+                f'y1="{label_y - 11}" y2="{y0:.1f}" stroke="{colour}"/>'
+                f'<text class="quantile-label" x="{qx + 3:.1f}" y="{label_y}" fill="{colour}">'
+                f"{_e(text)}</text></g>"
+            )
+        group.append("</g>")
+        parts.append("".join(group))
+    parts.append(
+        f'<text class="axis" x="{(left + right) / 2:.0f}" y="{height - 8}" '
+        f'text-anchor="middle">equivalent circle diameter ({_unit_text(batch.unit)}), '
+        "log scale; bars: share of the class's particles per bin</text>"
+    )
+    return (
+        f'<svg class="chart size-dist" data-unit={_q(batch.unit)} '
+        f'data-window="{batch.window}" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" '
+        f'height="{height}" role="img">{"".join(parts)}</svg>'
+    )
+
+
+def _d50_chart(result: ReplayResult, batch: BatchSizes) -> str:
+    """Each class's D50 per evaluation over the batch's time, on the share charts' axes."""
+    series = {name: _d50_series(result, name, batch.window) for name in result.classes}
+    values = [d50 for rows in series.values() for _, d50, _ in rows if d50 is not None]
+    chart = _Chart(result, y_max=_nice_ceiling(max([*values, 1.0]) * 1.15), markers=(), height=240)
+    parts = [chart.frame(y_label=f"D50 ({_unit_text(batch.unit)})", percent=False)]
+    keys = []
+    for name, rows in series.items():
+        colour = _class_colour(result, name)
+        known = [(ts, d50, d50) for ts, d50, _ in rows]
+        for segment in _segments(known):
+            points = " ".join(f"{chart.x(ts):.1f},{chart.y(v):.1f}" for ts, v, _ in segment)
+            parts.append(
+                f'<polyline class="d50" points="{points}" stroke="{colour}" data-class={_q(name)}/>'
+            )
+        last = next(((ts, v) for ts, v, _ in reversed(rows) if v is not None), None)
+        if last is not None:
+            parts.append(
+                f'<text class="last-value" x="{chart.x(last[0]) - 4:.1f}" '
+                f'y="{chart.y(last[1]) - 6:.1f}" text-anchor="end" fill="{colour}" '
+                f"data-class={_q(name)}>{_e(size_text(last[1], batch.unit))}</text>"
+            )
+        keys.append(
+            f'<span class="key" style="border-top:2px solid {colour};height:0"></span>'
+            f"{_e(name)} D50"
+        )
+    return (
+        f"{chart.svg(parts, css='d50-chart', data=f'data-window={_q(str(batch.window))}')}"
+        f'<p class="legend">{" ".join(keys)} in the {_seconds(batch.window)} window, '
+        f"{_unit_text(batch.unit)}</p>"
+    )
+
+
+def _sizes_data(result: ReplayResult) -> dict[str, Any] | None:
+    window = _size_window(result)
+    batch = batch_sizes(result, window)
+    if batch is None:
+        return None
+    return {
+        "window": window,
+        "unit": batch.unit,
+        "measure": "ecd",
+        "bin_edges": batch.bin_edges,
+        "tiles": batch.tiles,
+        "batch": {
+            name: {
+                "count": cls.count,
+                "histogram": cls.histogram,
+                **cls.quantiles,
+                "mean_aspect_ratio": cls.mean_aspect_ratio,
+            }
+            for name, cls in batch.classes.items()
+        },
+        "d50": {
+            name: [
+                {"ts": ts, "d50": d50, "d50_sq": sq}
+                for ts, d50, sq in _d50_series(result, name, window)
+            ]
+            for name in result.classes
+        },
     }
 
 
@@ -740,7 +1091,7 @@ table{border-collapse:collapse}th,td{text-align:left;padding:3px 10px 3px 0;vert
 .tbl{width:100%}.tbl th{border-bottom:2px solid #d1d5db}.tbl td{border-bottom:1px solid #f3f4f6}
 .tbl tr.fired td:first-child{border-left:4px solid #dc2626;padding-left:6px}
 .tbl tr.quiet td:first-child{border-left:4px solid #d1d5db;padding-left:6px}
-td.num{text-align:right}
+td.num,th.num{text-align:right}
 svg.chart{display:block;max-width:100%;height:auto;font-size:11px}
 .plot{fill:none;stroke:#9ca3af}line.gridline{stroke:#f3f4f6}
 .tick{fill:#6b7280}.axis{fill:#374151;font-size:12px}
@@ -761,4 +1112,8 @@ line.clear-line{stroke:#f59e0b;stroke-width:1;stroke-dasharray:2 3}
 .q{padding:0 4px;border-radius:3px;color:#fff}.q.good{background:#16a34a}
 .q.uncertain{background:#eab308}.q.bad{background:#dc2626}
 .notes{color:#4b5563}
+.d50{fill:none;stroke-width:2}.last-value{font-size:12px;font-weight:700}
+.size-caption{font-size:12px;font-weight:700}.quantile line{stroke-width:1.5;stroke-dasharray:4 3}
+.quantile-label{font-size:11px;font-weight:700}.bar{fill-opacity:.85}
+.no-sizes{color:#6b7280}
 """
