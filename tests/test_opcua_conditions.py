@@ -25,7 +25,7 @@ from monitor.config.opcua import OpcUaConfig
 from monitor.publishers.base import CommandResult
 from monitor.publishers.opcua import OpcUaPublisher
 from monitor.publishers.opcua_users import write_user
-from tests.test_alarms import PROBE, T0, high, run
+from tests.test_alarms import PROBE, RETURNED, T0, high, run
 from tests.test_opcua import (
     NS,
     alarm_status,
@@ -75,15 +75,31 @@ class StatefulCommands:
         return CommandResult(True)
 
     def shelve(
-        self, probe: str, alarm_id: str, minutes: float, who: str, comment: str
+        self,
+        probe: str,
+        alarm_id: str,
+        minutes: float,
+        who: str,
+        comment: str,
+        *,
+        one_shot: bool = False,
     ) -> CommandResult:
-        self.calls.append(("shelve", probe, alarm_id, minutes, who, comment))
+        self.calls.append(("shelve", probe, alarm_id, minutes, who, comment, one_shot))
         alarm = self._alarm(probe, alarm_id)
         if alarm is None:
             return CommandResult(False, "unknown alarm")
+        if one_shot and not alarm["active"]:
+            return CommandResult(False, "only an active alarm can be shelved until it clears")
+        if one_shot:
+            minutes = min(minutes, 60)
         if minutes > 60:
             return CommandResult(False, "shelve for 1e+06s refused: the longest allowed is 1 h")
-        alarm.update(shelved=True, shelved_until=time.time() + minutes * 60, shelved_by=who)
+        alarm.update(
+            shelved=True,
+            shelved_until=time.time() + minutes * 60,
+            shelved_by=who,
+            shelved_one_shot=one_shot,
+        )
         self._announce(probe)
         return CommandResult(True)
 
@@ -92,7 +108,7 @@ class StatefulCommands:
         alarm = self._alarm(probe, alarm_id)
         if alarm is None or not alarm["shelved"]:
             return CommandResult(False, f"alarm {alarm_id!r} is not shelved")
-        alarm.update(shelved=False, shelved_until=None, shelved_by=None)
+        alarm.update(shelved=False, shelved_until=None, shelved_by=None, shelved_one_shot=False)
         self._announce(probe)
         return CommandResult(True)
 
@@ -511,7 +527,8 @@ def test_shelving_methods_follow_the_engine_and_refuse_with_part_9_codes(served:
     """TimedShelve (ms) on ShelvingState reaches shelve() in minutes and shows
     TimedShelved with SuppressedOrShelved; a second TimedShelve is
     BadConditionAlreadyShelved; Unshelve ends it (a second one BadConditionNotShelved);
-    too long a time is BadShelvingTimeOutOfRange; OneShotShelve is BadNotSupported."""
+    too long a time is BadShelvingTimeOutOfRange; OneShotShelve shows OneShotShelved (a
+    second one BadConditionAlreadyShelved) and is refused for an inactive alarm."""
     served.show("C5", [status("C5", "pg_high", "fraction_high", active=True)])
     time.sleep(0.5)
 
@@ -542,12 +559,24 @@ def test_shelving_methods_follow_the_engine_and_refuse_with_part_9_codes(served:
             too_long = ua.Variant(1e9, ua.VariantType.Double)
             assert await call(client, shelving, timed, too_long) == SC.BadShelvingTimeOutOfRange
             one_shot = OI.ShelvedStateMachineType_OneShotShelve
-            assert await call(client, shelving, one_shot) == SC.BadNotSupported
+            assert await call(client, shelving, one_shot) == SC.Good
+            event = await collector.next(lambda e: e.get("NodeId") == condition)
+            assert event["ShelvingState/CurrentState/Id"] == ua.NodeId(
+                OI.ShelvedStateMachineType_OneShotShelved
+            )
+            assert event["ShelvingState/CurrentState"].Text == "OneShotShelved"
+            assert await call(client, shelving, one_shot) == SC.BadConditionAlreadyShelved
+            assert await call(client, shelving, unshelve) == SC.Good
+            await collector.next(lambda e: e.get("NodeId") == condition)
+            served.commands.statuses["C5"][0].update(active=False, state="returned_unacknowledged")
+            assert await call(client, shelving, one_shot) == SC.BadRequestNotAllowed
             await subscription.delete()
 
     asyncio.run(scenario())
     calls = served.commands.calls
-    assert ("shelve", "C5", "pg_high", 30.0, "anonymous", "TimedShelve (OPC UA)") in calls
+    assert ("shelve", "C5", "pg_high", 30.0, "anonymous", "TimedShelve (OPC UA)", False) in calls
+    one_shots = [c for c in calls if c[0] == "shelve" and c[6]]
+    assert [c[5] for c in one_shots] == ["OneShotShelve (OPC UA)"] * 2
     assert ("unshelve", "C5", "pg_high", "anonymous", "Unshelve (OPC UA)") in calls
 
 
@@ -664,3 +693,25 @@ def test_engine_add_comment_is_journalled_with_who_and_changes_no_state() -> Non
         ("comment", False, "anna", "x"),
     ]
     assert [s.to_json() for s in engine.alarm_states(PROBE)] == before
+
+
+def test_engine_one_shot_shelve_ends_when_the_alarm_is_no_longer_active() -> None:
+    """OneShotShelve's engine side: only an active alarm; its return is journalled but not
+    announced, and the shelve ends then with an announced 'unshelve' marker; the limit is
+    capped at max_shelve_s; the flag survives a restart."""
+    engine = AlarmEngine([high()], max_shelve_s=3600)
+    run(engine, [0.05], start=T0 - 10)
+    refused = engine.shelve(PROBE, "pg_high", 1e9, "anna", "x", T0, one_shot=True)
+    assert not refused.accepted and refused.reason and "only an active alarm" in refused.reason
+    run(engine, [0.12], start=T0)
+    assert engine.shelve(PROBE, "pg_high", 1e9, "anna", "known", T0 + 5, one_shot=True).accepted
+    [shelved] = engine.alarm_states(PROBE)
+    assert shelved.shelved and shelved.shelved_one_shot
+    assert shelved.shelved_until == T0 + 5 + 3600
+    restored = AlarmEngine([high()], state=engine.export_state(), max_shelve_s=3600)
+    assert restored.alarm_states(PROBE)[0].to_json()["shelved_one_shot"] is True
+    assert run(restored, [0.12], start=T0 + 10) == []  # still active: stays shelved
+    [marker] = run(restored, [0.05], start=T0 + 20)
+    assert (marker.cause, marker.to_state, marker.announced) == ("unshelve", RETURNED, True)
+    [after] = restored.alarm_states(PROBE)
+    assert not after.shelved and not after.shelved_one_shot

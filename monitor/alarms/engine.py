@@ -256,6 +256,8 @@ class AlarmStatus:
     """Who acknowledged this occurrence and when (None until then, and while normal)."""
     quality: Quality | None
     """The probe's input quality at the last evaluation."""
+    shelved_one_shot: bool = False
+    """Shelved until it is no longer active (OPC UA OneShotShelve), not only for a time."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-able values."""
@@ -286,6 +288,7 @@ class AlarmStatus:
             "acknowledged_at": self.acknowledged_at,
             "acknowledged_by": self.acknowledged_by,
             "quality": self.quality,
+            "shelved_one_shot": self.shelved_one_shot,
         }
 
 
@@ -313,6 +316,8 @@ class _Alarm:
     shelved_until: float | None = None
     shelved_by: str | None = None
     shelve_comment: str | None = None
+    shelved_one_shot: bool = False
+    """Shelved until the alarm is no longer active (OPC UA OneShotShelve)."""
     suppressed: bool = False
     cusum: float = 0.0
     cusum_from: float | None = None
@@ -336,6 +341,7 @@ class _Alarm:
             "shelved_until": self.shelved_until,
             "shelved_by": self.shelved_by,
             "shelve_comment": self.shelve_comment,
+            "shelved_one_shot": self.shelved_one_shot,
             "suppressed": self.suppressed,
             "cusum": self.cusum,
             "cusum_from": self.cusum_from,
@@ -360,6 +366,7 @@ class _Alarm:
         self.shelved_until = _optional_float(saved.get("shelved_until"))
         self.shelved_by = saved.get("shelved_by")
         self.shelve_comment = saved.get("shelve_comment")
+        self.shelved_one_shot = bool(saved.get("shelved_one_shot", False))
         self.suppressed = bool(saved.get("suppressed", False))
         self.cusum = float(saved.get("cusum", 0.0))
         self.cusum_from = _optional_float(saved.get("cusum_from"))
@@ -525,6 +532,10 @@ class AlarmEngine:
             transition = self._step(probe, alarm, now)
             if transition is not None and transition.announced:
                 announced.append(transition)
+            if alarm.shelved_one_shot and alarm.state in (_RETURNED, _NORMAL):
+                # A one-shot shelve ends when the alarm is no longer active.
+                self._clear_shelve(alarm)
+                announced.append(self._mark(probe, alarm, "unshelve", now, announced=True))
         return announced
 
     # -- operator actions ----------------------------------------------------------
@@ -559,14 +570,25 @@ class AlarmEngine:
         who: str,
         comment: str | None,
         now: float,
+        *,
+        one_shot: bool = False,
     ) -> ActionResult:
         """Hide an alarm from operators until now + duration_s (at most max_shelve_s).
 
-        Shelving a shelved alarm again sets a new expiry.
+        Shelving a shelved alarm again sets a new expiry. `one_shot` (OPC UA's
+        OneShotShelve): only an active alarm, shelved until it is no longer active, at
+        most duration_s or max_shelve_s, whichever is shorter.
         """
         alarm, reason = self._target(probe, alarm_id, who)
         if reason is None and not (math.isfinite(duration_s) and duration_s > 0):
             reason = f"shelve duration must be a positive number of seconds, got {duration_s}"
+        if alarm is not None and reason is None and one_shot:
+            duration_s = min(duration_s, self.max_shelve_s)
+            if alarm.state not in (_UNACK, _ACK):
+                reason = (
+                    f"alarm {alarm_id!r} of probe {probe!r} is {alarm.state}: only an active "
+                    "alarm can be shelved until it clears"
+                )
         if reason is None and duration_s > self.max_shelve_s:
             reason = (
                 f"shelve for {duration_s:g}s refused: the longest allowed is "
@@ -580,6 +602,7 @@ class AlarmEngine:
         alarm.shelved_until = now + duration_s
         alarm.shelved_by = who
         alarm.shelve_comment = comment
+        alarm.shelved_one_shot = one_shot
         marker = self._mark(probe, alarm, "shelve", now, announced=True, who=who)
         return ActionResult(True, None, (marker,))
 
@@ -839,6 +862,7 @@ class AlarmEngine:
         alarm.shelved_until = None
         alarm.shelved_by = None
         alarm.shelve_comment = None
+        alarm.shelved_one_shot = False
 
     def _target(self, probe: str, alarm_id: str, who: str) -> tuple[_Alarm | None, str | None]:
         """The alarm an action names, or the reason it cannot be acted on."""
@@ -933,6 +957,7 @@ class AlarmEngine:
             acknowledged_at=alarm.acknowledged_at,
             acknowledged_by=alarm.acknowledged_by,
             quality=entry.quality,
+            shelved_one_shot=alarm.shelved_one_shot,
         )
 
 

@@ -55,8 +55,18 @@ class CommandHandler(Protocol):
     def acknowledge(self, probe: str, alarm_id: str, who: str, comment: str) -> CommandResult: ...
 
     def shelve(
-        self, probe: str, alarm_id: str, minutes: float, who: str, comment: str
-    ) -> CommandResult: ...
+        self,
+        probe: str,
+        alarm_id: str,
+        minutes: float,
+        who: str,
+        comment: str,
+        *,
+        one_shot: bool = False,
+    ) -> CommandResult:
+        """Shelve for `minutes`; `one_shot`: until the alarm is no longer active, at most
+        that long (and alarms.max_shelve)."""
+        ...
 
     def unshelve(self, probe: str, alarm_id: str, who: str, comment: str) -> CommandResult:
         """End a shelve now (OPC UA Unshelve)."""

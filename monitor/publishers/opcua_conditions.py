@@ -20,7 +20,8 @@ standard methods by handing them to the same `CommandHandler` (the daemon's
 How the engine's state maps: ActiveState = the alarm is active (active_unacknowledged
 or active_acknowledged); AckedState = acknowledged (normal or active_acknowledged);
 ConfirmedState follows AckedState (the monitor has no separate confirm step);
-SuppressedState = suppressed by bad input; ShelvingState = TimedShelved while shelved;
+SuppressedState = suppressed by bad input; ShelvingState = TimedShelved while shelved
+for a time, OneShotShelved while shelved until it is no longer active;
 Severity = the priority's severity (250/500/750/1000); Retain = not normal; Quality =
 the probe's input quality (Good, Uncertain, Bad); ClientUserId and Comment = who acted
 last and what they wrote (Acknowledge and AddComment over OPC UA carry a comment; an
@@ -65,6 +66,8 @@ log = structlog.get_logger(__name__)
 
 SC = StatusCodes
 COMMAND_TIMEOUT_S = 10.0
+ONE_SHOT_LIMIT_MIN = 7 * 24 * 60.0
+"""A one-shot shelve lasts until the alarm clears; the engine caps it at alarms.max_shelve."""
 KNOWN_EVENT_IDS = 64
 """EventIds per condition that Acknowledge/AddComment accept (the newest ones): a client
 may act on an event a moment older than the newest."""
@@ -138,6 +141,7 @@ class ConditionState:
     acked: bool
     suppressed: bool
     shelved: bool
+    one_shot: bool
     severity: int
     message: str
     quality: int
@@ -155,6 +159,7 @@ def condition_state(status: dict[str, Any], *, comment: str, client_user: str) -
         acked=bool(status.get("acknowledged")),
         suppressed=bool(status.get("suppressed")),
         shelved=bool(status.get("shelved")),
+        one_shot=bool(status.get("shelved") and status.get("shelved_one_shot")),
         severity=max(1, min(1000, int(status.get("severity") or 500))),
         message=str(status.get("message") or ""),
         quality=_QUALITY.get(str(status.get("quality")), SC.Good),
@@ -406,12 +411,7 @@ class ConditionSpace:
             condition.category, _CONDITION_CLASSES["process"]
         )
         time_of, receive = _utc(when), _utc(received)
-        shelving = "TimedShelved" if state.shelved else "Unshelved"
-        shelving_id = (
-            _OI.ShelvedStateMachineType_TimedShelved
-            if state.shelved
-            else _OI.ShelvedStateMachineType_Unshelved
-        )
+        shelving, shelving_id = _shelving(state)
         fields: list[tuple[str, Any, ua.VariantType]] = [
             ("EventId", event_id, ua.VariantType.ByteString),
             ("EventType", _std(condition.type_id), ua.VariantType.NodeId),
@@ -481,11 +481,7 @@ class ConditionSpace:
         stamp = _utc(when)
         string, boolean = ua.VariantType.String, ua.VariantType.Boolean
         text = ua.VariantType.LocalizedText
-        shelving_id = (
-            _OI.ShelvedStateMachineType_TimedShelved
-            if state.shelved
-            else _OI.ShelvedStateMachineType_Unshelved
-        )
+        shelving, shelving_id = _shelving(state)
         values: list[tuple[str, Any, ua.VariantType]] = [
             ("EventId", event_id or None, ua.VariantType.ByteString),
             ("Time", stamp, ua.VariantType.DateTime),
@@ -509,11 +505,7 @@ class ConditionSpace:
             ("SuppressedState", _two_state(state.suppressed, "Suppressed", "Unsuppressed"), text),
             ("SuppressedState.Id", state.suppressed, boolean),
             ("SuppressedOrShelved", state.suppressed or state.shelved, boolean),
-            (
-                "ShelvingState.CurrentState",
-                _text("TimedShelved" if state.shelved else "Unshelved"),
-                text,
-            ),
+            ("ShelvingState.CurrentState", _text(shelving), text),
             ("ShelvingState.CurrentState.Id", _std(shelving_id), ua.VariantType.NodeId),
         ]
         limit = self._limit_name(condition.kind)
@@ -754,12 +746,31 @@ class ConditionSpace:
         return _status(SC.Good)
 
     async def _call_one_shot_shelve(self, parent: ua.NodeId, *args: ua.Variant) -> ua.StatusCode:
-        """A one-shot shelve (until the alarm returns to normal) is not in the engine:
-        use TimedShelve."""
+        """OneShotShelve: shelved until the alarm is no longer active (at most
+        alarms.max_shelve); only an active alarm."""
         condition, _, code = self._target(parent, args, with_event=False)
         if condition is None:
             return _status(code)
-        return _status(SC.BadNotSupported)
+        if condition.state is not None and condition.state.shelved:
+            return _status(SC.BadConditionAlreadyShelved)
+        answer, code = await self._run(
+            "OneShotShelve",
+            condition,
+            lambda who: self.commands.shelve(
+                condition.probe,
+                condition.alarm_id,
+                ONE_SHOT_LIMIT_MIN,
+                who,
+                "OneShotShelve (OPC UA)",
+                one_shot=True,
+            ),
+        )
+        if answer is None:
+            return _status(code)
+        if not answer.accepted:
+            return _status(SC.BadRequestNotAllowed)
+        await self._apply_now()
+        return _status(SC.Good)
 
     async def _call_unshelve(self, parent: ua.NodeId, *args: ua.Variant) -> ua.StatusCode:
         condition, _, code = self._target(parent, args, with_event=False)
@@ -808,6 +819,15 @@ def _refresh_marker(type_id: int, notifier: ua.NodeId) -> Event:
         marker.add_property(name, value, vtype)
     marker.emitting_node = notifier
     return marker
+
+
+def _shelving(state: ConditionState) -> tuple[str, int]:
+    """ShelvingState's CurrentState text and its state's NodeId number."""
+    if not state.shelved:
+        return "Unshelved", _OI.ShelvedStateMachineType_Unshelved
+    if state.one_shot:
+        return "OneShotShelved", _OI.ShelvedStateMachineType_OneShotShelved
+    return "TimedShelved", _OI.ShelvedStateMachineType_TimedShelved
 
 
 def _two_state(value: bool, true_text: str, false_text: str) -> ua.LocalizedText:

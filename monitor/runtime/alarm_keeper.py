@@ -57,10 +57,20 @@ class AlarmKeeper:
             return self._engine.acknowledge(probe, alarm_id, who, comment, now)
 
     def shelve(  # noqa: PLR0917 - the engine's order
-        self, probe: str, alarm_id: str, seconds: float, who: str, comment: str, now: float
+        self,
+        probe: str,
+        alarm_id: str,
+        seconds: float,
+        who: str,
+        comment: str,
+        now: float,
+        *,
+        one_shot: bool = False,
     ) -> ActionResult:
         with self._lock:
-            return self._engine.shelve(probe, alarm_id, seconds, who, comment, now)
+            return self._engine.shelve(
+                probe, alarm_id, seconds, who, comment, now, one_shot=one_shot
+            )
 
     def unshelve(
         self, probe: str, alarm_id: str, who: str, comment: str, now: float

@@ -39,14 +39,21 @@ class OperatorCommands:
             return self._after_action(probe, result)
 
     def shelve(
-        self, probe: str, alarm_id: str, minutes: float, who: str, comment: str
+        self,
+        probe: str,
+        alarm_id: str,
+        minutes: float,
+        who: str,
+        comment: str,
+        *,
+        one_shot: bool = False,
     ) -> CommandResult:
         refused = self._unknown(probe)
         if refused:
             return refused
         with self._alarms.announcing:
             result = self._alarms.shelve(
-                probe, alarm_id, minutes * 60.0, who, comment, self._clock()
+                probe, alarm_id, minutes * 60.0, who, comment, self._clock(), one_shot=one_shot
             )
             return self._after_action(probe, result)
 
