@@ -48,7 +48,7 @@ def _evaluation_sizes(i: int, unit: str) -> dict[str, Any]:
             "count": 4 * (i + 1),
             "d50": 30.0 + 0.5 * i,
             "d50_sq": 50.0 + 0.5 * i,
-            "mean_aspect_ratio": 3.0,
+            "mean_aspect_ratio": 0.2 + 0.01 * i,
             "histogram": cex,
         },
         "PG": {},
@@ -60,7 +60,7 @@ def _evaluation_sizes(i: int, unit: str) -> dict[str, Any]:
             "count": 3,
             "d50": 100.0 + i,
             "d50_sq": 120.0 + i,
-            "mean_aspect_ratio": 1.2,
+            "mean_aspect_ratio": 0.8,
             "histogram": pg,
         }
     return a_sizes_document(figures, unit=unit, bin_edges=EDGES)
@@ -197,8 +197,10 @@ def test_report_shows_the_batch_size_distribution_and_the_d50_over_time(
     assert cex["d10"] == pytest.approx(_bin(5.4))
     assert cex["d90"] == pytest.approx(_bin(7.6))
     assert pg["d50"] == pytest.approx(_bin(8.5))
-    assert cex["mean_aspect_ratio"] == pytest.approx(3.0)
-    assert pg["mean_aspect_ratio"] == pytest.approx(1.2)
+    # The mean aspect ratio weighted by each tile's particles.
+    aspect = sum((0.2 + 0.01 * i) * (i + 1) for i in tiles) / cex_units
+    assert cex["mean_aspect_ratio"] == pytest.approx(aspect)
+    assert pg["mean_aspect_ratio"] == pytest.approx(0.8)
 
     shown = _SizeParser()
     shown.feed(html)
@@ -211,7 +213,7 @@ def test_report_shows_the_batch_size_distribution_and_the_d50_over_time(
     assert shown.quantiles[("PG", "D50")] == f"D50 {_bin(8.5):.0f} µm" == "D50 133 µm"
     # The table: particles, D10, D50, D90, D50 d²-weighted, mean aspect ratio.
     assert shown.cells["CEX"][:3] == ["CEX", "420", f"{_bin(5.4):.1f} µm"]
-    assert shown.cells["CEX"][3] == "42.2 µm" and shown.cells["CEX"][-1] == "3.00"
+    assert shown.cells["CEX"][3] == "42.2 µm" and shown.cells["CEX"][-1] == f"{aspect:.2f}"
     assert shown.cells["PG"][1:3] == ["12", f"{_bin(8.1):.0f} µm"]
     # The D50 over time: one point per evaluation with sizes, the last value labelled.
     assert shown.lines == {"CEX": EVALUATIONS, "PG": EVALUATIONS - PG_FROM}

@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 
 from monitor.config.http import HttpConfig
+from monitor.daemon import Daemon
 from monitor.web.server import WebServer
 from tests.fake_view import FakeView, RefusingCommands
 from tests.mosquitto import free_port
+from tests.test_dashboard_browser import daemon  # noqa: F401 (the fixture)
 from tests.test_label_page_browser import _save, browser  # noqa: F401 (the fixture)
 from tests.test_size_views import (
     BIN_EDGES,
@@ -150,8 +152,8 @@ def test_size_view_draws_each_class_distribution_d50_trend_and_unit(
     cex, pg = page["rows"]["CEX"], page["rows"]["PG"]
     assert cex["quantiles"] == {"D10": "D10 17.2 µm", "D50": "D50 42.1 µm", "D90": "D90 96.5 µm"}
     assert pg["quantiles"] == {"D10": "D10 48.9 µm", "D50": "D50 101 µm", "D90": "D90 215 µm"}
-    assert cex["caption"] == f"CEX · {CEX_SIZES['count']} particles · mean aspect ratio 3.42"
-    assert pg["caption"] == f"PG · {PG_SIZES['count']} particles · mean aspect ratio 1.31"
+    assert cex["caption"] == f"CEX · {CEX_SIZES['count']} particles · mean aspect ratio 0.31"
+    assert pg["caption"] == f"PG · {PG_SIZES['count']} particles · mean aspect ratio 0.78"
     # The fullest bin is the tallest bar.
     tallest = max(cex["bars"], key=lambda b: b["height"])
     assert tallest["count"] == max(CEX_SIZES["histogram"])
@@ -209,3 +211,64 @@ def test_size_view_draws_each_class_distribution_d50_trend_and_unit(
     assert page["trend"]["empty"] == "no sizes yet"
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
+
+
+# The size view beside what it was drawn from: the probe's state the page holds (read in
+# the same turn of the page's event loop, so the two cannot differ).
+_DRAWN_FROM_JS = """
+const view = views.get(arguments[0]);
+if (!view || !view.state) return null;
+const stats = view.state.snapshot.windows[`${view.window}s`];
+const panel = view.sizePanel;
+const note = panel.querySelector(".size-note");
+const bin = (bar) => [Number(bar.dataset.bin), Number(bar.dataset.count)];
+return {
+  window: view.window,
+  sizes: stats ? stats.sizes || null : null,
+  unit: panel.dataset.unit,
+  note: note.hidden ? "" : note.textContent,
+  rows: Object.fromEntries([...panel.querySelectorAll("svg.size-dist g.size-row")].map((row) => [
+    row.dataset.class, {
+      bars: [...row.querySelectorAll("rect.bar")].map(bin),
+      d50: (row.querySelector('g.quantile[data-quantile="D50"] text') || {}).textContent || null,
+    }])),
+  trendSized: Number(panel.querySelector("svg.d50-trend").dataset.sized),
+};
+"""
+
+
+def test_size_view_of_a_real_daemon_draws_what_its_windows_say(
+    daemon: Daemon,  # noqa: F811 (the fixture imported above)
+    browser: Any,  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
+) -> None:
+    """The simulated probe of the dashboard's own browser test (no pixel size set): the
+    size view draws the bins and the D50 of the window the daemon's state carries, in
+    pixels and saying how to get micrometres, and the D50 trend fills from the store."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    assert daemon.web is not None
+    browser.set_window_size(1600, 1900)
+    browser.get(daemon.web.url)
+    wait = WebDriverWait(browser, 90, poll_frequency=0.2)
+
+    def drawn(_: Any) -> dict[str, Any] | None:
+        page = browser.execute_script(_DRAWN_FROM_JS, "R1")
+        sizes = page and page["sizes"]
+        ready = sizes and all(sizes["classes"][name]["count"] for name in ("CEX", "PG"))
+        return page if ready and page["trendSized"] == 2 else None
+
+    page = wait.until(drawn)
+    sizes = page["sizes"]
+    assert sizes["unit"] == "px" and page["unit"] == "px"
+    assert "probes.pixel_size_um" in page["note"]
+    for name in ("CEX", "PG"):
+        figures = sizes["classes"][name]
+        row = page["rows"][name]
+        assert row["bars"] == [[i, n] for i, n in enumerate(figures["histogram"]) if n]
+        assert sum(n for _, n in row["bars"]) == figures["count"]
+        d50 = figures["d50"]
+        digits = 0 if d50 >= 100 else 1 if d50 >= 10 else 2
+        assert row["d50"] == f"D50 {d50:.{digits}f} px"
+    # In the test's folder only: docs/ has the fake view's (its figures are asserted).
+    assert browser.save_screenshot(str(tmp_path / "dashboard-sizes-daemon.png"))

@@ -27,7 +27,7 @@ CEX_SIZES = {
     "d10_sq": 31.8,
     "d50_sq": 68.4,
     "d90_sq": 142.0,
-    "mean_aspect_ratio": 3.42,
+    "mean_aspect_ratio": 0.31,  # Feret min / max: needles
     "histogram": CEX_HISTOGRAM,
 }
 PG_SIZES = {
@@ -38,7 +38,7 @@ PG_SIZES = {
     "d10_sq": 92.3,
     "d50_sq": 178.0,
     "d90_sq": 301.0,
-    "mean_aspect_ratio": 1.31,
+    "mean_aspect_ratio": 0.78,  # roundish agglomerates
     "histogram": PG_HISTOGRAM,
 }
 # The 1-min window of a probe without a pixel size: ECD in pixels.
@@ -50,7 +50,7 @@ PX_SIZES = {
     "d10_sq": 9.1,
     "d50_sq": 19.0,
     "d90_sq": 41.2,
-    "mean_aspect_ratio": 2.9,
+    "mean_aspect_ratio": 0.35,
     "histogram": [0, 0, 1, 8, 15, 12, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0],
 }
 HISTORY_STEP_S = 30.0
