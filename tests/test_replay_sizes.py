@@ -3,14 +3,16 @@ summed from back-to-back windows so each particle counts once, with D10/D50/D90 
 the summed bins, and each class's D50 over the batch from its windows; a replay whose
 windows carry no sizes says so.
 
-The replay result is built here from evaluations as the daemon publishes them (the
-report draws only from `ReplayResult`); the whole replay is tested in test_replay.py.
+Most tests build the replay result from evaluations as the daemon publishes them (the
+report draws only from `ReplayResult`), so each figure is known; one replays simulated
+frames through the daemon's own pipeline and checks the report against its frames.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import tomllib
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ from monitor.manifest import ModelIdentity
 from monitor.publishers.base import ProbeUpdate
 from monitor.replay.report import histogram_quantile, render_report
 from monitor.replay.result import ReplayResult
+from monitor.replay.runner import find_recorded_frames, replay_frames, replay_settings
 from tests.fake_view import a_sizes_document
+from tests.test_replay import _small_batch
 
 T0 = 1_796_600_000.0  # the batch's first frame
 PUBLISH_S = 60.0
@@ -241,3 +245,53 @@ def test_report_without_sizes_says_there_are_none_yet(tmp_path: Path) -> None:
     assert _data(html)["sizes"] is None
     # The rest of the report is drawn as before.
     assert "CEX share over the batch" in html
+
+
+def test_a_real_replay_reports_the_sizes_its_windows_measured(tmp_path: Path) -> None:
+    """90 simulated frames through the daemon's own pipeline: the batch's histogram per
+    class holds exactly the confident particles of the frames its back-to-back windows
+    cover, the bars draw it, and the D50 chart has a point per evaluation with sizes."""
+    batch, config = _small_batch(tmp_path)
+    data = tomllib.loads(config.read_text())
+    data["aggregation"] = {"windows": ["10s", "30s", "60s"], "publish_interval": "2s"}
+    data["alarms"]["definitions"] = [
+        {
+            "id": "pg_high",
+            "kind": "fraction_high",
+            "priority": "high",
+            "message": "PG {value:.0%}",
+            "class_name": "PG",
+            "window": "30s",
+            "limit": 0.3,
+            "min_count": 30,
+        }
+    ]
+    settings = replay_settings(load_settings(data=data), "R1", tmp_path / "state")
+    frames = find_recorded_frames(batch, ("*.png",), recursive=False)
+    result = replay_frames(settings, "R1", frames, folder=batch)
+    html = render_report(result)
+    sizes = _data(html)["sizes"]
+    assert sizes is not None and sizes["window"] == 30
+    # The tiles end at the last evaluation and every 30 s before it, as far as one goes.
+    ends = [u.ts for u in result.updates]
+    tiles = [end for end in ends if any(abs(end - (ends[-1] - 30 * k)) < 1e-6 for k in range(9))]
+    assert sizes["tiles"] == len(tiles) == 3
+    covered = [row for row in result.results if min(tiles) - 30 < float(row["ts"]) <= max(tiles)]
+    assert len(covered) >= len(result.results) - 2  # at most a publish interval left out
+    shown = _SizeParser()
+    shown.feed(html)
+    for name in CLASSES:
+        particles = sum(int(row["counts"].get(name, 0)) for row in covered)
+        figures = sizes["batch"][name]
+        assert particles > 0 and figures["count"] == sum(figures["histogram"]) == particles
+        bars = [
+            (int(b["data-bin"]), int(b["data-count"]))
+            for b in shown.bars
+            if b["data-class"] == name
+        ]
+        assert bars == [(i, n) for i, n in enumerate(figures["histogram"]) if n]
+        d50s = [point["d50"] for point in sizes["d50"][name] if point["d50"] is not None]
+        assert shown.lines[name] == len(d50s) > 0
+        digits = 0 if d50s[-1] >= 100 else 1 if d50s[-1] >= 10 else 2
+        unit = "µm" if sizes["unit"] == "um" else "px"
+        assert shown.last[name] == f"{d50s[-1]:.{digits}f} {unit}"
