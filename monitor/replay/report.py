@@ -753,11 +753,13 @@ def _size_distribution_svg(result: ReplayResult, batch: BatchSizes) -> str:
             qx = x(quantile)
             label_y = row_top + (34 if level == 1 else 49)
             text = f"{key.upper()} {size_text(quantile, batch.unit)}"
+            # D10's label left of its line, the others right: away from the D50 line.
+            place = f'x="{qx - 3:.1f}" text-anchor="end"' if level == 0 else f'x="{qx + 3:.1f}"'
             group.append(
                 f'<g class="quantile" data-class={_q(name)} data-quantile="{key.upper()}" '
                 f'data-value="{quantile:.6g}"><line x1="{qx:.1f}" x2="{qx:.1f}" '
                 f'y1="{label_y - 11}" y2="{y0:.1f}" stroke="{colour}"/>'
-                f'<text class="quantile-label" x="{qx + 3:.1f}" y="{label_y}" fill="{colour}">'
+                f'<text class="quantile-label" {place} y="{label_y}" fill="{colour}">'
                 f"{_e(text)}</text></g>"
             )
         group.append("</g>")

@@ -936,7 +936,9 @@ function renderSizes(view) {
       // D50 a line higher than D10 and D90, so neighbouring labels do not collide.
       const labelY = rowTop + (level === 1 ? 34 : 49);
       marker.append(svg("line", { x1: qx, x2: qx, y1: labelY - 11, y2: y0, stroke: colour }));
-      marker.append(svg("text", { class: "quantile-label", x: qx + 3, y: labelY, fill: colour },
+      // D10's label left of its line, the others right: away from the D50 line.
+      const anchor = level === 0 ? { x: qx - 3, "text-anchor": "end" } : { x: qx + 3 };
+      marker.append(svg("text", { class: "quantile-label", ...anchor, y: labelY, fill: colour },
         `${q.toUpperCase()} ${sizeText(value, sizes.unit)}`));
       group.append(marker);
     });
