@@ -246,16 +246,24 @@ class ParticleSampler:
         parts = np.where(parts >= 2, parts - 2 + count, 0).astype(np.float32)
         # The watershed lines (1 px, unassigned) join a neighbouring part.
         parts = np.where(in_merged & (parts == 0), cv2.dilate(parts, self._cross), parts)
+        parts = parts.astype(np.int32)
+        part_count = seed_count
         # A part never spans two blobs: a flood that left its blob through the
-        # background is cut back to each blob it reached.
+        # background is cut back to each blob it reached. (Checked cheaply: a part's
+        # blob labels are all alike when their variance is zero.)
         blob = labels[roi][in_merged].astype(np.int64)
-        keys = parts[in_merged].astype(np.int64) * count + blob
-        unique, inverse = np.unique(keys, return_inverse=True)
-        assigned = unique >= count  # key < count: a pixel no part reached
-        new_ids = np.where(assigned, count + np.cumsum(assigned) - 1, 0).astype(np.int32)
-        parts = np.zeros(in_merged.shape, np.int32)
-        parts[in_merged] = new_ids[inverse.ravel()]
-        part_count = int(assigned.sum())
+        own = parts[in_merged]
+        pixels = np.bincount(own, minlength=count + seed_count).astype(np.float64)
+        total = np.bincount(own, blob, minlength=count + seed_count)
+        squares = np.bincount(own, blob * blob, minlength=count + seed_count)
+        if np.any(squares[count:] * pixels[count:] != total[count:] ** 2):
+            keys = own.astype(np.int64) * count + blob
+            unique, inverse = np.unique(keys, return_inverse=True)
+            assigned = unique >= count  # key < count: a pixel no part reached
+            new_ids = np.where(assigned, count + np.cumsum(assigned) - 1, 0).astype(np.int32)
+            parts = np.zeros(in_merged.shape, np.int32)
+            parts[in_merged] = new_ids[inverse.ravel()]
+            part_count = int(assigned.sum())
         combined = labels.copy()
         combined[roi][in_merged] = parts[in_merged]
         part_stats = _component_stats(parts, count + part_count)[count:]
@@ -303,17 +311,22 @@ def _merge_shallow_cuts(markers: np.ndarray, distance: np.ndarray, count: int) -
         low = np.where(around > 0, around, np.iinfo(np.int32).max).min(axis=1)
         high = around.max(axis=1)
         crossing = (high > 0) & (low != high)
-        passes: dict[tuple[int, int], float] = {}
-        depths = distance[ys, xs][crossing].tolist()
-        for a, b, value in zip(
-            low[crossing].tolist(), high[crossing].tolist(), depths, strict=True
-        ):
-            passes[(a, b)] = max(passes.get((a, b), 0.0), value)
-        for (a, b), value in passes.items():
-            small = min(area[a], area[b]) < _MIN_PART_AREA
-            if small or value >= _NECK_SHARE * min(depth[a], depth[b]):
+        # The pass between each pair of parts: the deepest line pixel between them.
+        keys = low[crossing].astype(np.int64) * count + high[crossing]
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        values = distance[ys, xs][crossing][order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        if starts.size:
+            pair_keys = keys[starts]
+            pass_depth = np.maximum.reduceat(values, starts)
+            first, second = pair_keys // count, pair_keys % count
+            shallower = np.minimum(depth[first], depth[second])
+            smaller = np.minimum(area[first], area[second])
+            join = (smaller < _MIN_PART_AREA) | (pass_depth >= _NECK_SHARE * shallower)
+            for a, b in zip(first[join].tolist(), second[join].tolist(), strict=True):
                 parent[root(a)] = root(b)
-    roots = np.array([root(label) for label in range(count)])
+    roots = np.fromiter((root(label) for label in range(count)), np.int64, count)
     return np.where(markers >= 2, roots[np.maximum(markers, 0)], markers)
 
 
