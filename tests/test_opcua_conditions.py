@@ -55,6 +55,13 @@ class StatefulCommands:
                 return status
         return None
 
+    @staticmethod
+    def _acted(alarm: dict[str, Any], who: str, comment: str) -> None:
+        """Who acted last and the last non-empty comment, as the engine keeps them."""
+        alarm["operator"] = who
+        if comment.strip():
+            alarm["comment"] = comment
+
     def _announce(self, probe: str) -> None:
         assert self.publisher is not None
         self.publisher.publish_alarms(probe, copy.deepcopy(self.statuses[probe]))
@@ -71,6 +78,7 @@ class StatefulCommands:
             acknowledged_at=time.time(),
             state_since=time.time(),
         )
+        self._acted(alarm, who, comment)
         self._announce(probe)
         return CommandResult(True)
 
@@ -100,6 +108,7 @@ class StatefulCommands:
             shelved_by=who,
             shelved_one_shot=one_shot,
         )
+        self._acted(alarm, who, comment)
         self._announce(probe)
         return CommandResult(True)
 
@@ -109,6 +118,7 @@ class StatefulCommands:
         if alarm is None or not alarm["shelved"]:
             return CommandResult(False, f"alarm {alarm_id!r} is not shelved")
         alarm.update(shelved=False, shelved_until=None, shelved_by=None, shelved_one_shot=False)
+        self._acted(alarm, who, comment)
         self._announce(probe)
         return CommandResult(True)
 
@@ -116,6 +126,11 @@ class StatefulCommands:
         self.calls.append(("add_comment", probe, alarm_id, who, comment))
         if not comment.strip():
             return CommandResult(False, "the comment is empty: write what should go on record")
+        alarm = self._alarm(probe, alarm_id)
+        if alarm is None:
+            return CommandResult(False, "unknown alarm")
+        self._acted(alarm, who, comment)
+        self._announce(probe)
         return CommandResult(True)
 
     def start_batch(
@@ -674,7 +689,8 @@ def test_production_viewer_may_refresh_but_not_acknowledge_and_operator_may(
 def test_engine_add_comment_is_journalled_with_who_and_changes_no_state() -> None:
     """AddComment's engine side: accepted comments are journal entries 'comment' with the
     operator; an empty comment, no operator or an unknown alarm is refused and journalled
-    as refused; the alarm's state is untouched."""
+    as refused; the alarm's state is untouched but for its `operator` and `comment`, which
+    an acknowledge without a comment leaves in place."""
     engine = AlarmEngine([high()])
     run(engine, [0.12], start=T0)
     before = [s.to_json() for s in engine.alarm_states(PROBE)]
@@ -692,7 +708,20 @@ def test_engine_add_comment_is_journalled_with_who_and_changes_no_state() -> Non
         ("comment", False, "", "x"),
         ("comment", False, "anna", "x"),
     ]
-    assert [s.to_json() for s in engine.alarm_states(PROBE)] == before
+    after = [s.to_json() for s in engine.alarm_states(PROBE)]
+    for status_json in (*before, *after):
+        for key in ("operator", "comment", "comment_at"):
+            status_json.pop(key)
+    assert after == before
+    [commented] = engine.alarm_states(PROBE)
+    assert (commented.operator, commented.comment, commented.comment_at) == (
+        "anna",
+        "lab sample taken",
+        T0 + 50,
+    )
+    engine.acknowledge(PROBE, "pg_high", "ben", "", T0 + 60)
+    [acked] = engine.alarm_states(PROBE)
+    assert (acked.operator, acked.comment) == ("ben", "lab sample taken")  # empty: kept
 
 
 def test_engine_one_shot_shelve_ends_when_the_alarm_is_no_longer_active() -> None:

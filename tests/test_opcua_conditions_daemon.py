@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncua import Client, ua
+from paho.mqtt import publish
 
 from monitor.publishers.opcua_users import write_user
 from monitor.store import DB_FILE
@@ -134,6 +135,7 @@ def test_alarm_list_from_refresh_matches_the_engine_and_an_ack_reaches_mqtt_and_
             assert engine_active == {("R1", "pg_high"), ("R2", "pg_high")}
             outcome = asyncio.run(_operator_session(url, sub))
             node = _node_session(url, sub, tmp_path / "node-pki")
+            from_mqtt = asyncio.run(_shelved_over_mqtt(url, broker.port))
             state_dir = tmp_path / "state"
             journal = _journal(state_dir)
             assert daemon.terminate() == 0
@@ -185,6 +187,10 @@ def test_alarm_list_from_refresh_matches_the_engine_and_an_ack_reaches_mqtt_and_
         if e["event"] == "acknowledge" and e["probe"] == "R2"
     ]
     assert from_node == [("R2", "anna", "acknowledged from node-opcua")]
+
+    # The dashboard's and MQTT's path is the same engine: a shelve by MQTT shows on the
+    # condition with its operator and comment.
+    assert from_mqtt == ("TimedShelved", "ben", "flushing the line", True)
 
 
 async def _operator_session(url: str, sub: Subscriber) -> dict[str, Any]:
@@ -291,3 +297,34 @@ def _node_session(url: str, sub: Subscriber, pki: Path) -> tuple[dict[str, Any],
     # Received.at is this process's monotonic clock; the client says its wall-clock time.
     requested = report["ackRequestedAt"] - (time.time() - time.monotonic())
     return report, message.at - requested, message.json()
+
+
+async def _shelved_over_mqtt(url: str, broker_port: int) -> tuple[str, str, str, bool]:
+    """Shelve R1's pg_high by an MQTT command as 'ben'; the condition's ShelvingState,
+    ClientUserId, Comment and SuppressedOrShelved once it shows."""
+    publish.single(
+        f"{PREFIX}/R1/cmd/shelve",
+        json.dumps(
+            {"alarm_id": "pg_high", "minutes": 20, "who": "ben", "comment": "flushing the line"}
+        ),
+        qos=1,
+        hostname="127.0.0.1",
+        port=broker_port,
+    )
+    async with Client(url, timeout=10) as client:
+        idx = await client.get_namespace_index("urn:crystal-monitor")
+        base = "CrystalMonitor.R1.Conditions.pg_high"
+
+        async def read(path: str) -> Any:
+            return await client.get_node(ua.NodeId(f"{base}.{path}", idx)).read_value()
+
+        deadline = time.monotonic() + 10
+        while (await read("ShelvingState.CurrentState")).Text != "TimedShelved":
+            assert time.monotonic() < deadline, "the MQTT shelve never reached the condition"
+            await asyncio.sleep(0.1)
+        return (
+            (await read("ShelvingState.CurrentState")).Text,
+            await read("ClientUserId"),
+            (await read("Comment")).Text,
+            await read("SuppressedOrShelved"),
+        )

@@ -258,6 +258,11 @@ class AlarmStatus:
     """The probe's input quality at the last evaluation."""
     shelved_one_shot: bool = False
     """Shelved until it is no longer active (OPC UA OneShotShelve), not only for a time."""
+    operator: str | None = None
+    """Who acted on this occurrence last (acknowledge, shelve, unshelve, comment)."""
+    comment: str | None = None
+    """The last non-empty comment given with such an action (None until one)."""
+    comment_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-able values."""
@@ -289,6 +294,9 @@ class AlarmStatus:
             "acknowledged_by": self.acknowledged_by,
             "quality": self.quality,
             "shelved_one_shot": self.shelved_one_shot,
+            "operator": self.operator,
+            "comment": self.comment,
+            "comment_at": self.comment_at,
         }
 
 
@@ -318,6 +326,10 @@ class _Alarm:
     shelve_comment: str | None = None
     shelved_one_shot: bool = False
     """Shelved until the alarm is no longer active (OPC UA OneShotShelve)."""
+    operator: str | None = None
+    comment: str | None = None
+    comment_at: float | None = None
+    """Who acted last on this occurrence, and the last comment given (see AlarmStatus)."""
     suppressed: bool = False
     cusum: float = 0.0
     cusum_from: float | None = None
@@ -342,6 +354,9 @@ class _Alarm:
             "shelved_by": self.shelved_by,
             "shelve_comment": self.shelve_comment,
             "shelved_one_shot": self.shelved_one_shot,
+            "operator": self.operator,
+            "comment": self.comment,
+            "comment_at": self.comment_at,
             "suppressed": self.suppressed,
             "cusum": self.cusum,
             "cusum_from": self.cusum_from,
@@ -367,6 +382,9 @@ class _Alarm:
         self.shelved_by = saved.get("shelved_by")
         self.shelve_comment = saved.get("shelve_comment")
         self.shelved_one_shot = bool(saved.get("shelved_one_shot", False))
+        self.operator = saved.get("operator")
+        self.comment = saved.get("comment")
+        self.comment_at = _optional_float(saved.get("comment_at"))
         self.suppressed = bool(saved.get("suppressed", False))
         self.cusum = float(saved.get("cusum", 0.0))
         self.cusum_from = _optional_float(saved.get("cusum_from"))
@@ -792,6 +810,8 @@ class AlarmEngine:
             alarm.trip_value = alarm.value
             alarm.trip_message = _trip_text(alarm)
             alarm.acknowledged_at = alarm.acknowledged_by = None
+            alarm.operator = alarm.comment = None
+            alarm.comment_at = None
         elif cause == "acknowledge":
             alarm.acknowledged_at = now
             alarm.acknowledged_by = who
@@ -892,6 +912,10 @@ class AlarmEngine:
                 ts=now, probe=probe, alarm_id=alarm_id, event=event, who=who, comment=comment
             )
         )
+        alarm = self._probe(probe).alarms[alarm_id]
+        alarm.operator = who
+        if comment and comment.strip():
+            alarm.comment, alarm.comment_at = comment, now
 
     def _refuse(
         self,
@@ -958,6 +982,9 @@ class AlarmEngine:
             acknowledged_by=alarm.acknowledged_by,
             quality=entry.quality,
             shelved_one_shot=alarm.shelved_one_shot,
+            operator=alarm.operator,
+            comment=alarm.comment,
+            comment_at=alarm.comment_at,
         )
 
 

@@ -23,10 +23,9 @@ ConfirmedState follows AckedState (the monitor has no separate confirm step);
 SuppressedState = suppressed by bad input; ShelvingState = TimedShelved while shelved
 for a time, OneShotShelved while shelved until it is no longer active;
 Severity = the priority's severity (250/500/750/1000); Retain = not normal; Quality =
-the probe's input quality (Good, Uncertain, Bad); ClientUserId and Comment = who acted
-last and what they wrote (Acknowledge and AddComment over OPC UA carry a comment; an
-acknowledge from the dashboard or MQTT sets ClientUserId to its operator, and its
-comment stays in the journal).
+the probe's input quality (Good, Uncertain, Bad); ClientUserId and Comment = the
+status's `operator` (who acted last on this occurrence: acknowledge, shelve, comment,
+from any interface) and `comment` (the last comment given with such an action).
 
 Every change of that state emits one event of the condition's type with a new EventId
 from the probe's object and from the Server object (asyncua delivers an event only to
@@ -153,7 +152,7 @@ class ConditionState:
         return self.active or not self.acked
 
 
-def condition_state(status: dict[str, Any], *, comment: str, client_user: str) -> ConditionState:
+def condition_state(status: dict[str, Any]) -> ConditionState:
     return ConditionState(
         active=bool(status.get("active")),
         acked=bool(status.get("acknowledged")),
@@ -163,8 +162,8 @@ def condition_state(status: dict[str, Any], *, comment: str, client_user: str) -
         severity=max(1, min(1000, int(status.get("severity") or 500))),
         message=str(status.get("message") or ""),
         quality=_QUALITY.get(str(status.get("quality")), SC.Good),
-        comment=comment,
-        client_user=client_user,
+        comment=str(status.get("comment") or ""),
+        client_user=str(status.get("operator") or ""),
     )
 
 
@@ -182,9 +181,6 @@ class _Condition:
     state: ConditionState | None = None
     last_severity: int = 0
     status: dict[str, Any] = field(default_factory=dict)
-    comment: str = ""
-    client_user: str = ""
-    acknowledged_by: str | None = None
     event: Event | None = None
     """The newest event sent (re-sent as it is by ConditionRefresh)."""
     event_ids: deque[bytes] = field(default_factory=lambda: deque(maxlen=KNOWN_EVENT_IDS))
@@ -355,15 +351,7 @@ class ConditionSpace:
         limit = status.get("limit")
         condition.limit = None if limit is None else float(limit)
         condition.unit = str(status.get("unit") or "fraction")
-        acknowledged_by = status.get("acknowledged_by")
-        known = (condition.acknowledged_by, condition.client_user)
-        if acknowledged_by and acknowledged_by not in known:
-            # Acknowledged from the dashboard or MQTT (an OPC UA Acknowledge has set
-            # both already, with its comment).
-            condition.client_user = str(acknowledged_by)
-            condition.comment = ""
-        condition.acknowledged_by = acknowledged_by
-        new = condition_state(status, comment=condition.comment, client_user=condition.client_user)
+        new = condition_state(status)
         old = condition.state
         if old == new:
             await self._write_shelving_time(condition)
@@ -656,10 +644,6 @@ class ConditionSpace:
             return _status(code)
         if condition.state is not None and condition.state.acked:
             return _status(SC.BadConditionBranchAlreadyAcked)
-        previous = condition.comment, condition.client_user
-        who = current_caller()
-        condition.comment, condition.client_user = comment, who
-        condition.acknowledged_by = who
         answer, code = await self._run(
             "Acknowledge",
             condition,
@@ -668,7 +652,6 @@ class ConditionSpace:
             ),
         )
         if answer is None or not answer.accepted:
-            condition.comment, condition.client_user = previous
             if answer is not None:
                 reason = answer.reason or ""
                 code = (
@@ -696,9 +679,7 @@ class ConditionSpace:
         if not answer.accepted:
             empty = "empty" in (answer.reason or "")
             return _status(SC.BadInvalidArgument if empty else SC.BadRequestNotAllowed)
-        condition.comment, condition.client_user = comment, current_caller()
-        if condition.state is not None:
-            await self._follow(condition, condition.status)
+        await self._apply_now()
         return _status(SC.Good)
 
     async def _call_enable(self, parent: ua.NodeId, *args: ua.Variant) -> ua.StatusCode:

@@ -66,13 +66,14 @@ class OperatorCommands:
             return self._after_action(probe, result)
 
     def add_comment(self, probe: str, alarm_id: str, who: str, comment: str) -> CommandResult:
-        """A comment on an alarm, journalled with who wrote it; no state changes."""
+        """A comment on an alarm, journalled with who wrote it and shown with the alarm's
+        status (`comment`, `operator`); no state changes."""
         refused = self._unknown(probe)
         if refused:
             return refused
-        result = self._alarms.add_comment(probe, alarm_id, who, comment, self._clock())
-        self._alarms.persist()
-        return CommandResult(result.accepted, result.reason)
+        with self._alarms.announcing:
+            result = self._alarms.add_comment(probe, alarm_id, who, comment, self._clock())
+            return self._after_action(probe, result)
 
     def start_batch(
         self, probe: str, batch_id: str, who: str = "local", *, end_running: bool = False
