@@ -43,7 +43,9 @@ returns BadRequestNotAllowed with the reason as its output argument.
 
 Alarm transitions and batch start/stop are events of type CrystalMonitorEventType,
 emitted by the Server object (subscribe to Server to receive them) with SourceName =
-the probe and SourceNode = the probe's object.
+the probe and SourceNode = the probe's object. Each alarm is also an OPC UA Part 9
+condition under its probe, with the standard events, ConditionRefresh, Acknowledge,
+AddComment and shelving (`monitor.publishers.opcua_conditions`).
 
 Every node we create has a string NodeId derived from its path (the event type
 `CrystalMonitor.CrystalMonitorEventType` and its fields, the probes' variables, their
