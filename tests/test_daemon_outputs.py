@@ -303,6 +303,16 @@ def test_a_demo_like_run_publishes_only_valid_messages_and_keeps_the_raise_time(
         _check_every_message(sub.received)
         topics = {m.topic for m in sub.received}
         assert {f"{PREFIX}/R1/results", f"{PREFIX}/R1/fractions", f"{PREFIX}/status"} <= topics
+        # The schema check above saw size distributions with particles in them (crop mode:
+        # each crop's main object; no pixel size, so in px).
+        sized = [
+            window["sizes"]
+            for m in sub.on(f"{PREFIX}/R1/fractions")
+            for window in m.json()["windows"].values()
+            if window["sizes"]["classes"]["PG"]["count"] > 0
+        ]
+        assert sized and {s["unit"] for s in sized} == {"px"}
+        assert all(s["classes"]["PG"]["d50"] > 0 for s in sized)
 
     # After the clean stop a newcomer reads the retained alarms as not current.
     with Subscriber(broker.port, [f"{PREFIX}/#"]) as late:
