@@ -27,7 +27,9 @@ class ProbeUpdate:
     "rejected_by_reason", "rejected_share", "uncertain_share", "n_ood", "ood_share",
     "particles_per_min",
     "frames_per_min", "classes": {name: {"n", "fraction", "ci95", "adjusted",
-    "effective_n"}}}, ...}, "trend": {name: {"ewma", "slope_per_min"}}}.
+    "effective_n"}}, "sizes": {"unit", "measure", "bin_edges", "classes": {name: {"count",
+    "d10", "d50", "d90", "d10_sq", "d50_sq", "d90_sq", "mean_aspect_ratio",
+    "histogram"}}}}, ...}, "trend": {name: {"ewma", "slope_per_min"}}}.
     `alarms` is the list of alarm statuses (AlarmStatus.to_json() of monitor.alarms).
     """
 
