@@ -366,7 +366,7 @@ def dense(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 @pytest.mark.xfail(strict=True, reason=_D50_NOT_MET)
 def test_d50_per_class_is_within_10_percent_of_the_truth_in_a_dense_slurry(dense: Run) -> None:
     for name, (measured, true, count) in _d50_errors(dense).items():
-        assert count >= 50, (name, count)
+        assert count >= 40, (name, count)  # few are separated in a dense slurry
         assert measured == pytest.approx(true, rel=0.10), (name, measured, true)
 
 
