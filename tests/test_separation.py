@@ -364,3 +364,16 @@ def test_dense_slurry_recall_with_watershed_is_above_none() -> None:
     none = np.mean([_recall(1.0, "none", 2, seed) for seed in (3, 11)])
     assert watershed >= 1.5 * none, (watershed, none)
     assert watershed >= 0.09, watershed
+
+
+@pytest.mark.parametrize("separation", ["none", "watershed"])
+def test_a_particles_mask_is_its_silhouette_with_holes_filled(separation: str) -> None:
+    """A ring-shaped particle (an agglomerate with a large pore) is measured as its
+    outline's area, as the simulator's truth is."""
+    rng = np.random.default_rng(2)
+    image = np.clip(rng.normal(35.0, 3.0, (1024, 1360)), 0, 255).astype(np.uint8)
+    cv2.circle(image, (600, 500), 60, 170, -1)
+    cv2.circle(image, (600, 500), 30, 35, -1)
+    (crop,) = ParticleSampler(ParticlesConfig(separation=separation)).sample(image)  # type: ignore[arg-type]
+    assert crop.mask is not None
+    assert np.count_nonzero(crop.mask) == pytest.approx(math.pi * 60**2, rel=0.1)

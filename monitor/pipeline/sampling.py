@@ -280,6 +280,15 @@ class ParticleSampler:
         ]
 
 
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask with every hole filled (background not reachable from its edge): pores
+    and gaps between needles inside a particle count to its area."""
+    outside = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)
+    outside[1:-1, 1:-1] = mask
+    cv2.floodFill(outside, None, (0, 0), 2)
+    return np.asarray((outside[1:-1, 1:-1] != 2).astype(np.uint8))
+
+
 def _merge_shallow_cuts(markers: np.ndarray, distance: np.ndarray, count: int) -> np.ndarray:
     """Undo the watershed's cuts that cross no neck: two parts stay apart only where the
     deepest point of the line between them (the pass, in distance-transform depth) is
@@ -353,9 +362,10 @@ def _component_stats(labels: np.ndarray, count: int) -> np.ndarray:
 
 
 def _upsampled_mask(labels: np.ndarray, index: int, box: Box) -> np.ndarray:
-    """Segment `index` within its box at frame resolution (a working pixel -> a square)."""
+    """Segment `index` within its box at frame resolution (a working pixel -> a square),
+    holes filled: a particle's size is its silhouette's, as in the simulator's truth."""
     x, y, w, h = (v // _WORK_SCALE for v in box)
-    own = (labels[y : y + h, x : x + w] == index).astype(np.uint8)
+    own = _fill_holes((labels[y : y + h, x : x + w] == index).astype(np.uint8))
     return np.asarray(cv2.resize(own, (box[2], box[3]), interpolation=cv2.INTER_NEAREST))
 
 
