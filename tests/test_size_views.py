@@ -149,3 +149,17 @@ def test_history_of_a_window_never_sized_has_no_unit_and_no_d50() -> None:
     for name in ("CEX", "PG"):
         assert history["series"][name]["d50"] == [None] * HISTORY_ROWS
         assert history["series"][name]["d50_sq"] == [None] * HISTORY_ROWS
+
+
+def test_history_drops_the_d50_of_rows_in_another_unit_than_the_newest() -> None:
+    """Rows stored before the probe's pixel size was set are in pixels: the D50 line,
+    in micrometres, leaves them out rather than mixing the two."""
+    fake = sized_view()
+    for row in range(UNSIZED_ROWS, UNSIZED_ROWS + 5):
+        fake.stored_snapshots[row][2]["windows"]["300"]["sizes"]["unit"] = "px"
+    history = _history(fake, 300)
+    assert history["size_unit"] == "um"
+    cex = history["series"]["CEX"]
+    assert cex["d50"][: UNSIZED_ROWS + 5] == [None] * (UNSIZED_ROWS + 5)
+    assert cex["d50_sq"][UNSIZED_ROWS + 4] is None
+    assert cex["d50"][UNSIZED_ROWS + 5] == cex_d50(UNSIZED_ROWS + 5)

@@ -190,7 +190,8 @@ def trend_series(
     fraction, its 95 % interval, the adjusted share and the median size (`d50`, and
     `d50_sq` square-weighted; None where a row has no sizes: stored by a daemon that did
     not measure them). `size_unit` is the newest sized row's unit ("um" or "px"), None
-    when no row has sizes."""
+    when no row has sizes; a row in another unit (before the probe's pixel size was set)
+    has no D50 either, so that one line never mixes pixels and micrometres."""
     key = str(window)
     ts: list[float] = []
     n: list[int] = []
@@ -199,6 +200,7 @@ def trend_series(
         for name in classes
     }
     size_unit: str | None = None
+    units: list[str | None] = []
     for row_ts, _batch, snapshot in rows:
         stats = snapshot.get("windows", {}).get(key)
         if stats is None:
@@ -206,6 +208,7 @@ def trend_series(
         ts.append(row_ts)
         n.append(int(stats.get("n", 0)))
         sizes = stats.get("sizes") or {}
+        units.append(sizes.get("unit"))
         if sizes:
             size_unit = sizes.get("unit", size_unit)
         for name in classes:
@@ -219,6 +222,10 @@ def trend_series(
             column["adjusted"].append(cls.get("adjusted"))
             column["d50"].append(sized.get("d50"))
             column["d50_sq"].append(sized.get("d50_sq"))
+    for index, unit in enumerate(units):
+        if unit != size_unit:
+            for column in series.values():
+                column["d50"][index] = column["d50_sq"][index] = None
     return {"ts": ts, "n": n, "series": series, "size_unit": size_unit}
 
 
