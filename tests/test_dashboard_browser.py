@@ -319,9 +319,14 @@ def test_dashboard_trend_grows_and_an_acknowledge_click_reaches_the_engine(
     # The latest frame with its particles boxed and coloured by class.
     boxes_css = ".frame-wrap svg.frame-boxes rect"
     wait.until(lambda _: probe.find_elements(By.CSS_SELECTOR, boxes_css))
-    labels = {
-        rect.get_attribute("data-label") for rect in probe.find_elements(By.CSS_SELECTOR, boxes_css)
-    }
+    # Read in one go: the boxes are redrawn as frames arrive, so element handles go stale.
+    labels = set(
+        browser.execute_script(
+            "return [...arguments[0].querySelectorAll(arguments[1])].map((r) => r.dataset.label);",
+            probe,
+            boxes_css,
+        )
+    )
     assert labels and labels <= {"CEX", "PG", "uncertain", "not a crystal"}
     image = probe.find_element(By.CSS_SELECTOR, ".frame-wrap img")
     assert browser.execute_script("return arguments[0].naturalWidth", image) == 800
