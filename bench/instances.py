@@ -19,6 +19,9 @@ PG ramp from 0 to 30 %, with particle separation `none` and `watershed`:
    ParticleSampler.sample (background, threshold, split, crops and masks) with OpenCV
    on one thread, measured as the thread's CPU time so that other work on the machine
    does not inflate it.
+4. The D50 error per class: the median equivalent circle diameter of the matched
+   particles' masks (measure_mask) against the median of all in-focus particles of the
+   class in the ground truth (its ecd_px).
 
     python -m bench.instances [--minutes 60] [--interval 10] [--classify] [--write]
 """
@@ -39,6 +42,7 @@ import numpy as np
 
 from bench.report import machine_line, replace_section
 from monitor.config.settings import ParticlesConfig
+from monitor.imaging.particle_size import measure_mask
 from monitor.simulator import CEX, PG, FrameConfig, FrameSimulator, ParticleTruth, RampProfile
 
 Box = tuple[int, int, int, int]
@@ -96,18 +100,18 @@ class InstanceTally:
     found: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     found_total: int = 0
 
-    def add(self, truths: Sequence[ParticleTruth], boxes: Sequence[Box]) -> list[str]:
-        """Score one frame; return the ground-truth label of each matched particle."""
+    def add(self, truths: Sequence[ParticleTruth], boxes: Sequence[Box]) -> list[tuple[int, str]]:
+        """Score one frame; return (found index, ground-truth label) of each match."""
         counted = [t for t in truths if t.in_focus]
         others = [t for t in truths if not t.in_focus]
         matched = match_boxes([t.bbox for t in counted], boxes)
         for truth in counted:
             self.truth[truth.label] += 1
         labels = []
-        for t, _ in matched:
+        for t, f in matched:
             self.right[counted[t].label] += 1
             self.found[counted[t].label] += 1
-            labels.append(counted[t].label)
+            labels.append((f, counted[t].label))
         taken = {f for _, f in matched}
         rest = [f for f in range(len(boxes)) if f not in taken]
         ignored = {
@@ -141,6 +145,15 @@ class DensityResult:
     windows: list[tuple[float, float]]  # (truth PG fraction, estimated) per window
     ms: list[float]
     crops_per_frame: float
+    ecd: dict[str, tuple[list[float], list[float]]]  # per class: truth, measured (px)
+
+    def d50_error(self, label: str) -> float:
+        """Median ECD of the matched particles' masks against that of all in-focus
+        particles of the class in the truth, as a relative error."""
+        truth, measured = self.ecd[label]
+        if not truth or not measured:
+            return float("nan")
+        return float(np.median(measured) / np.median(truth) - 1.0)
 
     @property
     def fraction_mae_points(self) -> float:
@@ -180,6 +193,7 @@ def run_density(
     tallies = {sep: InstanceTally() for sep in SEPARATIONS}
     times: dict[str, list[float]] = {sep: [] for sep in SEPARATIONS}
     crops: dict[str, int] = dict.fromkeys(SEPARATIONS, 0)
+    ecd = {sep: {label: ([], []) for label in (CEX, PG)} for sep in SEPARATIONS}
     # Per window: truth (PG, all) and per separation the estimate's (PG, all).
     truth_counts: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     found_counts: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
@@ -192,16 +206,23 @@ def run_density(
             if truth.in_focus:
                 truth_counts[window][0] += truth.label == PG
                 truth_counts[window][1] += 1
+                for sep in SEPARATIONS:
+                    ecd[sep][truth.label][0].append(truth.ecd_px)
         for sep, sampler in samplers.items():
             started = time.thread_time()
             sampled = sampler.sample(image)
             times[sep].append(1000.0 * (time.thread_time() - started))
             crops[sep] += len(sampled)
-            labels = tallies[sep].add(truths, [crop.bbox for crop in sampled])
+            matched = tallies[sep].add(truths, [crop.bbox for crop in sampled])
+            for found, label in matched:
+                mask = sampled[found].mask
+                size = None if mask is None else measure_mask(mask)
+                if size is not None:
+                    ecd[sep][label][1].append(size.ecd)
             counts = found_counts[(sep, window)]
             if classifier is None:
-                counts[0] += labels.count(PG)
-                counts[1] += len(labels)
+                counts[0] += sum(label == PG for _, label in matched)
+                counts[1] += len(matched)
             else:
                 counts[0] += classifier.pg_count([crop.image for crop in sampled])
                 counts[1] += len(sampled)
@@ -212,7 +233,9 @@ def run_density(
             found_pg, found_total = found_counts[(sep, window)]
             if total and found_total:
                 windows.append((pg / total, found_pg / found_total))
-        results[sep] = DensityResult(tallies[sep], windows, times[sep], crops[sep] / frames)
+        results[sep] = DensityResult(
+            tallies[sep], windows, times[sep], crops[sep] / frames, ecd[sep]
+        )
     return results
 
 
@@ -226,13 +249,18 @@ def _f(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"  # NaN: no such particle
 
 
+def _pct(value: float) -> str:
+    return "-" if math.isnan(value) else f"{100.0 * value:+.1f} %"
+
+
 def render_table(results: dict[str, dict[str, DensityResult]], classify: bool) -> str:
     source = "shipped model (ONNX Runtime)" if classify else "ground-truth labels of matched"
     lines = [
         "| slurry | separation | particles/frame (in focus) | found/frame | recall CEX | "
         "recall PG | recall | precision CEX | precision PG | precision | "
-        f"5-min PG fraction MAE, points ({source}) | segmentation ms/frame, median (p90) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"5-min PG fraction MAE, points ({source}) | D50 error CEX | D50 error PG | "
+        "segmentation ms/frame, median (p90) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, by_sep in results.items():
         for sep, result in by_sep.items():
@@ -243,6 +271,7 @@ def render_table(results: dict[str, dict[str, DensityResult]], classify: bool) -
                 f"{_f(tally.recall(CEX))} | {_f(tally.recall(PG))} | {_f(tally.recall())} | "
                 f"{_f(tally.precision(CEX))} | {_f(tally.precision(PG))} | "
                 f"{_f(tally.precision())} | {result.fraction_mae_points:.1f} | "
+                f"{_pct(result.d50_error(CEX))} | {_pct(result.d50_error(PG))} | "
                 f"{np.median(result.ms):.1f} ({np.percentile(result.ms, 90):.1f}) |"
             )
     return "\n".join(lines)
