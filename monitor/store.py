@@ -478,8 +478,10 @@ class Store:
             replace(_frame_row(row[1:]), particles=tuple(by_frame.get(row[0], ()))) for row in rows
         ]
 
-    def purge(self, older_than: float) -> int:
-        """Drop frame rows, snapshots and journal entries recorded before `older_than`.
+    def purge(self, older_than: float, particles_older_than: float | None = None) -> int:
+        """Drop frame rows, snapshots and journal entries recorded before `older_than`,
+        and particle rows of frames recorded before `particles_older_than` (default the
+        same; they are by far the bulkiest rows, so a plant keeps them shorter).
 
         By the time of recording, not the frame time from a file name: a file named
         with an old (or future) time is kept for the full retention like any other.
@@ -487,12 +489,17 @@ class Store:
         older than the retention, which the folder source skips by its mtime.
         """
         with self._lock, self._transaction():
-            # A frame's particles go with it (they have no time of their own).
-            self._db.execute(
-                "DELETE FROM particles WHERE frame_id IN"
-                " (SELECT id FROM frames WHERE stored_at < ?)",
-                (older_than,),
-            )
+            # A frame's particles go with it at the latest (they have no time of their own).
+            # Frame ids grow in recording order, so "every frame recorded before the
+            # cut-off" is "frame_id up to the newest such id": a range on the particles'
+            # key, which stays cheap when weeks of frames are kept past their particles.
+            particle_cutoff = max(older_than, particles_older_than or older_than)
+            newest_old = self._db.execute(
+                "SELECT id FROM frames WHERE stored_at < ? ORDER BY stored_at DESC LIMIT 1",
+                (particle_cutoff,),
+            ).fetchone()  # one step down the stored_at index
+            if self._has_particles and newest_old is not None:
+                self._db.execute("DELETE FROM particles WHERE frame_id <= ?", (newest_old[0],))
             frames = self._db.execute(
                 "DELETE FROM frames WHERE stored_at < ?", (older_than,)
             ).rowcount

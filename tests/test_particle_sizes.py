@@ -29,7 +29,7 @@ from monitor.aggregate import (
     size_histogram,
     weighted_quantiles,
 )
-from monitor.config.settings import load_settings
+from monitor.config.settings import StoreConfig, load_settings
 from monitor.imaging.particle_size import ParticleSize
 from monitor.manifest import ModelManifest, load_manifest
 from monitor.pipeline.outcome import FrameOutcome, ParticleBox
@@ -425,3 +425,32 @@ def test_export_particles_streams_csv_and_json_lines_with_sizes_rounded_and_empt
         ("CEX", "", ""),
     ]
     assert _export(tmp_path, "--since", "2001-09-09T01:47:00Z") == ""
+
+
+def test_particle_rows_follow_their_own_shorter_retention_and_frames_stay(tmp_path: Path) -> None:
+    """store.particle_retention: the bulky particle rows go first (7 days by default)
+    while their frames stay the full retention; a frame's cut-off still takes its
+    particles with it."""
+    store = Store(tmp_path)
+    recorded: list[str] = []
+    recorder = Recorder(
+        store,
+        CLASSES,
+        batch_of=lambda probe: None,
+        on_recorded=lambda outcome: recorded.append(outcome.item.key),
+        clock=iter([1_000.0 + 100 * i for i in range(6)]).__next__,
+    )
+    recorder.start()
+    for index in range(6):  # recorded at 1000, 1100, ... 1500
+        key = f"f{index}.png"
+        recorder.submit(FrameOutcome(_item(key, 10.0 * index), "ok", None, (1, 2), 1, boxes=BOXES))
+        assert wait_for(lambda key=key: recorded[-1:] == [key], timeout=10)
+    recorder.stop()
+    assert store.purge(older_than=0.0, particles_older_than=1_250.0) == 0  # no frame goes
+    assert sorted({p.key for p in store.iter_particles()}) == ["f3.png", "f4.png", "f5.png"]
+    assert len(list(store.iter_frames())) == 6
+    store.purge(older_than=1_350.0, particles_older_than=1_000.0)  # the frames' cut wins
+    assert sorted({p.key for p in store.iter_particles()}) == ["f4.png", "f5.png"]
+    assert [row.key for row in store.iter_frames()] == ["f4.png", "f5.png"]
+    store.close()
+    assert StoreConfig().particle_retention == 7 * 86400.0

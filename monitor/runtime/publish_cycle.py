@@ -100,8 +100,10 @@ class PublishCycle:
         return ModelIdentity(**newest) if newest else self._running_model()
 
     def purge_expired(self) -> None:
-        """Drop stored rows older than the retention (frames, snapshots, journal)."""
-        self._store.purge(self._clock() - self._settings().store.retention)
+        """Drop stored rows older than the retention (frames, snapshots, journal) and
+        particle rows older than theirs."""
+        now, store = self._clock(), self._settings().store
+        self._store.purge(now - store.retention, now - store.particle_retention)
 
     def _publishing_state(self, now: float) -> dict[str, dict[str, Any]]:
         """Dropped-message counts of the publishers, for the publish_overflow alarm.

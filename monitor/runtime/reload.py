@@ -29,7 +29,12 @@ from monitor.config.settings import (
 
 log = structlog.get_logger(__name__)
 
-LIVE_KEYS = ("alarms", "aggregation.publish_interval", "store.retention")
+LIVE_KEYS = (
+    "alarms",
+    "aggregation.publish_interval",
+    "store.retention",
+    "store.particle_retention",
+)
 """Settings (dotted key paths) a reload applies at once; the README lists the same."""
 LIVE_PROBE_KEYS = ("quality", "particles", "tiles")
 """Each probe's sections a reload applies at once (the image thresholds)."""
