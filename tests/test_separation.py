@@ -322,10 +322,14 @@ def test_separation_none_gives_the_boxes_of_before() -> None:
 # -- recall against ground truth -------------------------------------------------------------
 
 
-def _recall(density: float, separation: str, frames: int, seed: int) -> float:
+def _recall(
+    density: float, separation: str, frames: int, seed: int, max_cover: float = 0.15
+) -> float:
     """Share of in-focus particles matched one to one by a found box at IoU >= 0.5."""
     simulator = FrameSimulator(FrameConfig(density=density, profile=ConstantProfile(0.15)), seed)
-    sampler = ParticleSampler(ParticlesConfig(separation=separation))  # type: ignore[arg-type]
+    sampler = ParticleSampler(
+        ParticlesConfig(separation=separation, separation_max_cover=max_cover)  # type: ignore[arg-type]
+    )
     found = total = 0
     for index in range(frames):
         image, truths = simulator.render(float(index))
@@ -356,14 +360,20 @@ def test_sparse_slurry_recall_with_watershed_is_high_and_above_none() -> None:
     assert watershed >= none + 0.03, (watershed, none)
 
 
-def test_dense_slurry_recall_with_watershed_is_above_none() -> None:
-    """Dense frames (density 1): the watershed finds about twice as many particles as
-    `none`, yet far fewer than the issue's 0.75 (needles covering the frame merge into
-    blobs that distance-transform seeds cannot cut; see BENCHMARKS.md)."""
-    watershed = np.mean([_recall(1.0, "watershed", 2, seed) for seed in (3, 11)])
+def test_dense_slurry_recall_with_watershed_is_above_none_but_left_unsplit_by_default() -> None:
+    """Dense frames (density 1): forced, the watershed finds about twice as many particles
+    as `none`, yet far fewer than the issue's 0.75 (needles covering the frame merge into
+    blobs that distance-transform seeds cannot cut), and it over-counts PG there
+    (BENCHMARKS.md); so by default (separation_max_cover 0.15) a frame that dense is
+    segmented as with `none`, box for box."""
+    forced = np.mean([_recall(1.0, "watershed", 2, seed, max_cover=1.0) for seed in (3, 11)])
     none = np.mean([_recall(1.0, "none", 2, seed) for seed in (3, 11)])
-    assert watershed >= 1.5 * none, (watershed, none)
-    assert watershed >= 0.09, watershed
+    assert forced >= 1.5 * none, (forced, none)
+    assert forced >= 0.09, forced
+    simulator = FrameSimulator(FrameConfig(density=1.0, profile=ConstantProfile(0.15)), 3)
+    image, _ = simulator.render(0.0)
+    default = ParticleSampler(ParticlesConfig(separation="watershed")).find_particles(image)
+    assert default == ParticleSampler(ParticlesConfig(separation="none")).find_particles(image)
 
 
 @pytest.mark.parametrize("separation", ["none", "watershed"])

@@ -210,6 +210,13 @@ class ParticlesConfig(_Section):
         "distance transform of the foreground, only where a blob looks merged) or none "
         "(one box per connected blob: the cheapest, right for sparse frames).",
     )
+    separation_max_cover: Fraction = Field(
+        default=0.15,
+        description="With separation = 'watershed': a frame whose foreground covers more "
+        "than this share is not split (as with 'none'). In a dense slurry the needles merge "
+        "into one mass the watershed cannot cut, but it carves the agglomerates out of it, "
+        "so PG is over-counted (measured in BENCHMARKS.md, 'instance separation').",
+    )
 
 
 class TilesConfig(_Section):

@@ -140,13 +140,19 @@ class ParticleSampler:
         raw_mask = (corrected > config.threshold).astype(np.uint8)
         # Closing joins the needles of a bundle and the grains of an agglomerate.
         mask = cv2.morphologyEx(raw_mask, cv2.MORPH_CLOSE, self._close)
-        if config.separation == "watershed":
+        # A dense slurry (most of the frame foreground) is left unsplit: see
+        # particles.separation_max_cover.
+        split = (
+            config.separation == "watershed"
+            and float(raw_mask.mean()) <= config.separation_max_cover
+        )
+        if split:
             mask = self._grow_alone(corrected, mask, config.threshold)
         # The watershed floods between 4-neighbours: with it, blobs are 4-connected too,
         # or a corner-joined piece could be flooded from another blob through the gap.
-        connectivity = 8 if config.separation == "none" else 4
+        connectivity = 4 if split else 8
         count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=connectivity)
-        if config.separation == "watershed" and count > 1:
+        if split and count > 1:
             count, labels, stats = self._separate(corrected, mask, count, labels, stats)
         scale2 = _WORK_SCALE * _WORK_SCALE
         found = []
