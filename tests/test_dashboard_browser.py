@@ -435,15 +435,19 @@ def test_dashboard_trend_grows_and_an_acknowledge_click_reaches_the_engine(
     row.find_element(By.CSS_SELECTOR, "input.comment").send_keys("lab sample taken")
     row.find_element(By.CSS_SELECTOR, "button.ack").click()
     assert wait_for(lambda: _alarm_state(daemon, "pg_high") == "active_acknowledged", 30)
-    journal = daemon.store.recent_alarm_journal(100, "R1")
-    assert any(
-        entry["event"] == "acknowledge"
-        and entry["alarm_id"] == "pg_high"
-        and entry["who"] == "op-anna"
-        and entry["comment"] == "lab sample taken"
-        and entry["accepted"]
-        for entry in journal
-    ), journal
+
+    def journalled() -> bool:
+        # The engine's state changes a moment before its journal entry is committed.
+        return any(
+            entry["event"] == "acknowledge"
+            and entry["alarm_id"] == "pg_high"
+            and entry["who"] == "op-anna"
+            and entry["comment"] == "lab sample taken"
+            and entry["accepted"]
+            for entry in daemon.store.recent_alarm_journal(100, "R1")
+        )
+
+    assert wait_for(journalled, 10), daemon.store.recent_alarm_journal(100, "R1")
     wait.until(lambda _: row.get_attribute("data-state") == "active_acknowledged")
     assert not row.find_element(By.CSS_SELECTOR, "button.ack").is_enabled()
     assert "acknowledged by op-anna" in notice.text

@@ -132,8 +132,11 @@ class OperatorCommands:
         return None
 
     def _after_action(self, probe: str, result: ActionResult) -> CommandResult:
+        # Journalled before it is announced: what MQTT, OPC UA or the dashboard are told
+        # an operator did is already on disk, with who and when (announcing can take a
+        # while: an OPC UA method returns only once its effect is written).
+        self._alarms.persist()
         self._events.announce_transitions(probe, result.transitions)
         if result.accepted:
             self._events.announce_alarm_states(probe, self._alarms.states(probe))
-        self._alarms.persist()
         return CommandResult(result.accepted, result.reason)
