@@ -27,11 +27,12 @@ from bench.report import machine_line, replace_section
 from monitor.config.settings import QualityConfig, load_settings
 from monitor.daemon import Daemon
 from monitor.imaging.decode import decode_image
+from monitor.imaging.particle_size import measure_mask
 from monitor.imaging.preprocess import prepare_batch
 from monitor.inference.factory import resolve_backend
 from monitor.manifest import load_manifest
 from monitor.pipeline.quality_gate import assess_frame
-from monitor.pipeline.sampling import ParticleSampler
+from monitor.pipeline.sampling import ParticleSampler, main_object_mask
 from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
 from monitor.store import Store
 
@@ -90,9 +91,14 @@ def crop_stage_costs(crops: list[np.ndarray], encoded: list[bytes], batch: int) 
         backend.infer(tensors[offset : offset + batch])
     t5 = time.perf_counter()
     backend.close()
+    t6 = time.perf_counter()
+    for crop in crops:  # what the crop-mode sampler and the worker add for the size
+        measure_mask(main_object_mask(crop))
+    t7 = time.perf_counter()
     return {
         "decode (PNG)": (t1 - t0) * 1000 / count,
         "quality gate": (t2 - t1) * 1000 / count,
+        "object mask and size": (t7 - t6) * 1000 / count,
         "preprocess": (t3 - t2) * 1000 / count,
         "inference, one thread": (t5 - t4) * 1000 / count,
     }
@@ -189,7 +195,7 @@ def frame_mode(root: Path, count: int) -> tuple[float, dict[str, float], float, 
         .particles
     )
     stages = dict.fromkeys(
-        ("decode", "quality gate", "segmentation", "preprocess", "inference"), 0.0
+        ("decode", "quality gate", "segmentation", "sizes", "preprocess", "inference"), 0.0
     )
     segmented = 0
     for data in encoded:
@@ -201,12 +207,16 @@ def frame_mode(root: Path, count: int) -> tuple[float, dict[str, float], float, 
         crops = sampler.sample(grey)
         segmented += len(crops)
         t3 = time.perf_counter()
+        for crop in crops:
+            if crop.mask is not None:
+                measure_mask(crop.mask)
+        t3s = time.perf_counter()
         tensors = prepare_batch([c.image for c in crops], model.manifest.input)
         t4 = time.perf_counter()
         backend.infer(tensors)
         t5 = time.perf_counter()
         for name, seconds in zip(
-            stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True
+            stages, (t1 - t0, t2 - t1, t3 - t2, t3s - t3, t4 - t3s, t5 - t4), strict=True
         ):
             stages[name] += seconds * 1000 / count
     folder = root / "frames"

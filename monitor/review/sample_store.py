@@ -21,7 +21,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import numpy as np
 import structlog
 
 from monitor.review.selection import HourTally
+from monitor.sqlite_file import immediate_transaction, open_shared
 from monitor.timestamps import iso_utc
 
 log = structlog.get_logger(__name__)
@@ -194,9 +195,7 @@ class SampleStore:
         self.images.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = open_shared(path)
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise SampleStoreError(
@@ -232,16 +231,8 @@ class SampleStore:
                 (name, value),
             )
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate_transaction(self._lock, self._db)
 
     def close(self) -> None:
         with self._lock:
