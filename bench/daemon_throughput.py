@@ -39,12 +39,18 @@ from monitor.store import Store
 MODEL_DIR: Path | None = None  # --model; None = the shipped default model
 
 
-def _settings(state: Path, folders: dict[str, Path], sampling: str, max_batch: int):  # type: ignore[no-untyped-def]
+def _settings(  # type: ignore[no-untyped-def]
+    state: Path,
+    folders: dict[str, Path],
+    sampling: str,
+    max_batch: int,
+    batcher: dict[str, object] | None = None,
+):
     return load_settings(
         data={
             "model": {"path": str(MODEL_DIR)} if MODEL_DIR else {},
             "daemon": {"state_dir": str(state), "log_level": "warning"},
-            "batcher": {"max_batch": max_batch, "max_wait": "10ms"},
+            "batcher": {"max_batch": max_batch, "max_wait": "10ms", **(batcher or {})},
             "probes": [
                 {
                     "id": probe,
@@ -122,11 +128,12 @@ def _wait_recorded(daemon: Daemon, count: int, timeout: float) -> None:
         time.sleep(0.005)
 
 
-def daemon_crops_per_s(root: Path, encoded: list[bytes], batch: int) -> float:
-    folder = root / "tput"
-    folder.mkdir()
+def daemon_crops_per_s(
+    root: Path, encoded: list[bytes], batch: int, batcher: dict[str, object] | None = None
+) -> float:
+    folder = Path(tempfile.mkdtemp(prefix="tput", dir=root))
     pairs = _stage_files(folder, encoded, "crop")
-    daemon = Daemon(_settings(root / "state-tput", {"R1": folder}, "whole", batch))
+    daemon = Daemon(_settings(folder / "state", {"R1": folder}, "whole", batch, batcher))
     daemon.start()
     time.sleep(1.0)
     try:
@@ -140,15 +147,22 @@ def daemon_crops_per_s(root: Path, encoded: list[bytes], batch: int) -> float:
 
 
 def latency_at_rate(
-    root: Path, encoded: list[bytes], probes: int, fps: float, seconds: float
+    root: Path,
+    encoded: list[bytes],
+    probes: int,
+    fps: float,
+    seconds: float,
+    *,
+    batcher: dict[str, object] | None = None,
 ) -> np.ndarray:
+    root = Path(tempfile.mkdtemp(prefix="lat", dir=root))
     folders = {f"P{i}": root / f"lat{i}" for i in range(probes)}
     staged = {}
     per_probe = int(fps * seconds)
     for probe, folder in folders.items():
         folder.mkdir()
         staged[probe] = _stage_files(folder, encoded[:per_probe], probe)
-    daemon = Daemon(_settings(root / "state-lat", folders, "whole", 32))
+    daemon = Daemon(_settings(root / "state-lat", folders, "whole", 32, batcher))
     daemon.start()
     time.sleep(1.0)
     renamed: dict[tuple[str, str], float] = {}

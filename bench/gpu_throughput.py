@@ -104,9 +104,7 @@ def end_to_end(
         tensors = prepare_batch([decode_image(data) for data in frame], spec)
         batcher.submit(tensors, on_done(len(frame)))
 
-    frames = [
-        encoded[i : i + CROPS_PER_FRAME] for i in range(0, len(encoded), CROPS_PER_FRAME)
-    ]
+    frames = [encoded[i : i + CROPS_PER_FRAME] for i in range(0, len(encoded), CROPS_PER_FRAME)]
     batcher.start()
     started = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:

@@ -134,6 +134,8 @@ class Daemon:
             self.frames,
             self.recorder.submit,
             workers=self.workers,
+            processes=settings.batcher.processes,
+            slot_bytes=settings.batcher.slot_mib << 20,
             observers=self._observers(),
             batch_of=lambda probe: self.probes[probe].aggregator.batch,
         )

@@ -337,7 +337,25 @@ class BatcherConfig(_Section):
         "224 px are about 600 MB).",
     )
     frame_queue_size: int = Field(default=64, ge=1, description="Frames waiting for decoding.")
-    workers: int = Field(default=0, ge=0, description="Decode workers; 0 = one per core.")
+    workers: int = Field(
+        default=0,
+        ge=0,
+        description="Worker processes (or threads) for each frame's decode, quality gate, "
+        "segmentation and preprocessing; 0 = one per core.",
+    )
+    processes: bool = Field(
+        default=True,
+        description="Run that work in worker processes, handing tensors over in shared "
+        "memory (threads of the daemon share one core's worth of Python).",
+    )
+    slot_mib: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Shared memory per frame in flight (a worker holds 4): the frame, its "
+        "crops' input tensors and images. A frame that needs more is sent pickled, "
+        "counted as oversize.",
+    )
 
 
 class AggregationConfig(_Section):

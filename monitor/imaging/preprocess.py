@@ -78,9 +78,15 @@ def prepare_image(grey: np.ndarray, spec: InputSpec) -> np.ndarray:
     return normalise(resize_to_input(grey, spec), spec)
 
 
-def prepare_batch(images: Sequence[np.ndarray], spec: InputSpec) -> np.ndarray:
-    """Greyscale images -> (N, 3, S, S) float32, written into one contiguous array."""
-    batch = np.empty((len(images), 3, spec.size, spec.size), dtype=np.float32)
+def prepare_batch(
+    images: Sequence[np.ndarray], spec: InputSpec, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Greyscale images -> (N, 3, S, S) float32, written into one contiguous array
+    (`out` where given: a worker process writes straight into shared memory)."""
+    shape = (len(images), 3, spec.size, spec.size)
+    batch = np.empty(shape, dtype=np.float32) if out is None else out
+    if batch.shape != shape or batch.dtype != np.float32:
+        raise ValueError(f"out is {batch.dtype}{batch.shape}, needs float32{shape}")
     for index, grey in enumerate(images):
         normalise(resize_to_input(grey, spec), spec, out=batch[index])
     return batch

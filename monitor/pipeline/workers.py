@@ -1,30 +1,34 @@
 """The frame pipeline: decode -> quality gate -> sampling -> batcher, then the recorder.
 
-Workers take frames from one bounded queue shared by all probes. A worker hands a
-frame's crops to the micro-batcher with a callback and goes on to the next frame;
-the callback turns probabilities into counts and passes a FrameOutcome to the
-recorder, which stores frames in small transactions and only then feeds the
-aggregators, so what the windows show is always what the store holds.
+Threads take frames from one bounded queue shared by all probes. Each hands a frame's
+own work (decode, quality gate, sampling or segmentation, sizes, preprocessing: see
+frame_work.py) to a worker process (process_pool.py; `batcher.processes = false` does
+it on the thread itself), gives the prepared crops to the micro-batcher with a callback
+and goes on to the next frame; the callback turns probabilities into counts and passes a
+FrameOutcome to the recorder, which stores frames in small transactions and only then
+feeds the aggregators, so what the windows show is always what the store holds.
 """
 
 from __future__ import annotations
 
-import errno
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import structlog
 
-from monitor.config.settings import ProbeConfig, QualityConfig
-from monitor.imaging.decode import DecodeError
-from monitor.imaging.particle_size import ParticleSize, measure_mask
-from monitor.imaging.preprocess import prepare_batch
+from monitor.config.settings import ProbeConfig
+from monitor.manifest import InputSpec
 from monitor.pipeline.active_model import ActiveModel
 from monitor.pipeline.batcher import MicroBatcher
 from monitor.pipeline.frame_queue import FrameQueue
+from monitor.pipeline.frame_work import (
+    FrameReadError,
+    prepare_frame,
+    probe_stages,
+    read_frame,
+)
 from monitor.pipeline.outcome import (
     ClassifiedCrop,
     ClassifiedFrame,
@@ -33,47 +37,19 @@ from monitor.pipeline.outcome import (
     ParticleBox,
     observe_all,
 )
-from monitor.pipeline.quality_gate import assess_frame
-from monitor.pipeline.sampling import Sampler, create_sampler
+from monitor.pipeline.process_pool import FramePreparers, PreparedHandle, WorkerLostError
 from monitor.sources.base import FrameItem
 
 log = structlog.get_logger(__name__)
 
-
-# Reading may fail and then succeed: a descriptor limit reached for a moment, a share
-# that answers EACCES or EIO while it reconnects, a lock held by the vendor software.
-TRANSIENT_READ_ERRNOS = frozenset(
-    {
-        errno.EMFILE,
-        errno.ENFILE,
-        errno.EACCES,
-        errno.EPERM,
-        errno.EIO,
-        errno.EAGAIN,
-        errno.EBUSY,
-        errno.ENOMEM,
-        errno.ETIMEDOUT,
-        errno.ESTALE,
-        errno.EINTR,
-    }
-)
+# A frame whose worker process died is tried once more; dying again, it is recorded as
+# failed (it may be what kills them).
+ATTEMPTS_PER_FRAME = 2
+THREADS_PER_PROCESS = 2  # one frame in the worker, the next waiting behind it
 
 
-def transient_read_error(exc: DecodeError) -> bool:
-    """Whether a read failed for a passing cause (an OSError behind the DecodeError)."""
-    cause = exc.__cause__
-    return isinstance(cause, OSError) and cause.errno in TRANSIENT_READ_ERRNOS
-
-
-@dataclass(frozen=True)
-class _ProbeStages:
-    quality: QualityConfig
-    sampler: Sampler
-    pixel_size_um: float | None
-
-
-def _stages(probe: ProbeConfig) -> _ProbeStages:
-    return _ProbeStages(probe.quality, create_sampler(probe), probe.pixel_size_um)
+def _release_nothing() -> None:
+    pass
 
 
 class Pipeline:
@@ -86,6 +62,8 @@ class Pipeline:
         on_outcome: Callable[[FrameOutcome], None],
         *,
         workers: int,
+        processes: bool = False,
+        slot_bytes: int = 16 << 20,
         observers: Sequence[ClassifiedFrameObserver] = (),
         batch_of: Callable[[str], str | None] = lambda probe: None,
     ) -> None:
@@ -93,14 +71,16 @@ class Pipeline:
         self._classes = active.manifest.classes
         self._observers = tuple(observers)
         self._batch_of = batch_of
-        self._stages = {probe.id: _stages(probe) for probe in probes}
+        self._stages = probe_stages(probes)
         self._batcher = batcher
         self._frames = frames
         self._on_outcome = on_outcome
         self._stop = threading.Event()
+        self.pool = FramePreparers(workers, probes, slot_bytes=slot_bytes) if processes else None
+        threads = max(1, workers) * (THREADS_PER_PROCESS if processes else 1)
         self._threads = [
-            threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
-            for i in range(max(1, workers))
+            threading.Thread(target=self._work, name=f"frames-{i}", daemon=True)
+            for i in range(threads)
         ]
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
@@ -109,7 +89,9 @@ class Pipeline:
     def update_probes(self, probes: Sequence[ProbeConfig]) -> None:
         """New quality and sampling thresholds (a config reload); frames already in a
         worker finish with the old ones. One dict swap, so no lock is needed."""
-        self._stages = {probe.id: _stages(probe) for probe in probes}
+        self._stages = probe_stages(probes)
+        if self.pool is not None:
+            self.pool.update_probes(probes)
 
     def set_observers(self, observers: Sequence[ClassifiedFrameObserver]) -> None:
         """Who sees the classified frames from now on (a reload starts or stops the
@@ -134,6 +116,8 @@ class Pipeline:
         return previous
 
     def start(self) -> None:
+        if self.pool is not None:
+            self.pool.start()
         for thread in self._threads:
             thread.start()
 
@@ -146,6 +130,8 @@ class Pipeline:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        if self.pool is not None:
+            self.pool.stop(timeout=max(1.0, deadline - time.monotonic()))
         return drained
 
     @property
@@ -176,46 +162,77 @@ class Pipeline:
             with self._in_flight_lock:
                 self._in_flight -= 1
 
-    def _process(self, item: FrameItem) -> None:
-        stages = self._stages[item.probe]
-        try:
-            grey = item.read()
-        except DecodeError as exc:
-            if item.retry is not None and transient_read_error(exc):
-                if item.retry(exc.detail):
-                    self._abandon()  # the source delivers it again after a backoff
-                    return
-                exc = DecodeError(exc.reason, f"{exc.detail} (after {item.attempt} tries)")
-            log.warning(
-                "frame_unreadable",
-                probe=item.probe,
-                key=item.key,
-                reason=exc.reason,
-                detail=exc.detail,
+    def _prepare(self, item: FrameItem, spec: InputSpec, with_crop_images: bool) -> PreparedHandle:
+        """The frame's own work, in a worker process or here. Raises FrameReadError."""
+        if self.pool is None:
+            grey = read_frame(item.read)
+            frame = prepare_frame(
+                grey, self._stages[item.probe], spec, with_crop_images=with_crop_images
             )
-            self._finish(FrameOutcome(item, "error", exc.reason, self._zeros(), 0))
-            return
-        verdict = assess_frame(grey, stages.quality)
-        if not verdict.accepted:
-            self._finish(FrameOutcome(item, "rejected", verdict.reason, self._zeros(), 0))
-            return
-        crops = stages.sampler.sample(grey)
-        if not crops:
-            self._finish(FrameOutcome(item, "ok", None, self._zeros(), 0))
-            return
+            return PreparedHandle(frame, _release_nothing)
+        if item.portable_read:
+            return self.pool.prepare(
+                item.probe, item.read, None, spec, with_crop_images=with_crop_images
+            )
+        grey = read_frame(item.read)  # read here (a simulator, a camera), pixels shared
+        return self.pool.prepare(item.probe, None, grey, spec, with_crop_images=with_crop_images)
+
+    def _prepared(
+        self, item: FrameItem, spec: InputSpec, with_crop_images: bool
+    ) -> PreparedHandle | None:
+        """_prepare, with a lost worker's frame tried again; None once the frame has its
+        outcome (unreadable, or the worker died on it each time) or is left to a retry."""
+        for attempt in range(1, ATTEMPTS_PER_FRAME + 1):
+            try:
+                return self._prepare(item, spec, with_crop_images)
+            except WorkerLostError as exc:
+                log.error(
+                    "frame_worker_lost", probe=item.probe, key=item.key, attempt=attempt,
+                    error=str(exc),
+                )  # fmt: skip
+                if attempt == ATTEMPTS_PER_FRAME:
+                    reason = f"worker_lost: {exc} ({attempt} tries)"
+                    self._finish(FrameOutcome(item, "error", reason, self._zeros(), 0))
+            except FrameReadError as failed:
+                self._unreadable(item, failed)
+                return None
+        return None
+
+    def _unreadable(self, item: FrameItem, failed: FrameReadError) -> None:
+        detail = failed.detail
+        if item.retry is not None and failed.transient:
+            if item.retry(failed.detail):
+                self._abandon()  # the source delivers it again after a backoff
+                return
+            detail = f"{detail} (after {item.attempt} tries)"
+        log.warning(
+            "frame_unreadable", probe=item.probe, key=item.key, reason=failed.reason,
+            detail=detail,
+        )  # fmt: skip
+        self._finish(FrameOutcome(item, "error", failed.reason, self._zeros(), 0))
+
+    def _process(self, item: FrameItem) -> None:
         active = self._active  # one model for the whole frame, whenever a swap lands
         manifest = active.manifest
         rule = active.rule
         model = active.identity
-        tensors = prepare_batch([crop.image for crop in crops], manifest.input)
-        # Measured here, on the worker, once per crop from the sampler's mask (a view of
-        # the frame's pixels, nothing copied), while the batcher waits for more crops.
-        sizes: list[ParticleSize | None] = [
-            None if crop.mask is None else measure_mask(crop.mask, stages.pixel_size_um)
-            for crop in crops
-        ]
+        handle = self._prepared(item, manifest.input, with_crop_images=bool(self._observers))
+        if handle is None:
+            return
+        frame = handle.frame
+        if frame.status == "rejected" or not frame.boxes:
+            handle.release()
+            if frame.status == "rejected":
+                outcome = FrameOutcome(item, "rejected", frame.reason, self._zeros(), 0)
+            else:
+                outcome = FrameOutcome(item, "ok", None, self._zeros(), 0)
+            self._finish(outcome)
+            return
+        assert frame.tensors is not None
+        grey = frame.grey
 
         def on_probabilities(rows: np.ndarray | None, error: str | None) -> None:
+            handle.release()  # the batcher has read the tensors
             if rows is None:
                 # Not recorded, so not journaled: the frame is tried again after a restart.
                 log.error("frame_not_classified", probe=item.probe, key=item.key, error=error)
@@ -225,7 +242,7 @@ class Pipeline:
             uncertain = ood = 0
             boxes = []
             decisions = rule.decide(rows)
-            for crop, decision, size in zip(crops, decisions, sizes, strict=True):
+            for bbox, decision, size in zip(frame.boxes, decisions, frame.sizes, strict=True):
                 if decision.status == "ok":
                     counts[manifest.classes.index(decision.label)] += 1
                 elif decision.reason == "out_of_distribution":
@@ -234,7 +251,7 @@ class Pipeline:
                     uncertain += 1
                 boxes.append(
                     ParticleBox(
-                        *crop.bbox,
+                        *bbox,
                         label=decision.label,
                         confidence=decision.confidence,
                         uncertain=decision.status != "ok",
@@ -243,12 +260,14 @@ class Pipeline:
                     )
                 )
             observers = self._observers  # one read: a reload may replace them meanwhile
-            if observers:
+            if observers and frame.crop_images is not None:
                 classified = ClassifiedFrame(
                     item,
                     tuple(
-                        ClassifiedCrop(crop.image, crop.bbox, row, decision)
-                        for crop, row, decision in zip(crops, rows, decisions, strict=True)
+                        ClassifiedCrop(image, bbox, row, decision)
+                        for image, bbox, row, decision in zip(
+                            frame.crop_images, frame.boxes, rows, decisions, strict=True
+                        )
                     ),
                     manifest.classes,
                     model,
@@ -269,7 +288,8 @@ class Pipeline:
                 )
             )
 
-        if not self._batcher.submit(tensors, on_probabilities, backend=active.backend):
+        if not self._batcher.submit(frame.tensors, on_probabilities, backend=active.backend):
+            handle.release()
             self._abandon()  # shutting down: left for the next start
 
     def _abandon(self) -> None:

@@ -19,7 +19,10 @@ class FrameItem:
     frame's row is committed (moving or deleting the file). `retry`, where the source
     can deliver the frame again (a file), is called by the worker when reading failed
     for a passing cause (EMFILE, EACCES, EIO); it returns False once the source has
-    tried often enough, and the failure is then recorded.
+    tried often enough, and the failure is then recorded. `portable_read` says that
+    `read` pickles small (a module-level function and a path) and may run in a worker
+    process, which then reads the file itself; otherwise the daemon reads the frame
+    and shares its pixels with the worker.
     """
 
     probe: str
@@ -30,6 +33,7 @@ class FrameItem:
     after_store: Callable[[], None] | None = field(default=None, compare=False)
     retry: Callable[[str], bool] | None = field(default=None, compare=False)
     attempt: int = 1
+    portable_read: bool = False
 
 
 class FrameSink(Protocol):

@@ -430,6 +430,7 @@ class FolderSource:
             after_store=self._after_store(path),
             retry=functools.partial(self._request_retry, path, attempt, ts),
             attempt=attempt,
+            portable_read=True,
         )
         assert self._sink is not None
         while not self._stop.is_set():

@@ -1,0 +1,211 @@
+"""How the daemon grows with the cores: 1..N worker processes against threads, in one run.
+
+1. Crop mode: crop files renamed into a watched folder until their rows are stored,
+   for threads (`batcher.processes = false`, one per core, the old pipeline) and for
+   1..N worker processes; against the physical ceiling measured the same way as in
+   bench.daemon_throughput (cores / the per-crop stage costs, each on one thread).
+2. Frame mode (1360 x 1024 PNG, about 30 particles): frames/s end to end for the same
+   settings, and the frames' own work alone (worker processes preparing frames with no
+   inference: what a GPU host, whose inference is off the CPU, would see).
+3. Latency at 4 probes x 10 frames/s (crop mode, rename -> stored, p50/p99) with the
+   default settings, and the memory (PSS, so pages shared by the processes count once)
+   of the daemon's process and all its children after the crop-mode run.
+
+    python -m bench.scaling [--crops 3000] [--frames 60] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from bench import daemon_throughput as throughput
+from bench.report import machine_line, replace_section
+from monitor.config.settings import load_settings
+from monitor.daemon import Daemon
+from monitor.imaging.decode import DEFAULT_LIMITS
+from monitor.manifest import load_manifest
+from monitor.pipeline.process_pool import FramePreparers
+from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
+from monitor.sources.folder import read_frame_file
+
+
+def process_tree_pss_mib(pid: int) -> float:
+    """Proportional set size of `pid` and all its descendants, MiB."""
+    total_kib = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            for line in Path(f"/proc/{current}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kib += int(line.split()[1])
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(c) for c in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total_kib / 1024
+
+
+def crop_mode(root: Path, encoded: list[bytes], batcher: dict[str, object]) -> tuple[float, float]:
+    """(crops/s end to end, MiB PSS of the whole process tree right after)."""
+    folder = Path(tempfile.mkdtemp(prefix="crops", dir=root))
+    pairs = throughput._stage_files(folder, encoded, "crop")
+    daemon = Daemon(throughput._settings(folder / "state", {"R1": folder}, "whole", 32, batcher))
+    daemon.start()
+    time.sleep(1.0)
+    try:
+        started = time.perf_counter()
+        for temporary, final in pairs:
+            os.replace(temporary, final)
+        throughput._wait_recorded(daemon, len(pairs), timeout=900)
+        rate = len(pairs) / (time.perf_counter() - started)
+        memory = process_tree_pss_mib(os.getpid())
+    finally:
+        daemon.stop()
+    return rate, memory
+
+
+def frame_mode(root: Path, encoded: list[bytes], batcher: dict[str, object]) -> float:
+    folder = Path(tempfile.mkdtemp(prefix="frames", dir=root))
+    pairs = throughput._stage_files(folder, encoded, "frame")
+    daemon = Daemon(
+        throughput._settings(folder / "state", {"R1": folder}, "particles", 32, batcher)
+    )
+    daemon.start()
+    time.sleep(1.0)
+    try:
+        started = time.perf_counter()
+        for temporary, final in pairs:
+            os.replace(temporary, final)
+        throughput._wait_recorded(daemon, len(pairs), timeout=900)
+        return len(pairs) / (time.perf_counter() - started)
+    finally:
+        daemon.stop()
+
+
+def preparation_only(root: Path, encoded: list[bytes], workers: int) -> float:
+    """Frames/s of worker processes preparing frames (decode to tensors), no inference."""
+    folder = Path(tempfile.mkdtemp(prefix="prep", dir=root))
+    paths = []
+    for index, data in enumerate(encoded):
+        path = folder / f"frame_{index:04d}.png"
+        path.write_bytes(data)
+        paths.append(path)
+    probes = load_settings(
+        data={"probes": [{"id": "R1", "sampling": "particles", "source": {"type": "simulated"}}]}
+    ).probes
+    spec = load_manifest(throughput.MODEL_DIR).manifest.input
+    pool = FramePreparers(workers, probes)
+    pool.start()
+    threads_per_worker = 2
+
+    def run(share: list[Path]) -> None:
+        for path in share:
+            read = functools.partial(read_frame_file, str(path), DEFAULT_LIMITS)
+            pool.prepare("R1", read, None, spec, with_crop_images=False).release()
+
+    try:
+        count = workers * threads_per_worker
+        shares = [paths[i::count] for i in range(count)]
+        run(paths[:2])  # warm up
+        started = time.perf_counter()
+        runners = [threading.Thread(target=run, args=(share,)) for share in shares]
+        for runner in runners:
+            runner.start()
+        for runner in runners:
+            runner.join()
+        return len(paths) / (time.perf_counter() - started)
+    finally:
+        pool.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--crops", type=int, default=3000)
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--latency-seconds", type=float, default=30.0)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--write", action="store_true", help="record the table in BENCHMARKS.md")
+    args = parser.parse_args()
+    throughput.MODEL_DIR = args.model
+    model_name = load_manifest(args.model).manifest.name
+    cores = os.cpu_count() or 1
+    simulator = CropSimulator(seed=8)
+    crops = [simulator.render("PG" if i % 5 == 0 else "CEX") for i in range(200)]
+    crops = [crops[i % len(crops)] for i in range(args.crops)]
+    encoded = [cv2.imencode(".png", c)[1].tobytes() for c in crops]
+    frames = FrameSimulator(FrameConfig(profile=ConstantProfile(0.2)), seed=21)
+    frame_files = [
+        cv2.imencode(".png", frames.render(float(i))[0])[1].tobytes() for i in range(args.frames)
+    ]
+    settings: list[tuple[str, dict[str, object]]] = [
+        (f"threads ({cores}), one process", {"processes": False, "workers": cores})
+    ]
+    settings += [
+        (f"{n} worker process{'es' if n > 1 else ''}", {"processes": True, "workers": n})
+        for n in range(1, args.max_workers + 1)
+    ]
+    lines = [
+        "| pipeline | crop mode, crops/s | / ceiling | PSS all processes | "
+        "frame mode, frames/s | / 1 process | frames prepared/s, no inference | / 1 process |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        stage_ms = throughput.crop_stage_costs(crops[:1000], encoded[:1000], 32)
+        ceiling = cores * 1000 / sum(stage_ms.values())
+        ort = throughput.onnxruntime_only(crops[:1000], 32)
+        results = []
+        for name, batcher in settings:
+            crop_rate, memory = crop_mode(root, encoded, batcher)
+            frame_rate = frame_mode(root, frame_files, batcher)
+            workers = int(batcher["workers"])  # type: ignore[call-overload]
+            prepared = (
+                preparation_only(root, frame_files, workers) if batcher["processes"] else None
+            )
+            results.append((name, crop_rate, memory, frame_rate, prepared))
+            print(name, f"{crop_rate:.0f} crops/s", f"{frame_rate:.1f} frames/s", flush=True)
+        latencies = throughput.latency_at_rate(
+            root, encoded, probes=4, fps=10.0, seconds=args.latency_seconds
+        )
+    one = next(r for r in results if r[0] == "1 worker process")
+    for name, crop_rate, memory, frame_rate, prepared in results:
+        prepared_cells = (
+            "| - | - |" if prepared is None else f"| {prepared:.1f} | {prepared / one[4]:.2f} |"
+        )
+        lines.append(
+            f"| {name} | {crop_rate:.0f} | {crop_rate / ceiling:.2f} | {memory:.0f} MiB | "
+            f"{frame_rate:.1f} | {frame_rate / one[3]:.2f} {prepared_cells}"
+        )
+    stages = ", ".join(f"{name} {ms:.3f}" for name, ms in stage_ms.items())
+    notes = [
+        "",
+        f"Ceiling: {cores} cores / ({stages} ms per crop, each stage on one thread) = "
+        f"{ceiling:.0f} crops/s. ONNX Runtime alone on preloaded tensors, batch 32, "
+        f"its default threads: {ort:.0f} crops/s.",
+        f"Latency rename -> stored at 4 probes x 10 frames/s, default settings: "
+        f"p50 {np.percentile(latencies, 50) * 1000:.0f} ms, "
+        f"p99 {np.percentile(latencies, 99) * 1000:.0f} ms.",
+    ]
+    table = "\n".join(lines + notes)
+    print(table)
+    if args.write:
+        command = "python -m bench.scaling " + " ".join(sys.argv[1:])
+        body = f"{machine_line()}; model `{model_name}`.\n\nCommand: `{command}`\n\n{table}\n"
+        replace_section(Path("BENCHMARKS.md"), f"scaling: worker processes, {model_name}", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,513 @@
+"""Worker processes for the frames' own work, with shared memory for their pixels.
+
+Why processes: decode, quality gate, segmentation and preprocessing are numpy and
+OpenCV calls with Python between them, so threads of one process serialise on the GIL
+and the daemon uses about one core whatever the machine has. Each worker process runs
+`frame_work.prepare_frame` on the frames it is sent and writes what it makes (the
+model's input tensors, the frame, the crops' images when asked) into a slot of a
+shared-memory arena of its own; only small descriptions travel through its pipe
+(offsets, boxes, sizes), never pixel arrays. The daemon wraps a slot in numpy views,
+hands the tensors to the micro-batcher and frees the slot once the batch that read
+them has been delivered.
+
+A frame whose file a worker can read itself (a folder source's file) goes as its path;
+any other frame (the simulator, a camera stream) is read in the daemon and its pixels
+written into the slot for the worker.
+
+Failure design:
+- A worker that dies (a decoder crash, the OOM killer) is restarted with a new arena;
+  the frames it held raise `WorkerLostError`, and the pipeline tries each once more before
+  recording it as failed, so a frame that kills workers is recorded, never lost.
+- Workers ignore SIGTERM and SIGINT (systemd signals the whole control group; the
+  daemon drains its queue first, then tells them to stop) and exit when the daemon's
+  end of their pipe closes, so a SIGKILLed daemon leaves no worker behind.
+- The arena is unlinked as soon as its worker has mapped it: nothing is left in
+  /dev/shm whatever kills whom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from multiprocessing import resource_tracker
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+import structlog
+
+from monitor.config.settings import ProbeConfig
+from monitor.manifest import InputSpec
+from monitor.pipeline.frame_work import (
+    FrameReadError,
+    PreparedFrame,
+    prepare_frame,
+    probe_stages,
+    read_frame,
+)
+
+log = structlog.get_logger(__name__)
+
+ALIGN = 64  # bytes: each array in a slot starts on a cache line
+READY_TIMEOUT_S = 60.0
+RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
+NO_WORKER_TIMEOUT_S = 30.0
+
+
+class WorkerLostError(Exception):
+    """The worker process preparing a frame died before answering."""
+
+
+# An array's place in a slot: (offset, shape, dtype string). An array that did not fit
+# travels pickled instead (counted in PoolStats.oversize).
+ArrayRef = tuple[int, tuple[int, ...], str]
+Placed = ArrayRef | np.ndarray
+
+
+@dataclass
+class PoolStats:
+    frames: int = 0
+    restarts: int = 0
+    oversize: int = 0
+    """Frames whose arrays outgrew a slot and were sent pickled (raise batcher.slot_mib)."""
+
+
+@dataclass
+class PreparedHandle:
+    """A prepared frame whose arrays may live in a slot; `release` frees the slot
+    (call it once nothing reads `frame.tensors` any more)."""
+
+    frame: PreparedFrame
+    release: Callable[[], None]
+
+
+# ---------------------------------------------------------------- the worker process
+
+
+class _SlotWriter:
+    """Hands out arrays from one slot, front to back; np.empty once the slot is full."""
+
+    def __init__(self, buffer: memoryview, start: int, end: int) -> None:
+        self._buffer = buffer
+        self._cursor = start
+        self._end = end
+        self.placed: dict[int, ArrayRef] = {}
+        self.overflowed = False
+
+    def allocate(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        offset = -(-self._cursor // ALIGN) * ALIGN
+        if offset + nbytes > self._end:
+            self.overflowed = True
+            return np.empty(shape, dtype)
+        array: np.ndarray = np.ndarray(shape, dtype, buffer=self._buffer, offset=offset)
+        self._cursor = offset + nbytes
+        self.placed[id(array)] = (offset, tuple(shape), dtype.str)
+        return array
+
+    def ref(self, array: np.ndarray) -> Placed:
+        return self.placed.get(id(array), array)
+
+
+def _attach(name: str) -> SharedMemory:
+    """Map the daemon's arena without registering it with the resource tracker (before
+    Python 3.13 attaching registers it, and the tracker would unlink and warn)."""
+    register = resource_tracker.register
+    resource_tracker.register = lambda *args, **kwargs: None
+    try:
+        return SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register
+
+
+def _serve(conn: Connection, arena_name: str, slot_bytes: int, probes: list[ProbeConfig]) -> None:
+    """The worker process's loop: one frame at a time, in the order sent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cv2_threads_one()
+    arena = _attach(arena_name)
+    buffer = arena.buf
+    assert buffer is not None
+    stages = probe_stages(probes)
+    conn.send(("ready", os.getpid()))
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return  # the daemon is gone
+            if message is None:
+                return
+            if message[0] == "probes":
+                stages = probe_stages(message[1])
+                continue
+            _, job, slot, probe, read, grey_ref, spec, with_images = message
+            try:
+                reply = _prepare(
+                    buffer,
+                    slot * slot_bytes,
+                    (slot + 1) * slot_bytes,
+                    stages=stages[probe],
+                    read=read,
+                    grey_ref=grey_ref,
+                    spec=spec,
+                    with_images=with_images,
+                )
+            except Exception as exc:  # one bad frame must never stop a worker
+                reply = ("failed", f"internal: {type(exc).__name__}: {exc}")
+            try:
+                conn.send((job, *reply))
+            except (BrokenPipeError, OSError):
+                return
+    finally:
+        with contextlib.suppress(BufferError):  # a view may outlive the loop; exit frees all
+            arena.close()
+
+
+def cv2_threads_one() -> None:
+    """One OpenCV thread per worker process: the processes are the parallelism."""
+    import cv2  # noqa: PLC0415  (the worker's own import)
+
+    cv2.setNumThreads(1)
+
+
+def _prepare(
+    buffer: memoryview,
+    start: int,
+    end: int,
+    *,
+    stages: Any,
+    read: Callable[[], np.ndarray] | None,
+    grey_ref: Placed | None,
+    spec: InputSpec,
+    with_images: bool,
+) -> tuple[Any, ...]:
+    if read is not None:
+        try:
+            decoded = read_frame(read)
+        except FrameReadError as failed:
+            return ("unreadable", failed.reason, failed.detail, failed.transient)
+        writer = _SlotWriter(buffer, start, end)
+        grey = writer.allocate(decoded.shape, decoded.dtype)
+        grey[...] = decoded
+    else:
+        assert grey_ref is not None
+        grey = _view(buffer, grey_ref)
+        used = grey_ref[0] + grey.nbytes if isinstance(grey_ref, tuple) else start
+        writer = _SlotWriter(buffer, used, end)
+        if isinstance(grey_ref, tuple):
+            writer.placed[id(grey)] = grey_ref
+    frame = prepare_frame(
+        grey, stages, spec, with_crop_images=with_images, allocate=writer.allocate
+    )
+    if frame.status == "rejected":
+        return ("rejected", frame.reason, writer.ref(grey), writer.overflowed)
+    assert frame.tensors is not None
+    images = None if frame.crop_images is None else [writer.ref(i) for i in frame.crop_images]
+    return (
+        "ok",
+        writer.ref(grey),
+        writer.ref(frame.tensors),
+        frame.boxes,
+        frame.sizes,
+        images,
+        writer.overflowed,
+    )
+
+
+def _view(buffer: memoryview, ref: Placed) -> np.ndarray:
+    if isinstance(ref, np.ndarray):
+        return ref
+    offset, shape, dtype = ref
+    return np.ndarray(shape, np.dtype(dtype), buffer=buffer, offset=offset)
+
+
+# ---------------------------------------------------------------- the daemon's side
+
+
+class _Worker:
+    """One worker process as the daemon sees it: its pipe, arena, free slots, and the
+    frames sent and not yet answered."""
+
+    def __init__(
+        self, context: Any, index: int, slots: int, slot_bytes: int, probes: list[ProbeConfig]
+    ) -> None:
+        self.index = index
+        self.slot_bytes = slot_bytes
+        self.arena = SharedMemory(create=True, size=slots * slot_bytes)
+        self.free: queue.Queue[int] = queue.Queue()
+        for slot in range(slots):
+            self.free.put(slot)
+        self.pending: dict[int, Future[tuple[Any, ...]]] = {}
+        self.lock = threading.Lock()
+        self.lost = False
+        ours, theirs = context.Pipe(duplex=True)
+        self.conn: Connection = ours
+        self.process = context.Process(
+            target=_serve,
+            args=(theirs, self.arena.name, slot_bytes, probes),
+            name=f"crystal-monitor-worker-{index}",
+            daemon=True,
+        )
+        try:
+            self.process.start()
+        finally:
+            theirs.close()  # the daemon keeps only its end: EOF when the worker dies
+        try:
+            if not self.conn.poll(READY_TIMEOUT_S):
+                raise RuntimeError(
+                    f"worker process {index} did not start within {READY_TIMEOUT_S:.0f} s"
+                )
+            hello = self.conn.recv()
+            if hello[0] != "ready":
+                raise RuntimeError(f"worker process {index} said {hello!r} instead of ready")
+        except (EOFError, OSError) as exc:
+            self._abort()
+            raise RuntimeError(f"worker process {index} died while starting: {exc}") from exc
+        except RuntimeError:
+            self._abort()
+            raise
+        finally:
+            self.arena.unlink()  # mapped by both: nothing is left in /dev/shm
+        self.pid = int(hello[1])
+
+    def _abort(self) -> None:
+        self.process.kill()
+        self.process.join(timeout=5.0)
+        self.conn.close()
+
+    def send(self, message: tuple[Any, ...] | None) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+    def close(self) -> None:
+        # A view still alive somewhere keeps the mapping; it goes with the process.
+        with contextlib.suppress(BufferError):
+            self.arena.close()
+
+
+class FramePreparers:
+    """The pool of worker processes, seen from the pipeline's threads: `prepare` sends a
+    frame to the least busy worker and blocks until it is prepared."""
+
+    def __init__(
+        self,
+        workers: int,
+        probes: Sequence[ProbeConfig],
+        *,
+        slots_per_worker: int = 4,
+        slot_bytes: int = 16 << 20,
+    ) -> None:
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["monitor.pipeline.process_pool"])
+        self._count = max(1, workers)
+        self._slots = max(2, slots_per_worker)
+        self._slot_bytes = slot_bytes
+        self._probes = list(probes)
+        self._workers: list[_Worker] = []
+        self._retired: list[_Worker] = []
+        self._jobs = 0
+        self._jobs_lock = threading.Lock()
+        self._restart_lock = threading.Lock()
+        self._stopping = False
+        self.stats = PoolStats()
+
+    @property
+    def size(self) -> int:
+        return self._count
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.pid for worker in self._workers]
+
+    def start(self) -> None:
+        for index in range(self._count):
+            self._workers.append(self._spawn(index))
+
+    def _spawn(self, index: int) -> _Worker:
+        worker = _Worker(self._context, index, self._slots, self._slot_bytes, self._probes)
+        threading.Thread(
+            target=self._receive, args=(worker,), name=f"worker-{index}-replies", daemon=True
+        ).start()
+        log.info("worker_process_started", index=index, pid=worker.pid)
+        return worker
+
+    def update_probes(self, probes: Sequence[ProbeConfig]) -> None:
+        """New thresholds for frames sent from now on (a reload)."""
+        self._probes = list(probes)
+        for worker in list(self._workers):
+            with contextlib.suppress(OSError):  # dying: its replacement gets these probes
+                worker.send(("probes", self._probes))
+
+    def prepare(
+        self,
+        probe: str,
+        read: Callable[[], np.ndarray] | None,
+        grey: np.ndarray | None,
+        spec: InputSpec,
+        *,
+        with_crop_images: bool,
+    ) -> PreparedHandle:
+        """Prepare one frame: read by the worker (`read`, a picklable callable) or given
+        (`grey`, read here). Raises FrameReadError, WorkerLostError or RuntimeError."""
+        worker = self._live_worker()
+        slot = worker.free.get()
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                worker.free.put(slot)
+
+        try:
+            grey_ref: Placed | None = None
+            if read is None:
+                assert grey is not None
+                grey_ref = self._place_input(worker, slot, grey)
+            future: Future[tuple[Any, ...]] = Future()
+            with self._jobs_lock:
+                self._jobs += 1
+                job = self._jobs
+            with worker.lock:
+                if worker.lost:
+                    raise WorkerLostError(f"worker process {worker.index} is restarting")
+                worker.pending[job] = future
+                worker.conn.send(
+                    ("frame", job, slot, probe, read, grey_ref, spec, with_crop_images)
+                )
+            reply = future.result()
+        except OSError as exc:
+            release()
+            raise WorkerLostError(f"worker process {worker.index}: {exc}") from exc
+        except BaseException:
+            release()
+            raise
+        try:
+            frame = self._unpack(worker, reply)
+        except BaseException:
+            release()
+            raise
+        self.stats.frames += 1
+        return PreparedHandle(frame, release)
+
+    def _live_worker(self) -> _Worker:
+        """The least busy worker that is not being replaced; waits while all are."""
+        deadline = time.monotonic() + NO_WORKER_TIMEOUT_S
+        while True:
+            live = [worker for worker in self._workers if not worker.lost]
+            if live:
+                return min(live, key=lambda w: len(w.pending))
+            if self._stopping or time.monotonic() > deadline:
+                raise WorkerLostError("no worker process is running")
+            time.sleep(0.05)
+
+    def _place_input(self, worker: _Worker, slot: int, grey: np.ndarray) -> Placed:
+        start = slot * worker.slot_bytes
+        if grey.nbytes > worker.slot_bytes // 2:
+            self.stats.oversize += 1
+            return np.ascontiguousarray(grey)
+        view: np.ndarray = np.ndarray(grey.shape, grey.dtype, buffer=worker.arena.buf, offset=start)
+        view[...] = grey
+        return (start, tuple(grey.shape), grey.dtype.str)
+
+    def _unpack(self, worker: _Worker, reply: tuple[Any, ...]) -> PreparedFrame:
+        kind = reply[0]
+        buffer = worker.arena.buf
+        assert buffer is not None
+        if kind == "unreadable":
+            _, reason, detail, transient = reply
+            raise FrameReadError(reason, detail, transient)
+        if kind == "failed":
+            raise RuntimeError(reply[1])
+        if kind == "rejected":
+            _, reason, grey_ref, overflowed = reply
+            self.stats.oversize += int(overflowed)
+            return PreparedFrame("rejected", reason, _view(buffer, grey_ref).copy())
+        _, grey_ref, tensors_ref, boxes, sizes, image_refs, overflowed = reply
+        self.stats.oversize += int(overflowed)
+        images = None
+        if image_refs is not None:
+            images = tuple(_view(buffer, ref).copy() for ref in image_refs)
+        return PreparedFrame(
+            "ok",
+            None,
+            _view(buffer, grey_ref).copy(),  # the slot is reused; the dashboard keeps this
+            _view(buffer, tensors_ref),  # read by the batcher before the slot is freed
+            tuple(boxes),
+            tuple(sizes),
+            images,
+        )
+
+    def _receive(self, worker: _Worker) -> None:
+        """Route a worker's replies to the frames waiting for them; on its death fail
+        those frames with WorkerLostError and start a replacement."""
+        while True:
+            try:
+                reply = worker.conn.recv()
+            except (EOFError, OSError):
+                break
+            with worker.lock:
+                future = worker.pending.pop(reply[0], None)
+            if future is not None:
+                future.set_result(reply[1:])
+        with worker.lock:
+            worker.lost = True
+            waiting = list(worker.pending.values())
+            worker.pending.clear()
+        for future in waiting:
+            future.set_exception(WorkerLostError(f"worker process {worker.index} died"))
+        if self._stopping:
+            return
+        worker.process.join(timeout=1.0)
+        log.error(
+            "worker_process_died",
+            index=worker.index,
+            pid=worker.pid,
+            exitcode=worker.process.exitcode,
+            frames_lost_in_it=len(waiting),
+        )
+        self._restart(worker)
+
+    def _restart(self, dead: _Worker) -> None:
+        """Start a replacement, backing off while starting fails (until stopped)."""
+        attempt = 0
+        while not self._stopping:
+            time.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
+            attempt += 1
+            try:
+                replacement = self._spawn(dead.index)
+            except Exception:
+                log.exception("worker_process_restart_failed", index=dead.index)
+                continue
+            with self._restart_lock:
+                self._workers = [replacement if w is dead else w for w in self._workers]
+                self._retired.append(dead)
+            self.stats.restarts += 1
+            return
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Tell every worker to stop after the frames it holds; kill what remains."""
+        self._stopping = True
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            with contextlib.suppress(OSError):
+                worker.send(None)
+        for worker in self._workers:
+            worker.process.join(timeout=max(0.1, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                log.warning("worker_process_killed", index=worker.index, pid=worker.pid)
+                worker.process.kill()
+                worker.process.join(timeout=1.0)
+            worker.conn.close()
+        for worker in self._workers + self._retired:
+            worker.close()

@@ -1,0 +1,241 @@
+"""The frames' own work in worker processes: the same result as on a thread, pixels in
+shared memory, and a worker that dies replaced without losing a frame."""
+
+from __future__ import annotations
+
+import functools
+import mmap
+import os
+import signal
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from monitor.config.settings import ProbeConfig
+from monitor.imaging.decode import DEFAULT_LIMITS
+from monitor.manifest import InputSpec
+from monitor.pipeline.frame_work import FrameReadError, prepare_frame, probe_stages, read_frame
+from monitor.pipeline.process_pool import FramePreparers, WorkerLostError
+from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
+from monitor.sources.folder import read_frame_file
+from tests.daemon_process import DaemonProcess, export, wait_for, write_config, write_like_probe
+
+SPEC = InputSpec(size=96, resize="letterbox", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def _probe(probe_id: str, sampling: str, **extra: object) -> ProbeConfig:
+    return ProbeConfig.model_validate(
+        {"id": probe_id, "sampling": sampling, "source": {"type": "simulated"}, **extra}
+    )
+
+
+PROBES = [_probe("F", "particles", pixel_size_um=0.8), _probe("C", "whole")]
+
+
+@pytest.fixture(scope="module")
+def pool():  # type: ignore[no-untyped-def]
+    preparers = FramePreparers(2, PROBES, slot_bytes=8 << 20)
+    preparers.start()
+    yield preparers
+    preparers.stop()
+
+
+@pytest.fixture(scope="module")
+def frame_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    simulator = FrameSimulator(FrameConfig(profile=ConstantProfile(0.3)), seed=21)
+    image, _ = simulator.render(0.0)
+    path = tmp_path_factory.mktemp("frames") / "frame_0001.png"
+    assert cv2.imwrite(str(path), image)
+    return path, image
+
+
+def _read(path: Path) -> functools.partial[np.ndarray]:
+    return functools.partial(read_frame_file, str(path), DEFAULT_LIMITS)
+
+
+def test_a_worker_process_prepares_a_frame_exactly_as_a_thread_does(pool, frame_file) -> None:  # type: ignore[no-untyped-def]
+    path, image = frame_file
+    here = prepare_frame(image, probe_stages(PROBES)["F"], SPEC, with_crop_images=True)
+    assert here.status == "ok" and len(here.boxes) >= 10
+    handle = pool.prepare("F", _read(path), None, SPEC, with_crop_images=True)
+    try:
+        there = handle.frame
+        assert there.status == "ok"
+        assert there.boxes == here.boxes
+        assert there.sizes == here.sizes
+        assert there.sizes[0] is not None and there.sizes[0].unit == "um"
+        assert there.tensors is not None and here.tensors is not None
+        np.testing.assert_array_equal(there.tensors, here.tensors)
+        np.testing.assert_array_equal(there.grey, image)
+        assert there.crop_images is not None and here.crop_images is not None
+        for a, b in zip(there.crop_images, here.crop_images, strict=True):
+            np.testing.assert_array_equal(a, b)
+        # The tensors are a view of the worker's shared memory, not a pickled copy.
+        assert not there.tensors.flags.owndata
+        assert isinstance(there.tensors.base, mmap.mmap)
+    finally:
+        handle.release()
+    assert pool.stats.oversize == 0
+
+
+def test_pixels_read_by_the_daemon_go_to_the_worker_through_shared_memory(pool) -> None:  # type: ignore[no-untyped-def]
+    crop = CropSimulator(seed=4).render("PG")
+    here = prepare_frame(crop, probe_stages(PROBES)["C"], SPEC, with_crop_images=False)
+    handle = pool.prepare("C", None, crop, SPEC, with_crop_images=False)
+    try:
+        assert handle.frame.boxes == ((0, 0, crop.shape[1], crop.shape[0]),)
+        assert handle.frame.sizes == here.sizes
+        assert handle.frame.crop_images is None
+        np.testing.assert_array_equal(handle.frame.tensors, here.tensors)
+    finally:
+        handle.release()
+
+
+def test_an_unreadable_file_is_reported_with_its_reason(pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    for path in (broken, tmp_path / "gone.png"):
+        with pytest.raises(FrameReadError) as here:
+            read_frame(_read(path))
+        with pytest.raises(FrameReadError) as there:
+            pool.prepare("C", _read(path), None, SPEC, with_crop_images=False)
+        assert (there.value.reason, there.value.detail) == (here.value.reason, here.value.detail)
+        assert there.value.transient is False
+    assert there.value.reason == "unreadable" and "No such file" in there.value.detail
+
+
+def test_a_frame_too_big_for_a_slot_is_still_prepared_and_counted(frame_file) -> None:  # type: ignore[no-untyped-def]
+    path, image = frame_file
+    small = FramePreparers(1, PROBES, slot_bytes=1 << 20)  # the frame alone is 1.4 MB
+    small.start()
+    try:
+        handle = small.prepare("F", _read(path), None, SPEC, with_crop_images=False)
+        here = prepare_frame(image, probe_stages(PROBES)["F"], SPEC, with_crop_images=False)
+        np.testing.assert_array_equal(handle.frame.tensors, here.tensors)
+        handle.release()
+        assert small.stats.oversize == 1
+    finally:
+        small.stop()
+
+
+def test_new_thresholds_reach_the_workers(frame_file) -> None:  # type: ignore[no-untyped-def]
+    path, _ = frame_file
+    preparers = FramePreparers(1, PROBES)
+    preparers.start()
+    try:
+        first = preparers.prepare("F", _read(path), None, SPEC, with_crop_images=False)
+        assert first.frame.status == "ok"
+        first.release()
+        strict = _probe("F", "particles", quality={"min_focus": 1e9})
+        preparers.update_probes([strict, PROBES[1]])
+        second = preparers.prepare("F", _read(path), None, SPEC, with_crop_images=False)
+        assert second.frame.status == "rejected" and second.frame.reason == "out_of_focus"
+        second.release()
+    finally:
+        preparers.stop()
+
+
+def test_a_killed_worker_fails_its_frame_and_is_replaced(tmp_path: Path) -> None:
+    """SIGKILL a worker while it holds a frame: that frame raises WorkerLostError (the pipeline
+    tries it once more), a new worker starts, and the next frame is prepared."""
+    slow = tmp_path / "slow.png"
+    crop = CropSimulator(seed=5).render("CEX")
+    assert cv2.imwrite(str(slow), crop)
+    preparers = FramePreparers(1, PROBES)
+    preparers.start()
+    try:
+        [pid] = preparers.pids
+        stalled = functools.partial(_sleep_then_read, 30.0, str(slow))
+        import threading
+
+        errors: list[BaseException] = []
+
+        def prepare_stalled() -> None:
+            try:
+                preparers.prepare("C", stalled, None, SPEC, with_crop_images=False)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=prepare_stalled)
+        thread.start()
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        assert len(errors) == 1 and isinstance(errors[0], WorkerLostError), errors
+        assert wait_for(lambda: preparers.stats.restarts == 1, timeout=30, interval=0.1)
+        assert preparers.pids != [pid]
+        handle = preparers.prepare("C", _read(slow), None, SPEC, with_crop_images=False)
+        assert handle.frame.status == "ok"
+        handle.release()
+    finally:
+        preparers.stop()
+
+
+def _sleep_then_read(seconds: float, path: str) -> np.ndarray:
+    time.sleep(seconds)
+    return read_frame_file(path, DEFAULT_LIMITS)
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    found: list[int] = []
+    for task in tasks.iterdir():
+        children = (task / "children").read_text().split()
+        found.extend(int(child) for child in children)
+    return found
+
+
+def _worker_pids(daemon_pid: int) -> list[int]:
+    """The daemon's worker processes: the forkserver's children named for a worker."""
+    pids: list[int] = []
+    for child in _children(daemon_pid):
+        for grandchild in [child, *_children(child)]:
+            try:
+                cmdline = Path(f"/proc/{grandchild}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"forkserver" in cmdline and grandchild != child:
+                pids.append(grandchild)
+    return pids
+
+
+@pytest.mark.slow
+def test_the_daemon_loses_no_file_when_its_workers_are_killed(tmp_path: Path) -> None:
+    """Files arrive while worker processes are SIGKILLed three times: every file is
+    recorded once, classified, and the daemon still stops cleanly; a SIGKILL of the
+    daemon itself leaves no worker and nothing in /dev/shm behind."""
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    config = write_config(tmp_path / "config.toml", tmp_path / "state", folder)
+    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    crops = [CropSimulator(seed=8).render("PG" if i % 5 == 0 else "CEX") for i in range(20)]
+    total = 600
+    shm_before = set(os.listdir("/dev/shm"))
+    with daemon:
+        daemon.start()
+        assert daemon.process is not None
+        assert wait_for(lambda: len(_worker_pids(daemon.process.pid)) >= 2, timeout=60)
+        killed: set[int] = set()
+        for index in range(total):
+            write_like_probe(folder, f"crop_{index:05d}.png", crops[index % len(crops)])
+            if index in (100, 250, 400):
+                workers = _worker_pids(daemon.process.pid)
+                assert workers, daemon.log_text()[-2000:]
+                os.kill(workers[0], signal.SIGKILL)
+                killed.add(workers[0])
+            time.sleep(0.003)
+        assert wait_for(lambda: len(export(config)) >= total, timeout=180, interval=1)
+        rows = export(config)
+        keys = sorted(row["key"] for row in rows)
+        assert keys == [f"crop_{i:05d}.png" for i in range(total)], (len(keys), len(set(keys)))
+        assert {row["status"] for row in rows} == {"ok"}, {row["status"] for row in rows}
+        assert daemon.log_text().count('"worker_process_died"') == 3
+        workers = _worker_pids(daemon.process.pid)
+        assert len(workers) >= 2 and not killed & set(workers)
+        daemon.kill()
+        assert wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in workers), 10, 0.1)
+    assert set(os.listdir("/dev/shm")) - shm_before == set()
