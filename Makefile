@@ -79,8 +79,12 @@ $(VENV)/.gpu-installed: pyproject.toml | $(BIN)/python
 test-gpu: $(VENV)/.gpu-installed
 	$(BIN)/pytest -m gpu --require-gpu
 
+# TensorRT engine only vs end to end, then the daemon's scaling with 1, 4 and all worker
+# processes on TensorRT; both write their tables into BENCHMARKS.md, naming the GPU.
 bench-gpu: $(VENV)/.gpu-installed
-	$(BIN)/python -m bench.gpu_throughput
+	$(BIN)/python -m bench.gpu_throughput --write
+	$(BIN)/python -m bench.scaling --backend tensorrt --batch 64 --workers 1,4,all \
+		--crops 3000 --frames 40 --latency-seconds 10 --write
 
 bench: $(VENV)/.dev-installed
 	@echo "(bench.classify_throughput needs a training run: see BENCHMARKS.md)"

@@ -37,6 +37,7 @@ from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, Frame
 from monitor.store import Store
 
 MODEL_DIR: Path | None = None  # --model; None = the shipped default model
+BACKEND = "auto"  # the daemon's backend.type (bench.scaling --backend)
 
 
 def _settings(  # type: ignore[no-untyped-def]
@@ -49,6 +50,7 @@ def _settings(  # type: ignore[no-untyped-def]
     return load_settings(
         data={
             "model": {"path": str(MODEL_DIR)} if MODEL_DIR else {},
+            "backend": {"type": BACKEND},
             "daemon": {"state_dir": str(state), "log_level": "warning"},
             "batcher": {"max_batch": max_batch, "max_wait": "10ms", **(batcher or {})},
             "probes": [

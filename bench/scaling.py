@@ -11,7 +11,10 @@
    default settings, and the memory (PSS, so pages shared by the processes count once)
    of the daemon's process and all its children after the crop-mode run.
 
-    python -m bench.scaling [--crops 3000] [--frames 60] [--write]
+    python -m bench.scaling [--crops 3000] [--frames 60] [--workers 1,2] [--write]
+
+On a GPU host (`--backend tensorrt --batch 64 --workers 1,4,all`) the engine-only row is
+TensorRT's on preloaded tensors, the figure end to end is compared with.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from bench.report import machine_line, replace_section
 from monitor.config.settings import load_settings
 from monitor.daemon import Daemon
 from monitor.imaging.decode import DEFAULT_LIMITS
+from monitor.imaging.preprocess import prepare_batch
+from monitor.inference.factory import resolve_backend
 from monitor.manifest import load_manifest
 from monitor.pipeline.process_pool import FramePreparers
 from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
@@ -56,11 +61,14 @@ def process_tree_pss_mib(pid: int) -> float:
     return total_kib / 1024
 
 
-def crop_mode(root: Path, encoded: list[bytes], batcher: dict[str, object]) -> tuple[float, float]:
+def crop_mode(
+    root: Path, encoded: list[bytes], batcher: dict[str, object], batch: int = 32
+) -> tuple[float, float]:
     """(crops/s end to end, MiB PSS of the whole process tree right after)."""
     folder = Path(tempfile.mkdtemp(prefix="crops", dir=root))
     pairs = throughput._stage_files(folder, encoded, "crop")
-    daemon = Daemon(throughput._settings(folder / "state", {"R1": folder}, "whole", 32, batcher))
+    settings = throughput._settings(folder / "state", {"R1": folder}, "whole", batch, batcher)
+    daemon = Daemon(settings)
     daemon.start()
     time.sleep(1.0)
     try:
@@ -129,16 +137,41 @@ def preparation_only(root: Path, encoded: list[bytes], workers: int) -> float:
         pool.stop()
 
 
+def engine_only(crops: list[np.ndarray], batch: int, backend_type: str) -> tuple[float, str]:
+    """(crops/s of the backend alone on preloaded tensors, its name)."""
+    model = load_manifest(throughput.MODEL_DIR)
+    backend = resolve_backend(backend_type, model)
+    try:
+        tensors = prepare_batch(crops, model.manifest.input)
+        backend.infer(tensors[:batch])
+        started = time.perf_counter()
+        for offset in range(0, len(tensors), batch):
+            backend.infer(tensors[offset : offset + batch])
+        return len(tensors) / (time.perf_counter() - started), backend.name
+    finally:
+        backend.close()
+
+
+def _worker_counts(text: str, cores: int) -> list[int]:
+    counts = [cores if part.strip() == "all" else int(part) for part in text.split(",")]
+    return sorted({1, *counts})  # 1 is what the others are compared with
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crops", type=int, default=3000)
     parser.add_argument("--frames", type=int, default=60)
-    parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--workers", default="1,all", help="worker process counts, e.g. 1,4,all (all = cores)"
+    )
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--backend", default="auto", help="the daemon's backend.type")
     parser.add_argument("--latency-seconds", type=float, default=30.0)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--write", action="store_true", help="record the table in BENCHMARKS.md")
     args = parser.parse_args()
     throughput.MODEL_DIR = args.model
+    throughput.BACKEND = args.backend
     model_name = load_manifest(args.model).manifest.name
     cores = os.cpu_count() or 1
     simulator = CropSimulator(seed=8)
@@ -154,21 +187,21 @@ def main() -> int:
     ]
     settings += [
         (f"{n} worker process{'es' if n > 1 else ''}", {"processes": True, "workers": n})
-        for n in range(1, args.max_workers + 1)
+        for n in _worker_counts(args.workers, cores)
     ]
     lines = [
-        "| pipeline | crop mode, crops/s | / ceiling | PSS all processes | "
+        "| pipeline | crop mode, crops/s | / ceiling | / engine only | PSS all processes | "
         "frame mode, frames/s | / 1 process | frames prepared/s, no inference | / 1 process |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        stage_ms = throughput.crop_stage_costs(crops[:1000], encoded[:1000], 32)
+        stage_ms = throughput.crop_stage_costs(crops[:1000], encoded[:1000], args.batch)
         ceiling = cores * 1000 / sum(stage_ms.values())
-        ort = throughput.onnxruntime_only(crops[:1000], 32)
+        engine, engine_name = engine_only(crops[:1000], args.batch, args.backend)
         results = []
         for name, batcher in settings:
-            crop_rate, memory = crop_mode(root, encoded, batcher)
+            crop_rate, memory = crop_mode(root, encoded, batcher, args.batch)
             frame_rate = frame_mode(root, frame_files, batcher)
             workers = int(batcher["workers"])  # type: ignore[call-overload]
             prepared = (
@@ -185,15 +218,17 @@ def main() -> int:
             "| - | - |" if prepared is None else f"| {prepared:.1f} | {prepared / one[4]:.2f} |"
         )
         lines.append(
-            f"| {name} | {crop_rate:.0f} | {crop_rate / ceiling:.2f} | {memory:.0f} MiB | "
+            f"| {name} | {crop_rate:.0f} | {crop_rate / ceiling:.2f} | {crop_rate / engine:.2f} | "
+            f"{memory:.0f} MiB | "
             f"{frame_rate:.1f} | {frame_rate / one[3]:.2f} {prepared_cells}"
         )
     stages = ", ".join(f"{name} {ms:.3f}" for name, ms in stage_ms.items())
     notes = [
         "",
         f"Ceiling: {cores} cores / ({stages} ms per crop, each stage on one thread) = "
-        f"{ceiling:.0f} crops/s. ONNX Runtime alone on preloaded tensors, batch 32, "
-        f"its default threads: {ort:.0f} crops/s.",
+        f"{ceiling:.0f} crops/s (inference with ONNX Runtime on one thread). Engine only: "
+        f"{engine_name} on preloaded tensors, batch {args.batch}, its default threads: "
+        f"{engine:.0f} crops/s.",
         f"Latency rename -> stored at 4 probes x 10 frames/s, default settings: "
         f"p50 {np.percentile(latencies, 50) * 1000:.0f} ms, "
         f"p99 {np.percentile(latencies, 99) * 1000:.0f} ms.",

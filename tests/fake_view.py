@@ -59,6 +59,9 @@ class FakeView:
             inference_failures=0,
             batch_sizes=Histogram((1.0, 8.0, 32.0), (2, 5, 30, 0), 1100.0),
             batch_seconds=Histogram((0.01, 0.1), (10, 27, 0), 1.5),
+            worker_processes=2,
+            worker_restarts=1,
+            worker_oversize_frames=4,
         )
     )
 

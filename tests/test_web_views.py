@@ -74,6 +74,9 @@ def test_metrics_render_the_pipeline_load_the_view_reports() -> None:
     assert samples[("crystal_monitor_frames_in_flight", ())] == 2
     assert samples[("crystal_monitor_batcher_queue_crops", ())] == 40
     assert samples[("crystal_monitor_frames_dropped_total", ())] == 1
+    assert samples[("crystal_monitor_worker_processes", ())] == 2
+    assert samples[("crystal_monitor_worker_restarts_total", ())] == 1
+    assert samples[("crystal_monitor_worker_oversize_frames_total", ())] == 4
     assert samples[("crystal_monitor_inference_crops_total", ())] == 1200
     # Buckets are cumulative in Prometheus: 2, 2 + 5, 2 + 5 + 30, and all of them.
     buckets = [

@@ -58,6 +58,10 @@ class PipelineLoad:
     inference_failures: int
     batch_sizes: Histogram
     batch_seconds: Histogram
+    worker_processes: int = 0
+    """Worker processes running (0 with batcher.processes = false)."""
+    worker_restarts: int = 0
+    worker_oversize_frames: int = 0
 
     @property
     def idle(self) -> bool:
@@ -289,6 +293,7 @@ class LiveView:
     def pipeline_load(self) -> PipelineLoad:
         config = self._settings().batcher
         stats = self._batcher.stats
+        pool = self._pipeline.pool
         return PipelineLoad(
             frames_queued=self._frames.qsize(),
             frame_queue_capacity=config.frame_queue_size,
@@ -300,6 +305,9 @@ class LiveView:
             inference_failures=stats.failures,
             batch_sizes=_histogram(self._batcher.batch_size_histogram),
             batch_seconds=_histogram(self._batcher.latency_histogram),
+            worker_processes=0 if pool is None else pool.size,
+            worker_restarts=0 if pool is None else pool.stats.restarts,
+            worker_oversize_frames=0 if pool is None else pool.stats.oversize,
         )
 
     def current_batch(self, probe: str) -> tuple[str, float] | None:

@@ -177,6 +177,26 @@ class DaemonCollector(Collector):
         )
         dropped.add_metric([], load.frames_dropped)
         yield dropped
+        workers = GaugeMetricFamily(
+            f"{PREFIX}_worker_processes", "Worker processes preparing frames (0: threads)."
+        )
+        workers.add_metric([], float(load.worker_processes))
+        yield workers
+        for name, documentation, value in (
+            (
+                "worker_restarts",
+                "Worker processes that died and were replaced (each logged).",
+                load.worker_restarts,
+            ),
+            (
+                "worker_oversize_frames",
+                "Frames whose arrays outgrew a shared-memory slot and went pickled.",
+                load.worker_oversize_frames,
+            ),
+        ):
+            counter = CounterMetricFamily(f"{PREFIX}_{name}", documentation)
+            counter.add_metric([], value)
+            yield counter
 
     def _inference(self, load: PipelineLoad) -> Iterator[Metric]:
         yield _histogram(
