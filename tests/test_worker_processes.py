@@ -175,6 +175,26 @@ def test_a_killed_worker_fails_its_frame_and_is_replaced(tmp_path: Path) -> None
         preparers.stop()
 
 
+def test_a_worker_stuck_on_a_frame_is_killed_and_replaced(tmp_path: Path) -> None:
+    crop_file = tmp_path / "crop.png"
+    assert cv2.imwrite(str(crop_file), CropSimulator(seed=6).render("PG"))
+    preparers = FramePreparers(1, PROBES)
+    preparers.stuck_after_s = 1.0
+    preparers.start()
+    try:
+        started = time.monotonic()
+        stuck = functools.partial(_sleep_then_read, 120.0, str(crop_file))
+        with pytest.raises(WorkerLostError):
+            preparers.prepare("C", stuck, None, SPEC, with_crop_images=False)
+        assert time.monotonic() - started < 60  # ended by the pool, not by the read
+        assert wait_for(lambda: preparers.stats.restarts == 1, timeout=30, interval=0.1)
+        handle = preparers.prepare("C", _read(crop_file), None, SPEC, with_crop_images=False)
+        assert handle.frame.status == "ok"
+        handle.release()
+    finally:
+        preparers.stop()
+
+
 def _sleep_then_read(seconds: float, path: str) -> np.ndarray:
     time.sleep(seconds)
     return read_frame_file(path, DEFAULT_LIMITS)

@@ -61,6 +61,8 @@ ALIGN = 64  # bytes: each array in a slot starts on a cache line
 READY_TIMEOUT_S = 60.0
 RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
 NO_WORKER_TIMEOUT_S = 30.0
+STUCK_AFTER_S = 60.0  # one frame, decode to tensors, takes milliseconds
+STUCK_CHECK_S = 1.0
 
 
 class WorkerLostError(Exception):
@@ -249,6 +251,7 @@ class _Worker:
         for slot in range(slots):
             self.free.put(slot)
         self.pending: dict[int, Future[tuple[Any, ...]]] = {}
+        self.sent_at: dict[int, float] = {}  # monotonic time each pending frame was sent
         self.lock = threading.Lock()
         self.lost = False
         ours, theirs = context.Pipe(duplex=True)
@@ -320,7 +323,12 @@ class FramePreparers:
         self._jobs_lock = threading.Lock()
         self._restart_lock = threading.Lock()
         self._stopping = False
+        self.stuck_after_s = STUCK_AFTER_S
         self.stats = PoolStats()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     @property
     def size(self) -> int:
@@ -382,6 +390,7 @@ class FramePreparers:
                 if worker.lost:
                     raise WorkerLostError(f"worker process {worker.index} is restarting")
                 worker.pending[job] = future
+                worker.sent_at[job] = time.monotonic()
                 worker.conn.send(
                     ("frame", job, slot, probe, read, grey_ref, spec, with_crop_images)
                 )
@@ -453,17 +462,22 @@ class FramePreparers:
         those frames with WorkerLostError and start a replacement."""
         while True:
             try:
+                if not worker.conn.poll(STUCK_CHECK_S):
+                    self._kill_if_stuck(worker)
+                    continue
                 reply = worker.conn.recv()
             except (EOFError, OSError):
                 break
             with worker.lock:
                 future = worker.pending.pop(reply[0], None)
+                worker.sent_at.pop(reply[0], None)
             if future is not None:
                 future.set_result(reply[1:])
         with worker.lock:
             worker.lost = True
             waiting = list(worker.pending.values())
             worker.pending.clear()
+            worker.sent_at.clear()
         for future in waiting:
             future.set_exception(WorkerLostError(f"worker process {worker.index} died"))
         if self._stopping:
@@ -477,6 +491,18 @@ class FramePreparers:
             frames_lost_in_it=len(waiting),
         )
         self._restart(worker)
+
+    def _kill_if_stuck(self, worker: _Worker) -> None:
+        """A frame that takes a worker longer than STUCK_AFTER_S (a decoder in a loop) is
+        ended by killing the worker: the frame then fails like any that kills a worker."""
+        with worker.lock:
+            oldest = min(worker.sent_at.values(), default=None)
+        if oldest is not None and time.monotonic() - oldest > self.stuck_after_s:
+            log.error(
+                "worker_process_stuck", index=worker.index, pid=worker.pid,
+                seconds=round(time.monotonic() - oldest, 1),
+            )  # fmt: skip
+            worker.process.kill()
 
     def _restart(self, dead: _Worker) -> None:
         """Start a replacement, backing off while starting fails (until stopped)."""

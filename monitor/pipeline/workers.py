@@ -186,6 +186,9 @@ class Pipeline:
             try:
                 return self._prepare(item, spec, with_crop_images)
             except WorkerLostError as exc:
+                if self._stop.is_set() or (self.pool is not None and self.pool.stopping):
+                    self._abandon()  # stopping: not recorded, so read again at the next start
+                    return None
                 log.error(
                     "frame_worker_lost", probe=item.probe, key=item.key, attempt=attempt,
                     error=str(exc),
