@@ -368,8 +368,7 @@ class FramePreparers:
     ) -> PreparedHandle:
         """Prepare one frame: read by the worker (`read`, a picklable callable) or given
         (`grey`, read here). Raises FrameReadError, WorkerLostError or RuntimeError."""
-        worker = self._live_worker()
-        slot = worker.free.get()
+        worker, slot, future = self._send(probe, read, grey, spec, with_crop_images)
         released = threading.Event()
 
         def release() -> None:
@@ -378,36 +377,53 @@ class FramePreparers:
                 worker.free.put(slot)
 
         try:
-            grey_ref: Placed | None = None
-            if read is None:
-                assert grey is not None
-                grey_ref = self._place_input(worker, slot, grey)
-            future: Future[tuple[Any, ...]] = Future()
-            with self._jobs_lock:
-                self._jobs += 1
-                job = self._jobs
-            with worker.lock:
-                if worker.lost:
-                    raise WorkerLostError(f"worker process {worker.index} is restarting")
-                worker.pending[job] = future
-                worker.sent_at[job] = time.monotonic()
-                worker.conn.send(
-                    ("frame", job, slot, probe, read, grey_ref, spec, with_crop_images)
-                )
-            reply = future.result()
-        except OSError as exc:
-            release()
-            raise WorkerLostError(f"worker process {worker.index}: {exc}") from exc
-        except BaseException:
-            release()
-            raise
-        try:
-            frame = self._unpack(worker, reply)
+            frame = self._unpack(worker, future.result())
         except BaseException:
             release()
             raise
         self.stats.frames += 1
         return PreparedHandle(frame, release)
+
+    def _send(
+        self,
+        probe: str,
+        read: Callable[[], np.ndarray] | None,
+        grey: np.ndarray | None,
+        spec: InputSpec,
+        with_crop_images: bool,
+    ) -> tuple[_Worker, int, Future[tuple[Any, ...]]]:
+        """Send the frame to a live worker with a free slot. A worker that dies before
+        the frame is sent costs the frame nothing: another is picked."""
+        while True:
+            worker = self._live_worker()
+            try:
+                slot = worker.free.get(timeout=0.2)
+            except queue.Empty:
+                continue  # all its slots wait for inference; look again (it may have died)
+            try:
+                grey_ref: Placed | None = None
+                if read is None:
+                    assert grey is not None
+                    grey_ref = self._place_input(worker, slot, grey)
+                future: Future[tuple[Any, ...]] = Future()
+                with self._jobs_lock:
+                    self._jobs += 1
+                    job = self._jobs
+                with worker.lock:
+                    if not worker.lost:
+                        worker.pending[job] = future
+                        worker.sent_at[job] = time.monotonic()
+                        worker.conn.send(
+                            ("frame", job, slot, probe, read, grey_ref, spec, with_crop_images)
+                        )
+                        return worker, slot, future
+            except OSError as exc:
+                worker.free.put(slot)
+                raise WorkerLostError(f"worker process {worker.index}: {exc}") from exc
+            except BaseException:
+                worker.free.put(slot)
+                raise
+            worker.free.put(slot)  # it died meanwhile: another one
 
     def _live_worker(self) -> _Worker:
         """The least busy worker that is not being replaced; waits while all are."""
