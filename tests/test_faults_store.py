@@ -9,6 +9,7 @@ command, a descriptor limit (prlimit) and a damaged store file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -32,7 +33,7 @@ import pytest
 
 from monitor.simulator import CropSimulator
 from monitor.store import DB_FILE
-from tests.daemon_process import DaemonProcess, export, wait_for, write_like_probe
+from tests.daemon_process import DaemonProcess, export, process_tree, wait_for, write_like_probe
 from tests.mosquitto import MosquittoBroker, Subscriber, free_port, running_mosquitto
 
 PREFIX = "cm-faults"
@@ -442,16 +443,20 @@ def test_a_retained_command_is_refused_with_the_reason_and_never_executed(
 # -- item 13: a passing read error is retried, not recorded ------------------------------
 
 
-def _open_descriptors(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def _lowest_free_descriptor(pid: int) -> int:
+    """A soft RLIMIT_NOFILE of this refuses every new descriptor (the limit bounds the
+    number a new one gets, and a worker process's numbers have gaps)."""
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return next(fd for fd in range(len(used) + 1) if fd not in used)
 
 
 def test_files_unreadable_for_a_while_are_retried_not_recorded_as_failed(
     tmp_path: Path, crops: list[np.ndarray]
 ) -> None:
-    """The daemon runs out of descriptors (its limit lowered with prlimit while it runs):
-    files that cannot be opened wait and are stored once descriptors are back. Before:
-    each was recorded for good as 'error/unreadable: Too many open files'."""
+    """The daemon runs out of descriptors (the limit of each of its processes, worker
+    processes included, lowered with prlimit while it runs): files that cannot be opened
+    wait and are stored once descriptors are back. Before: each was recorded for good as
+    'error/unreadable: Too many open files'."""
     folder = tmp_path / "probe"
     folder.mkdir()
     config = _config(tmp_path, tmp_path / "state", folder)
@@ -460,16 +465,21 @@ def test_files_unreadable_for_a_while_are_retried_not_recorded_as_failed(
         write_like_probe(folder, "first.png", crops[0])
         assert wait_for(lambda: len(export(config)) >= 1, timeout=90)
         assert daemon.process is not None
-        pid = daemon.process.pid
-        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (_open_descriptors(pid), hard))
+        limits = {
+            pid: resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            for pid in process_tree(daemon.process.pid)
+        }
+        for pid, (_, hard) in limits.items():
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (_lowest_free_descriptor(pid), hard))
         try:
             for index in range(10):
                 write_like_probe(folder, f"starved_{index}.png", crops[index])
             assert wait_for(lambda: "probe_file_read_retrying" in daemon.log_text(), timeout=30)
             time.sleep(3)
         finally:
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+            for pid, limit in limits.items():
+                with contextlib.suppress(ProcessLookupError):  # a worker replaced meanwhile
+                    resource.prlimit(pid, resource.RLIMIT_NOFILE, limit)
         assert wait_for(lambda: len(export(config)) >= 11, timeout=120)
         assert daemon.terminate() == 0
     rows = export(config)

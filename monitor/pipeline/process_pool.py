@@ -28,8 +28,10 @@ Failure design:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
 import threading
@@ -63,6 +65,9 @@ RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
 NO_WORKER_TIMEOUT_S = 30.0
 STUCK_AFTER_S = 60.0  # one frame, decode to tensors, takes milliseconds
 STUCK_CHECK_S = 1.0
+# What frames' `read` callables live in, imported when a worker starts: unpickling one
+# must never import (an import opens files, which a process out of descriptors cannot).
+WORKER_IMPORTS = ("monitor.sources.folder",)
 
 
 class WorkerLostError(Exception):
@@ -137,6 +142,8 @@ def _serve(conn: Connection, arena_name: str, slot_bytes: int, probes: list[Prob
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2_threads_one()
+    for module in WORKER_IMPORTS:
+        importlib.import_module(module)
     arena = _attach(arena_name)
     buffer = arena.buf
     assert buffer is not None
@@ -145,9 +152,13 @@ def _serve(conn: Connection, arena_name: str, slot_bytes: int, probes: list[Prob
     try:
         while True:
             try:
-                message = conn.recv()
+                data = conn.recv_bytes()
             except (EOFError, OSError):
                 return  # the daemon is gone
+            # A message that cannot be unpickled (an import failing for want of
+            # descriptors, say) ends the worker loudly: the daemon sees a death, replaces
+            # it and tries the frame once more.
+            message = pickle.loads(data)
             if message is None:
                 return
             if message[0] == "probes":
@@ -312,7 +323,7 @@ class FramePreparers:
         slot_bytes: int = 16 << 20,
     ) -> None:
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["monitor.pipeline.process_pool"])
+        self._context.set_forkserver_preload(["monitor.pipeline.process_pool", *WORKER_IMPORTS])
         self._count = max(1, workers)
         self._slots = max(2, slots_per_worker)
         self._slot_bytes = slot_bytes
