@@ -409,6 +409,10 @@ def _wait_healthy(base: str, daemon: DaemonProcess) -> None:
             return False
 
     assert wait_for(answers, timeout=120), daemon.log_text()[-3000:]
+    # The web server answers before the stages after it (the worker processes) have
+    # started; a test that starves or floods the daemon waits for all of them.
+    started = wait_for(lambda: '"daemon_started"' in daemon.log_text(), timeout=60, interval=0.2)
+    assert started, daemon.log_text()[-3000:]
 
 
 @pytest.mark.slow

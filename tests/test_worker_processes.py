@@ -3,7 +3,9 @@ shared memory, and a worker that dies replaced without losing a frame."""
 
 from __future__ import annotations
 
+import errno
 import functools
+import json
 import mmap
 import os
 import signal
@@ -15,8 +17,10 @@ import numpy as np
 import pytest
 
 from monitor.config.settings import ProbeConfig
+from monitor.config.startup_error import StartupError
 from monitor.imaging.decode import DEFAULT_LIMITS
 from monitor.manifest import InputSpec
+from monitor.pipeline import process_pool
 from monitor.pipeline.frame_work import FrameReadError, prepare_frame, probe_stages, read_frame
 from monitor.pipeline.process_pool import FramePreparers, WorkerLostError
 from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
@@ -234,7 +238,6 @@ def test_the_daemon_loses_no_file_when_its_workers_are_killed(tmp_path: Path) ->
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     crops = [CropSimulator(seed=8).render("PG" if i % 5 == 0 else "CEX") for i in range(20)]
     total = 600
-    shm_before = set(os.listdir("/dev/shm"))
     with daemon:
         daemon.start()
         assert daemon.process is not None
@@ -258,4 +261,27 @@ def test_the_daemon_loses_no_file_when_its_workers_are_killed(tmp_path: Path) ->
         assert len(workers) >= 2 and not killed & set(workers)
         daemon.kill()
         assert wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in workers), 10, 0.1)
-    assert set(os.listdir("/dev/shm")) - shm_before == set()
+        arenas = [
+            json.loads(line)["arena"].lstrip("/")
+            for line in daemon.log_text().splitlines()
+            if '"worker_process_started"' in line
+        ]
+    assert len(arenas) == 2 + 3, arenas  # two at the start, three replacements
+    assert not [name for name in arenas if (Path("/dev/shm") / name).exists()]
+
+
+def test_workers_that_cannot_start_stop_start_up_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/dev/shm full: no worker can get its arena, and start-up stops naming the key."""
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(process_pool, "SharedMemory", no_space)
+    with pytest.raises(StartupError) as failure:
+        FramePreparers(2, PROBES).start()
+    assert failure.value.key == "batcher.workers"
+    assert failure.value.exit_code == 69
+    assert "No space left on device" in str(failure.value)
+    assert "/dev/shm" in str(failure.value)

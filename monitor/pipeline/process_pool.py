@@ -47,7 +47,9 @@ from typing import Any
 import numpy as np
 import structlog
 
+from monitor.config.exit_codes import EX_UNAVAILABLE
 from monitor.config.settings import ProbeConfig
+from monitor.config.startup_error import StartupError
 from monitor.manifest import InputSpec
 from monitor.pipeline.frame_work import (
     FrameReadError,
@@ -350,15 +352,29 @@ class FramePreparers:
         return [worker.pid for worker in self._workers]
 
     def start(self) -> None:
-        for index in range(self._count):
-            self._workers.append(self._spawn(index))
+        """Start every worker; one that cannot start stops the others and says what to
+        change (StartupError, exit 69: shared memory, descriptors or memory may be back
+        at the next try)."""
+        try:
+            for index in range(self._count):
+                self._workers.append(self._spawn(index))
+        except (OSError, RuntimeError) as exc:
+            self.stop(timeout=2.0)
+            raise StartupError(
+                "batcher.workers",
+                f"cannot start worker process {len(self._workers)} of {self._count}: {exc}; "
+                "check the free space in /dev/shm (batcher.slot_mib x 4 per worker), the "
+                "descriptor limit and memory, or lower batcher.workers (batcher.processes = "
+                "false runs the work on threads)",
+                exit_code=EX_UNAVAILABLE,
+            ) from exc
 
     def _spawn(self, index: int) -> _Worker:
         worker = _Worker(self._context, index, self._slots, self._slot_bytes, self._probes)
         threading.Thread(
             target=self._receive, args=(worker,), name=f"worker-{index}-replies", daemon=True
         ).start()
-        log.info("worker_process_started", index=index, pid=worker.pid)
+        log.info("worker_process_started", index=index, pid=worker.pid, arena=worker.arena.name)
         return worker
 
     def update_probes(self, probes: Sequence[ProbeConfig]) -> None:
