@@ -9,6 +9,8 @@ import json
 import mmap
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -285,3 +287,40 @@ def test_workers_that_cannot_start_stop_start_up_with_the_fix(
     assert failure.value.exit_code == 69
     assert "No space left on device" in str(failure.value)
     assert "/dev/shm" in str(failure.value)
+
+
+_READ_AFTER_STOP = """
+import numpy as np
+from monitor.config.settings import ProbeConfig
+from monitor.manifest import InputSpec
+from monitor.pipeline.process_pool import FramePreparers
+from monitor.simulator import CropSimulator
+
+if __name__ == "__main__":
+    spec = InputSpec(size=96, resize="letterbox", mean=(0.5,) * 3, std=(0.25,) * 3)
+    probe = ProbeConfig.model_validate(
+        {"id": "C", "sampling": "whole", "source": {"type": "simulated"}}
+    )
+    pool = FramePreparers(1, [probe])
+    pool.start()
+    handle = pool.prepare(
+        "C", None, CropSimulator(seed=2).render("CEX"), spec, with_crop_images=False
+    )
+    before = float(handle.frame.tensors.sum())
+    pool.stop()  # the daemon stops the pool before the batcher has run every batch
+    after = float(handle.frame.tensors.sum())
+    handle.release()
+    print("same" if before == after else f"changed {before} {after}")
+"""
+
+
+def test_tensors_stay_readable_after_the_pool_stops(tmp_path: Path) -> None:
+    """A batch still queued when the pool stops reads its tensors afterwards: the arena
+    must stay mapped under them (before: unmapped, and the daemon died of SIGSEGV)."""
+    script = tmp_path / "read_after_stop.py"
+    script.write_text(_READ_AFTER_STOP)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip().splitlines()[-1] == "same", result.stdout

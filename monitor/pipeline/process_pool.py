@@ -119,13 +119,25 @@ class _SlotWriter:
         if offset + nbytes > self._end:
             self.overflowed = True
             return np.empty(shape, dtype)
-        array: np.ndarray = np.ndarray(shape, dtype, buffer=self._buffer, offset=offset)
+        array = array_at(self._buffer, offset, shape, dtype)
         self._cursor = offset + nbytes
         self.placed[id(array)] = (offset, tuple(shape), dtype.str)
         return array
 
     def ref(self, array: np.ndarray) -> Placed:
         return self.placed.get(id(array), array)
+
+
+def array_at(
+    buffer: memoryview, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]
+) -> np.ndarray:
+    """An array over `buffer`'s bytes from `offset`, holding the buffer exported while
+    it lives. np.frombuffer keeps the export; np.ndarray(buffer=...) does not (it keeps
+    only the mmap object), so an arena closed under such a view unmaps memory still in
+    use and the next read is a SIGSEGV. With the export held, closing raises BufferError
+    instead and the mapping stays until the last view goes."""
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(buffer, dtype, count=count, offset=offset).reshape(shape)
 
 
 def _attach(name: str) -> SharedMemory:
@@ -244,7 +256,7 @@ def _view(buffer: memoryview, ref: Placed) -> np.ndarray:
     if isinstance(ref, np.ndarray):
         return ref
     offset, shape, dtype = ref
-    return np.ndarray(shape, np.dtype(dtype), buffer=buffer, offset=offset)
+    return array_at(buffer, offset, shape, np.dtype(dtype))
 
 
 # ---------------------------------------------------------------- the daemon's side
@@ -307,9 +319,15 @@ class _Worker:
             self.conn.send(message)
 
     def close(self) -> None:
-        # A view still alive somewhere keeps the mapping; it goes with the process.
-        with contextlib.suppress(BufferError):
+        try:
             self.arena.close()
+        except BufferError:
+            # A view is still alive (a batch not yet run): the mapping stays while it
+            # does, and the arena object with it, so its __del__ never tries again.
+            _STILL_MAPPED.append(self.arena)
+
+
+_STILL_MAPPED: list[SharedMemory] = []
 
 
 class FramePreparers:
@@ -468,7 +486,9 @@ class FramePreparers:
         if grey.nbytes > worker.slot_bytes // 2:
             self.stats.oversize += 1
             return np.ascontiguousarray(grey)
-        view: np.ndarray = np.ndarray(grey.shape, grey.dtype, buffer=worker.arena.buf, offset=start)
+        buffer = worker.arena.buf
+        assert buffer is not None
+        view = array_at(buffer, start, grey.shape, grey.dtype)
         view[...] = grey
         return (start, tuple(grey.shape), grey.dtype.str)
 
