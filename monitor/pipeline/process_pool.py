@@ -456,15 +456,18 @@ class FramePreparers:
                     job = self._jobs
                 with worker.lock:
                     if not worker.lost:
-                        worker.pending[job] = future
-                        worker.sent_at[job] = time.monotonic()
-                        worker.conn.send(
-                            ("frame", job, slot, probe, read, grey_ref, spec, with_crop_images)
-                        )
-                        return worker, slot, future
-            except OSError as exc:
-                worker.free.put(slot)
-                raise WorkerLostError(f"worker process {worker.index}: {exc}") from exc
+                        try:
+                            worker.conn.send(
+                                ("frame", job, slot, probe, read, grey_ref, spec, with_crop_images)
+                            )
+                        except OSError:
+                            # Dead before its reader noticed (a broken pipe): the frame
+                            # never reached it, so it costs the frame nothing.
+                            worker.lost = True
+                        else:
+                            worker.pending[job] = future
+                            worker.sent_at[job] = time.monotonic()
+                            return worker, slot, future
             except BaseException:
                 worker.free.put(slot)
                 raise
