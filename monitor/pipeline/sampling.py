@@ -4,7 +4,8 @@
 is the crop's main object (Otsu threshold, largest blob).
 `particles`: segment the frame (background correction, threshold, connected
 components, a watershed split of blobs that look merged, size and per-object focus
-filters) and crop each particle with a margin.
+filters, each particle's edge placed on a finer grid) and crop each particle with a
+margin.
 `tiles`: fixed tiles on a grid, for slurries too dense to segment.
 """
 
@@ -25,13 +26,22 @@ _WORK_SCALE = 4  # background and mask are computed on a 4x smaller copy: ~16x l
 # only across a neck shallower than _NECK_SHARE of the shallower part's depth, and a
 # part smaller than _MIN_PART_AREA px (2,400 frame px²) joins its neighbour. Before
 # the split a blob grows into the pixels above _LOW_SHARE of the threshold around it
-# where that joins it to no other blob. Tuned on simulated sparse, medium and dense
+# where that joins it to no other blob (only without refine_edges, which does the same
+# on a finer grid after the split). Tuned on simulated sparse, medium and dense
 # slurries (bench/instances.py) and two discs of radius 35 px overlapping by 7 px.
 _PEAK_MIN = 5.0
 _PEAK_RADIUS = 12
 _NECK_SHARE = 0.8
 _MIN_PART_AREA = 150
 _LOW_SHARE = 0.5
+# Edges on a finer grid (refine_edges, _EDGE_SCALE: 2 x 2 frame px, where a needle 1-3
+# px wide keeps most of its light): a particle's pixels are those brighter than the
+# background by _EDGE_SHARE of the threshold (half-way up a dim particle's blurred edge,
+# where the simulator's truth places it too) and connected to it. Where faint pixels
+# join two particles, each keeps those within its own working-scale segment.
+_EDGE_SHARE = 0.5
+_EDGE_SCALE = 2
+_SHARED = 2**16 - 1  # a faint part that several particles' segments meet
 
 Box = tuple[int, int, int, int]
 
@@ -102,12 +112,16 @@ class ParticleSampler:
     another) is split by a marker watershed: one marker per maximum, flooded over the
     frame's grey levels within the blob, so the cut follows the edges between the
     particles. A blob with one maximum (most blobs of a sparse frame) keeps the cheap
-    path. Everything runs on a 4x smaller copy of the frame.
+    path. All this runs on a 4x smaller copy of the frame; then (refine_edges) each
+    particle's edge is placed on a 2x smaller one, where thin needles still show.
     """
 
     def __init__(self, config: ParticlesConfig) -> None:
         self._config = config
         self._close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+        # The simulator's truth closes a particle's pixels with this at frame resolution.
+        edge_side = 5 // _EDGE_SCALE | 1
+        self._edge_close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (edge_side, edge_side))
         # 4-neighbours only: blobs are 4-connected, so a diagonal neighbour may be another's.
         self._cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
         # A square window: separable, so the dilation costs little whatever its size.
@@ -121,21 +135,27 @@ class ParticleSampler:
 
     def find_particle_masks(self, grey: np.ndarray) -> list[tuple[Box, np.ndarray]]:
         """(box, mask) of each in-focus particle, largest first: the box in frame pixels
-        and the particle's own segment within it (h x w uint8, 1 = particle), each
+        and the particle's own segment within it (h x w uint8, 1 = particle, holes
+        filled), its edge on the 2 x 2 px grid of refine_edges or, without, each
         working-scale pixel a 4 x 4 square."""
         config = self._config
         height, width = grey.shape
-        small = cv2.resize(
-            grey, (width // _WORK_SCALE, height // _WORK_SCALE), interpolation=cv2.INTER_AREA
-        )
+        work_size = (width // _WORK_SCALE, height // _WORK_SCALE)
+        fine = None
+        if config.refine_edges:
+            # The finer copy first and the working one from it: the cheaper way to both.
+            step = _WORK_SCALE // _EDGE_SCALE
+            fine_size = (work_size[0] * step, work_size[1] * step)
+            cut = grey[: work_size[1] * _WORK_SCALE, : work_size[0] * _WORK_SCALE]
+            fine = cv2.resize(cut, fine_size, interpolation=cv2.INTER_AREA)
+            small = cv2.resize(fine, work_size, interpolation=cv2.INTER_AREA)
+        else:
+            small = cv2.resize(grey, work_size, interpolation=cv2.INTER_AREA)
         # Illumination and out-of-focus haze vary slowly: a median over ~240 px follows
         # them but not the particles, which are smaller.
         tiny = cv2.resize(small, (width // 16, height // 16), interpolation=cv2.INTER_AREA)
-        background = cv2.resize(
-            cv2.medianBlur(tiny, 9),
-            (small.shape[1], small.shape[0]),
-            interpolation=cv2.INTER_LINEAR,
-        )
+        flat = cv2.medianBlur(tiny, 9)
+        background = cv2.resize(flat, work_size, interpolation=cv2.INTER_LINEAR)
         corrected = cv2.subtract(small, background)
         raw_mask = (corrected > config.threshold).astype(np.uint8)
         # Closing joins the needles of a bundle and the grains of an agglomerate.
@@ -146,8 +166,12 @@ class ParticleSampler:
             config.separation == "watershed"
             and float(raw_mask.mean()) <= config.separation_max_cover
         )
-        if split:
+        if split and not config.refine_edges:
             mask = self._grow_alone(corrected, mask, config.threshold)
+        if split or config.refine_edges:
+            # Silhouettes, holes filled: an agglomerate's dark grains would give its
+            # distance transform a maximum between every two of them, and they are its.
+            mask = _fill_holes(mask)
         # The watershed floods between 4-neighbours: with it, blobs are 4-connected too,
         # or a corner-joined piece could be flooded from another blob through the gap.
         connectivity = 4 if split else 8
@@ -166,10 +190,93 @@ class ParticleSampler:
             found.append((area, box, index))
         # Largest first; ties in the order of the boxes, as before masks existed.
         found.sort(key=lambda item: (item[0], item[1]), reverse=True)
-        return [
-            (box, _upsampled_mask(labels, index, box))
-            for _, box, index in found[: config.max_per_frame]
-        ]
+        found = found[: config.max_per_frame]
+        if fine is not None and found:
+            return self._refine_edges(fine, flat, labels, found)
+        return [(box, _upsampled_mask(labels, index, box)) for _, box, index in found]
+
+    def _refine_edges(
+        self,
+        image: np.ndarray,
+        flat: np.ndarray,
+        labels: np.ndarray,
+        found: list[tuple[int, Box, int]],
+    ) -> list[tuple[Box, np.ndarray]]:
+        """Each particle's edge placed on a finer grid (_EDGE_SCALE): its pixels are those
+        brighter than the local background by _EDGE_SHARE of the threshold and connected
+        to the particle found at the working scale (hysteresis: the threshold finds the
+        particle, half of it places its edge). At the working scale a needle 1-3 px wide
+        is averaged over 4 x 4 px and falls below the threshold, so a bundle's faint and
+        stray needles were cut off its box, and a working pixel is a 4 x 4 square, so
+        every edge was off by up to 2 px. Where faint pixels join two particles, each
+        keeps those within its own working-scale segment."""
+        fine = _EDGE_SCALE
+        step = _WORK_SCALE // fine  # a working pixel is step x step fine pixels
+        rows, columns = labels.shape
+        size = (columns * step, rows * step)
+        level = cv2.resize(flat, size, interpolation=cv2.INTER_LINEAR)
+        edge = max(1, round(_EDGE_SHARE * self._config.threshold))
+        above = cv2.compare(image, cv2.add(level, edge), cv2.CMP_GT)
+        # Closed as the simulator's truth is (5 x 5 px at frame resolution).
+        above = cv2.morphologyEx(above, cv2.MORPH_CLOSE, self._edge_close)
+        part_count, parts, part_stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+            above, 8, cv2.CV_32S, cv2.CCL_BBDT
+        )
+        # Which faint parts each particle's segment meets (read at the centre of each of
+        # its working pixels), and how many particles meet each.
+        rank = np.zeros(int(labels.max()) + 1, np.uint16)  # max_per_frame < 2**16 - 1
+        for number, (_, _, index) in enumerate(found, start=1):
+            rank[index] = number
+        ranks = np.take(rank, labels)
+        under = parts[step // 2 :: step, step // 2 :: step][:rows, :columns]
+        seeded = (ranks > 0) & (under > 0)
+        slots = len(found) + 1
+        present = np.zeros(part_count * slots, bool)
+        present[under[seeded].astype(np.int64) * slots + ranks[seeded]] = True
+        pairs = np.flatnonzero(present)
+        part_of, particle = pairs // slots, pairs % slots
+        meets = np.bincount(part_of, minlength=part_count)
+        # Each fine pixel's particle: a part met by one particle is all its own; one met by
+        # several is divided along their working-scale segments.
+        owner = np.zeros(part_count, np.uint16)
+        alone = meets[part_of] == 1
+        owner[part_of[alone]] = particle[alone]
+        owner[meets > 1] = _SHARED
+        owned = np.take(owner, np.asarray(parts))
+        segments = cv2.resize(ranks, size, interpolation=cv2.INTER_NEAREST)
+        # (cv2's stubs type no scalar operand for compare; OpenCV takes one.)
+        divided = cv2.compare(owned, _SHARED, cv2.CMP_EQ)  # type: ignore[call-overload]
+        cv2.copyTo(segments, divided, owned)
+        # The inside of each segment (its working pixels whose 4-neighbours are all its
+        # own) is the particle's, faint or not: a textured agglomerate's dark grain
+        # between its bright ones is part of it even where a gap joins it to the outside.
+        inside = cv2.bitwise_and(
+            cv2.compare(cv2.erode(ranks, self._cross), cv2.dilate(ranks, self._cross), cv2.CMP_EQ),
+            cv2.compare(ranks, 0, cv2.CMP_GT),  # type: ignore[call-overload]
+        )
+        inside = cv2.resize(inside, size, interpolation=cv2.INTER_NEAREST)
+        cv2.copyTo(segments, inside, owned)
+        results = []
+        for number, (_, box, index) in enumerate(found, start=1):
+            own = part_of[(particle == number) & alone]
+            # Where its pixels can be: its working box and the boxes of its own parts.
+            x0, y0, w, h = (v // fine for v in box)
+            x1, y1 = x0 + w, y0 + h
+            if own.size:
+                x0 = min(x0, int(part_stats[own, 0].min()))
+                y0 = min(y0, int(part_stats[own, 1].min()))
+                x1 = max(x1, int((part_stats[own, 0] + part_stats[own, 2]).max()))
+                y1 = max(y1, int((part_stats[own, 1] + part_stats[own, 3]).max()))
+            mask = cv2.compare(owned[y0:y1, x0:x1], number, cv2.CMP_EQ)  # type: ignore[call-overload]
+            bx, by, bw, bh = cv2.boundingRect(mask)
+            if bw == 0:
+                results.append((box, _upsampled_mask(labels, index, box)))
+                continue
+            mask = mask[by : by + bh, bx : bx + bw] // 255
+            if fine > 1:
+                mask = cv2.resize(mask, (bw * fine, bh * fine), interpolation=cv2.INTER_NEAREST)
+            results.append((((x0 + bx) * fine, (y0 + by) * fine, bw * fine, bh * fine), mask))
+        return results
 
     def _grow_alone(self, corrected: np.ndarray, mask: np.ndarray, threshold: int) -> np.ndarray:
         """Hysteresis for particles on their own: a blob grows into the dimmer pixels
@@ -295,6 +402,14 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return np.asarray((outside[1:-1, 1:-1] != 2).astype(np.uint8))
 
 
+def _close_padded(mask: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """A morphological closing that treats the pixels beyond the mask as background."""
+    pad = kernel.shape[0] // 2 + 1
+    padded = cv2.copyMakeBorder(mask, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    closed = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, kernel)
+    return np.asarray(closed[pad:-pad, pad:-pad])
+
+
 def _merge_shallow_cuts(markers: np.ndarray, distance: np.ndarray, count: int) -> np.ndarray:
     """Undo the watershed's cuts that cross no neck: two parts stay apart only where the
     deepest point of the line between them (the pass, in distance-transform depth) is
@@ -367,11 +482,14 @@ def _component_stats(labels: np.ndarray, count: int) -> np.ndarray:
     return stats
 
 
-def _upsampled_mask(labels: np.ndarray, index: int, box: Box) -> np.ndarray:
+def _upsampled_mask(labels: np.ndarray, index: int, box: Box, fill: bool = True) -> np.ndarray:
     """Segment `index` within its box at frame resolution (a working pixel -> a square),
-    holes filled: a particle's size is its silhouette's, as in the simulator's truth."""
+    holes filled (unless not `fill`): a particle's size is its silhouette's, as in the
+    simulator's truth."""
     x, y, w, h = (v // _WORK_SCALE for v in box)
-    own = _fill_holes((labels[y : y + h, x : x + w] == index).astype(np.uint8))
+    own = (labels[y : y + h, x : x + w] == index).astype(np.uint8)
+    if fill:
+        own = _fill_holes(own)
     return np.asarray(cv2.resize(own, (box[2], box[3]), interpolation=cv2.INTER_NEAREST))
 
 
