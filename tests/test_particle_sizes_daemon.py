@@ -338,21 +338,32 @@ def _d50_errors(run: Run) -> dict[str, tuple[float, float, int]]:
 
 # The issue's accuracy targets, end to end: the D50 of every particle the model calls a
 # class confidently (what the operator is shown; bench/instances.py compares only the
-# matched particles) against the drawn in-focus particles of that class. Not met yet
-# (measured 2026-12-07 with the sampler of a7b3523): sparse, CEX 9 % and PG 12 % low (a
-# lone particle's ECD is 0.98-0.99 of its drawn one at the median, but a tenth of the
-# found particles measure 20 % small or more, the large and touching PG agglomerates above
-# all, and 239 CEX calls against 207 drawn in focus add small pieces); dense, 122 of 1256
-# in-focus particles are found at IoU >= 0.5 and the D50s are 14 % (CEX) and 28 % (PG)
-# low. Strict: the day the masks measure right these fail as XPASS and the marks must go.
-_D50_NOT_MET = "large and touching particles' masks measure small (see above)"
+# matched particles) against the drawn in-focus particles of that class. Sparse, CEX:
+# met since each edge is placed on a 2 x 2 px grid (particles.refine_edges), 3.6 % low
+# (measured 2026-12-07; 9 % before, when a bundle's faint needles were cut off). Sparse,
+# PG: not met, 7.4 % low (12 % before): a lone agglomerate's ECD is 0.98 of its drawn
+# one at the median, but a tenth measure 10 % small or more (a grainy rim whose grains
+# lie further apart than the truth's 5 px closing: the truth counts the light an
+# agglomerate takes away as well as what it adds), and touching agglomerates share the
+# pixels of their overlap, which the truth counts to both. Dense: few particles are
+# found at IoU >= 0.5 (recall 0.06 in bench/instances.py) and only 33 called CEX here,
+# too few to size. Strict: the day these measure right they fail as XPASS and the marks
+# must go.
+_D50_NOT_MET = "grainy rims and overlapping agglomerates measure small (see above)"
+_DENSE_D50_NOT_MET = "too few particles are separated in a dense slurry (see above)"
+
+
+def test_cex_d50_is_within_5_percent_of_the_truth_in_a_sparse_slurry(sparse: Run) -> None:
+    measured, true, count = _d50_errors(sparse)["CEX"]
+    assert count >= 50, count
+    assert measured == pytest.approx(true, rel=0.05), (measured, true)
 
 
 @pytest.mark.xfail(strict=True, reason=_D50_NOT_MET)
-def test_d50_per_class_is_within_5_percent_of_the_truth_in_a_sparse_slurry(sparse: Run) -> None:
-    for name, (measured, true, count) in _d50_errors(sparse).items():
-        assert count >= 50, (name, count)
-        assert measured == pytest.approx(true, rel=0.05), (name, measured, true)
+def test_pg_d50_is_within_5_percent_of_the_truth_in_a_sparse_slurry(sparse: Run) -> None:
+    measured, true, count = _d50_errors(sparse)["PG"]
+    assert count >= 50, count
+    assert measured == pytest.approx(true, rel=0.05), (measured, true)
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +377,7 @@ def dense(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     )
 
 
-@pytest.mark.xfail(strict=True, reason=_D50_NOT_MET)
+@pytest.mark.xfail(strict=True, reason=_DENSE_D50_NOT_MET)
 def test_d50_per_class_is_within_10_percent_of_the_truth_in_a_dense_slurry(dense: Run) -> None:
     for name, (measured, true, count) in _d50_errors(dense).items():
         assert count >= 40, (name, count)  # few are separated in a dense slurry
