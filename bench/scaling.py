@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from bench import daemon_throughput as throughput
+from bench.memory_soak import memory_mib
 from bench.report import machine_line, replace_section
 from monitor.config.settings import load_settings
 from monitor.daemon import Daemon
@@ -42,23 +43,6 @@ from monitor.manifest import load_manifest
 from monitor.pipeline.process_pool import FramePreparers
 from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
 from monitor.sources.folder import read_frame_file
-
-
-def process_tree_pss_mib(pid: int) -> float:
-    """Proportional set size of `pid` and all its descendants, MiB."""
-    total_kib = 0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            for line in Path(f"/proc/{current}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total_kib += int(line.split()[1])
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pending.extend(int(c) for c in (task / "children").read_text().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total_kib / 1024
 
 
 def crop_mode(
@@ -77,7 +61,7 @@ def crop_mode(
             os.replace(temporary, final)
         throughput._wait_recorded(daemon, len(pairs), timeout=900)
         rate = len(pairs) / (time.perf_counter() - started)
-        memory = process_tree_pss_mib(os.getpid())
+        memory = memory_mib(os.getpid())[1]
     finally:
         daemon.stop()
     return rate, memory

@@ -27,7 +27,14 @@ from monitor.pipeline.frame_work import FrameReadError, prepare_frame, probe_sta
 from monitor.pipeline.process_pool import FramePreparers, WorkerLostError
 from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
 from monitor.sources.folder import read_frame_file
-from tests.daemon_process import DaemonProcess, export, wait_for, write_config, write_like_probe
+from tests.daemon_process import (
+    DaemonProcess,
+    export,
+    process_tree,
+    wait_for,
+    write_config,
+    write_like_probe,
+)
 
 SPEC = InputSpec(size=96, resize="letterbox", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -209,26 +216,18 @@ def _sleep_then_read(seconds: float, path: str) -> np.ndarray:
     return read_frame_file(path, DEFAULT_LIMITS)
 
 
-def _children(pid: int) -> list[int]:
-    tasks = Path(f"/proc/{pid}/task")
-    found: list[int] = []
-    for task in tasks.iterdir():
-        children = (task / "children").read_text().split()
-        found.extend(int(child) for child in children)
-    return found
-
-
 def _worker_pids(daemon_pid: int) -> list[int]:
-    """The daemon's worker processes: the forkserver's children named for a worker."""
-    pids: list[int] = []
-    for child in _children(daemon_pid):
-        for grandchild in [child, *_children(child)]:
-            try:
-                cmdline = Path(f"/proc/{grandchild}/cmdline").read_bytes()
-            except FileNotFoundError:
-                continue
-            if b"forkserver" in cmdline and grandchild != child:
-                pids.append(grandchild)
+    """The daemon's worker processes: the children of its forkserver."""
+    pids = []
+    for pid in process_tree(daemon_pid)[1:]:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent_cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if b"forkserver" in cmdline and b"forkserver" in parent_cmdline:
+            pids.append(pid)
     return pids
 
 

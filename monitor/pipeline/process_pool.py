@@ -84,7 +84,6 @@ Placed = ArrayRef | np.ndarray
 
 @dataclass
 class PoolStats:
-    frames: int = 0
     restarts: int = 0
     oversize: int = 0
     """Frames whose arrays outgrew a slot and were sent pickled (raise batcher.slot_mib)."""
@@ -155,7 +154,7 @@ def _serve(conn: Connection, arena_name: str, slot_bytes: int, probes: list[Prob
     """The worker process's loop: one frame at a time, in the order sent."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    cv2_threads_one()
+    _cv2_threads_one()
     for module in WORKER_IMPORTS:
         importlib.import_module(module)
     arena = _attach(arena_name)
@@ -201,7 +200,7 @@ def _serve(conn: Connection, arena_name: str, slot_bytes: int, probes: list[Prob
             arena.close()
 
 
-def cv2_threads_one() -> None:
+def _cv2_threads_one() -> None:
     """One OpenCV thread per worker process: the processes are the parallelism."""
     import cv2  # noqa: PLC0415  (the worker's own import)
 
@@ -426,7 +425,6 @@ class FramePreparers:
         except BaseException:
             release()
             raise
-        self.stats.frames += 1
         return PreparedHandle(frame, release)
 
     def _send(
