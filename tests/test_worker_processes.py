@@ -18,8 +18,9 @@ import cv2
 import numpy as np
 import pytest
 
-from monitor.config.settings import ProbeConfig
+from monitor.config.settings import ProbeConfig, load_settings
 from monitor.config.startup_error import StartupError
+from monitor.daemon import Daemon
 from monitor.imaging.decode import DEFAULT_LIMITS
 from monitor.manifest import InputSpec
 from monitor.pipeline import process_pool
@@ -27,6 +28,7 @@ from monitor.pipeline.frame_work import FrameReadError, prepare_frame, probe_sta
 from monitor.pipeline.process_pool import FramePreparers, WorkerLostError
 from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
 from monitor.sources.folder import read_frame_file
+from monitor.store import Store
 from tests.daemon_process import (
     DaemonProcess,
     export,
@@ -293,7 +295,7 @@ def test_workers_that_cannot_start_stop_start_up_with_the_fix(
 
 _READ_AFTER_STOP = """
 import numpy as np
-from monitor.config.settings import ProbeConfig
+from monitor.config.settings import ProbeConfig, load_settings
 from monitor.manifest import InputSpec
 from monitor.pipeline.process_pool import FramePreparers
 from monitor.simulator import CropSimulator
@@ -326,3 +328,66 @@ def test_tensors_stay_readable_after_the_pool_stops(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.strip().splitlines()[-1] == "same", result.stdout
+
+
+def _classify_folder(root: Path, frames: list[np.ndarray], processes: bool) -> list[tuple]:  # type: ignore[type-arg]
+    """Frame files through an in-process daemon; (key, status, counts, particle sizes)."""
+    folder = root / "probe"
+    folder.mkdir(parents=True)
+    settings = load_settings(
+        data={
+            "daemon": {"state_dir": str(root / "state"), "log_level": "warning"},
+            "batcher": {"processes": processes, "workers": 2},
+            "probes": [
+                {
+                    "id": "R1",
+                    "sampling": "particles",
+                    "pixel_size_um": 0.8,
+                    "source": {"type": "folder", "path": str(folder), "settle_time": "100ms"},
+                }
+            ],
+        }
+    )
+    daemon = Daemon(settings)
+    daemon.start()
+    try:
+        for index, frame in enumerate(frames):
+            write_like_probe(folder, f"frame_{index:03d}.png", frame)
+        assert wait_for(lambda: daemon.recorder.recorded >= len(frames), timeout=120, interval=0.1)
+    finally:
+        daemon.stop()
+    store = Store(root / "state", readonly=True)
+    try:
+        return sorted(
+            (
+                row.key,
+                row.status,
+                tuple(sorted(row.counts.items())),
+                tuple(
+                    sorted(
+                        (p.box, p.label, p.confidence, p.size and round(p.size.ecd, 6))
+                        for p in row.particles
+                    )
+                ),
+            )
+            for row in store.frames_since("R1", 0.0, particles=True)
+        )
+    finally:
+        store.close()
+
+
+def test_worker_processes_and_threads_record_the_same_frames(tmp_path: Path) -> None:
+    """The same frame files give the same rows, counts and particle sizes whether the
+    frames' work runs in worker processes or on threads."""
+    simulator = FrameSimulator(FrameConfig(profile=ConstantProfile(0.3)), seed=33)
+    frames = [simulator.render(10.0 * k)[0] for k in range(6)]
+    in_processes = _classify_folder(tmp_path / "processes", frames, processes=True)
+    on_threads = _classify_folder(tmp_path / "threads", frames, processes=False)
+    assert len(in_processes) == 6 and {row[1] for row in in_processes} == {"ok"}
+    assert sum(len(row[3]) for row in in_processes) >= 60
+    without = [(*row[:3], tuple((p[0], p[1], p[3]) for p in row[3])) for row in in_processes]
+    assert without == [(*row[:3], tuple((p[0], p[1], p[3]) for p in row[3])) for row in on_threads]
+    # Confidences may differ in the last bits: a batch mixes other crops in each run.
+    here = [p[2] for row in in_processes for p in row[3]]
+    there = [p[2] for row in on_threads for p in row[3]]
+    assert np.allclose(here, there, atol=1e-4)
