@@ -552,7 +552,7 @@ class FramePreparers:
             index=worker.index,
             pid=worker.pid,
             exitcode=worker.process.exitcode,
-            frames_lost_in_it=len(waiting),
+            frames_held=len(waiting),  # each tried once more, then recorded as failed
         )
         self._restart(worker)
 
@@ -580,14 +580,19 @@ class FramePreparers:
                 log.exception("worker_process_restart_failed", index=dead.index)
                 continue
             with self._restart_lock:
+                stopping = self._stopping
                 self._workers = [replacement if w is dead else w for w in self._workers]
                 self._retired.append(dead)
             self.stats.restarts += 1
+            if stopping:  # stop() may have gone past it already
+                with contextlib.suppress(OSError):
+                    replacement.send(None)
             return
 
     def stop(self, timeout: float = 5.0) -> None:
         """Tell every worker to stop after the frames it holds; kill what remains."""
-        self._stopping = True
+        with self._restart_lock:
+            self._stopping = True
         deadline = time.monotonic() + timeout
         for worker in self._workers:
             with contextlib.suppress(OSError):
