@@ -136,6 +136,13 @@ def engine_only(crops: list[np.ndarray], batch: int, backend_type: str) -> tuple
         backend.close()
 
 
+def _device(engine_name: str) -> str:
+    """The GPU by name (a TensorRT backend's name carries it), else that none was used."""
+    if engine_name.startswith("tensorrt"):
+        return f"inference on the GPU: {engine_name}"
+    return f"no GPU used ({engine_name})"
+
+
 def _worker_counts(text: str, cores: int) -> list[int]:
     counts = [cores if part.strip() == "all" else int(part) for part in text.split(",")]
     return sorted({1, *counts})  # 1 is what the others are compared with
@@ -221,8 +228,12 @@ def main() -> int:
     print(table)
     if args.write:
         command = "python -m bench.scaling " + " ".join(sys.argv[1:])
-        body = f"{machine_line()}; model `{model_name}`.\n\nCommand: `{command}`\n\n{table}\n"
-        replace_section(Path("BENCHMARKS.md"), f"scaling: worker processes, {model_name}", body)
+        body = (
+            f"{machine_line()}; {_device(engine_name)}; model `{model_name}`.\n\n"
+            f"Command: `{command}`\n\n{table}\n"
+        )
+        on = ", TensorRT" if engine_name.startswith("tensorrt") else ""
+        replace_section(Path("BENCHMARKS.md"), f"scaling: worker processes, {model_name}{on}", body)
     return 0
 
 
