@@ -45,13 +45,13 @@ from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, Frame
 from monitor.sources.folder import read_frame_file
 
 
-def crop_mode(
-    root: Path, encoded: list[bytes], batcher: dict[str, object], batch: int = 32
+def files_per_s(
+    root: Path, encoded: list[bytes], sampling: str, batcher: dict[str, object], batch: int
 ) -> tuple[float, float]:
-    """(crops/s end to end, MiB PSS of the whole process tree right after)."""
-    folder = Path(tempfile.mkdtemp(prefix="crops", dir=root))
-    pairs = throughput._stage_files(folder, encoded, "crop")
-    settings = throughput._settings(folder / "state", {"R1": folder}, "whole", batch, batcher)
+    """(files/s renamed in until stored, MiB PSS of the whole process tree right after)."""
+    folder = Path(tempfile.mkdtemp(prefix=sampling, dir=root))
+    pairs = throughput._stage_files(folder, encoded, sampling)
+    settings = throughput._settings(folder / "state", {"R1": folder}, sampling, batch, batcher)
     daemon = Daemon(settings)
     daemon.start()
     time.sleep(1.0)
@@ -61,26 +61,7 @@ def crop_mode(
             os.replace(temporary, final)
         throughput._wait_recorded(daemon, len(pairs), timeout=900)
         rate = len(pairs) / (time.perf_counter() - started)
-        memory = memory_mib(os.getpid())[1]
-    finally:
-        daemon.stop()
-    return rate, memory
-
-
-def frame_mode(root: Path, encoded: list[bytes], batcher: dict[str, object]) -> float:
-    folder = Path(tempfile.mkdtemp(prefix="frames", dir=root))
-    pairs = throughput._stage_files(folder, encoded, "frame")
-    daemon = Daemon(
-        throughput._settings(folder / "state", {"R1": folder}, "particles", 32, batcher)
-    )
-    daemon.start()
-    time.sleep(1.0)
-    try:
-        started = time.perf_counter()
-        for temporary, final in pairs:
-            os.replace(temporary, final)
-        throughput._wait_recorded(daemon, len(pairs), timeout=900)
-        return len(pairs) / (time.perf_counter() - started)
+        return rate, memory_mib(os.getpid())[1]
     finally:
         daemon.stop()
 
@@ -192,8 +173,8 @@ def main() -> int:
         engine, engine_name = engine_only(crops[:1000], args.batch, args.backend)
         results = []
         for name, batcher in settings:
-            crop_rate, memory = crop_mode(root, encoded, batcher, args.batch)
-            frame_rate = frame_mode(root, frame_files, batcher)
+            crop_rate, memory = files_per_s(root, encoded, "whole", batcher, args.batch)
+            frame_rate, _ = files_per_s(root, frame_files, "particles", batcher, args.batch)
             workers = int(batcher["workers"])  # type: ignore[call-overload]
             prepared = (
                 preparation_only(root, frame_files, workers) if batcher["processes"] else None
