@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bench.memory_soak import memory_mib
 from bench.report import machine_line, replace_section
 from monitor.config.settings import QualityConfig, load_settings
 from monitor.daemon import Daemon
@@ -130,22 +131,31 @@ def _wait_recorded(daemon: Daemon, count: int, timeout: float) -> None:
         time.sleep(0.005)
 
 
-def daemon_crops_per_s(
-    root: Path, encoded: list[bytes], batch: int, batcher: dict[str, object] | None = None
-) -> float:
-    folder = Path(tempfile.mkdtemp(prefix="tput", dir=root))
-    pairs = _stage_files(folder, encoded, "crop")
-    daemon = Daemon(_settings(folder / "state", {"R1": folder}, "whole", batch, batcher))
+def files_per_s(
+    root: Path, encoded: list[bytes], sampling: str, batcher: dict[str, object] | None, batch: int
+) -> tuple[float, float]:
+    """(files/s renamed into a watched folder until stored, MiB PSS of this process and
+    its children, worker processes included, right after)."""
+    folder = Path(tempfile.mkdtemp(prefix=sampling, dir=root))
+    pairs = _stage_files(folder, encoded, sampling)
+    daemon = Daemon(_settings(folder / "state", {"R1": folder}, sampling, batch, batcher))
     daemon.start()
     time.sleep(1.0)
     try:
         started = time.perf_counter()
         for temporary, final in pairs:
             os.replace(temporary, final)
-        _wait_recorded(daemon, len(pairs), timeout=600)
-        return len(pairs) / (time.perf_counter() - started)
+        _wait_recorded(daemon, len(pairs), timeout=900)
+        rate = len(pairs) / (time.perf_counter() - started)
+        return rate, memory_mib(os.getpid())[1]
     finally:
         daemon.stop()
+
+
+def daemon_crops_per_s(
+    root: Path, encoded: list[bytes], batch: int, batcher: dict[str, object] | None = None
+) -> float:
+    return files_per_s(root, encoded, "whole", batcher, batch)[0]
 
 
 def latency_at_rate(

@@ -32,10 +32,8 @@ import cv2
 import numpy as np
 
 from bench import daemon_throughput as throughput
-from bench.memory_soak import memory_mib
 from bench.report import machine_line, replace_section
 from monitor.config.settings import load_settings
-from monitor.daemon import Daemon
 from monitor.imaging.decode import DEFAULT_LIMITS
 from monitor.imaging.preprocess import prepare_batch
 from monitor.inference.factory import resolve_backend
@@ -43,27 +41,6 @@ from monitor.manifest import load_manifest
 from monitor.pipeline.process_pool import FramePreparers
 from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
 from monitor.sources.folder import read_frame_file
-
-
-def files_per_s(
-    root: Path, encoded: list[bytes], sampling: str, batcher: dict[str, object], batch: int
-) -> tuple[float, float]:
-    """(files/s renamed in until stored, MiB PSS of the whole process tree right after)."""
-    folder = Path(tempfile.mkdtemp(prefix=sampling, dir=root))
-    pairs = throughput._stage_files(folder, encoded, sampling)
-    settings = throughput._settings(folder / "state", {"R1": folder}, sampling, batch, batcher)
-    daemon = Daemon(settings)
-    daemon.start()
-    time.sleep(1.0)
-    try:
-        started = time.perf_counter()
-        for temporary, final in pairs:
-            os.replace(temporary, final)
-        throughput._wait_recorded(daemon, len(pairs), timeout=900)
-        rate = len(pairs) / (time.perf_counter() - started)
-        return rate, memory_mib(os.getpid())[1]
-    finally:
-        daemon.stop()
 
 
 def preparation_only(root: Path, encoded: list[bytes], workers: int) -> float:
@@ -173,8 +150,10 @@ def main() -> int:
         engine, engine_name = engine_only(crops[:1000], args.batch, args.backend)
         results = []
         for name, batcher in settings:
-            crop_rate, memory = files_per_s(root, encoded, "whole", batcher, args.batch)
-            frame_rate, _ = files_per_s(root, frame_files, "particles", batcher, args.batch)
+            crop_rate, memory = throughput.files_per_s(root, encoded, "whole", batcher, args.batch)
+            frame_rate, _ = throughput.files_per_s(
+                root, frame_files, "particles", batcher, args.batch
+            )
             workers = int(batcher["workers"])  # type: ignore[call-overload]
             prepared = (
                 preparation_only(root, frame_files, workers) if batcher["processes"] else None

@@ -84,20 +84,6 @@ class DaemonProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (the daemon, its forkserver, its worker processes)."""
-    found, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        found.append(current)
-        try:
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pending.extend(int(c) for c in (task / "children").read_text().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return found
-
-
 def export(config: Path, what: str = "frames") -> list[dict[str, str]]:
     """Rows from `crystal-monitor export`; none while the daemon has not made its store yet."""
     result = subprocess.run(

@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.memory_soak import process_tree
 from monitor.simulator import CropSimulator
 from monitor.store import DB_FILE
-from tests.daemon_process import DaemonProcess, export, process_tree, wait_for, write_like_probe
+from tests.daemon_process import DaemonProcess, export, wait_for, write_like_probe
 from tests.mosquitto import MosquittoBroker, Subscriber, free_port, running_mosquitto
 
 PREFIX = "cm-faults"

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
+from bench.memory_soak import process_tree
 from monitor.config.settings import ProbeConfig, load_settings
 from monitor.config.startup_error import StartupError
 from monitor.daemon import Daemon
@@ -32,7 +33,6 @@ from monitor.store import Store
 from tests.daemon_process import (
     DaemonProcess,
     export,
-    process_tree,
     wait_for,
     write_config,
     write_like_probe,

@@ -8,7 +8,7 @@ into metric families. Nothing here is updated per frame.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
@@ -182,21 +182,20 @@ class DaemonCollector(Collector):
         )
         workers.add_metric([], float(load.worker_processes))
         yield workers
-        for name, documentation, value in (
+        yield from _counters(
             (
-                "worker_restarts",
-                "Worker processes that died and were replaced (each logged).",
-                load.worker_restarts,
-            ),
-            (
-                "worker_oversize_frames",
-                "Frames whose arrays outgrew a shared-memory slot and went pickled.",
-                load.worker_oversize_frames,
-            ),
-        ):
-            counter = CounterMetricFamily(f"{PREFIX}_{name}", documentation)
-            counter.add_metric([], value)
-            yield counter
+                (
+                    "worker_restarts",
+                    "Worker processes that died and were replaced (each logged).",
+                    load.worker_restarts,
+                ),
+                (
+                    "worker_oversize_frames",
+                    "Frames whose arrays outgrew a shared-memory slot and went pickled.",
+                    load.worker_oversize_frames,
+                ),
+            )
+        )
 
     def _inference(self, load: PipelineLoad) -> Iterator[Metric]:
         yield _histogram(
@@ -209,13 +208,12 @@ class DaemonCollector(Collector):
             "Time the backend took per inference batch.",
             load.batch_seconds,
         )
-        for name, documentation, value in (
-            ("inference_crops", "Crops run through the backend.", load.inference_crops),
-            ("inference_failures", "Inference batches that raised.", load.inference_failures),
-        ):
-            counter = CounterMetricFamily(f"{PREFIX}_{name}", documentation)
-            counter.add_metric([], value)
-            yield counter
+        yield from _counters(
+            (
+                ("inference_crops", "Crops run through the backend.", load.inference_crops),
+                ("inference_failures", "Inference batches that raised.", load.inference_failures),
+            )
+        )
 
     def _publishers(self, view: MonitorView) -> Iterator[Metric]:
         up = GaugeMetricFamily(
@@ -316,26 +314,25 @@ class HttpCollector(Collector):
         for reason in DROP_REASONS:  # fixed names: never iterates the live Counter
             dropped.add_metric([reason], counters.dropped.get(reason, 0))
         yield dropped
-        for name, documentation, value in (
+        yield from _counters(
             (
-                "http_accept_errors",
-                "Failed accepts of HTTP connections (e.g. EMFILE: out of descriptors).",
-                counters.accept_errors,
-            ),
-            (
-                "http_token_failures",
-                "Wrong tokens offered at /login or as a Bearer header.",
-                counters.token_failures,
-            ),
-            (
-                "http_throttled",
-                "Requests answered 429 because their peer offered too many wrong tokens.",
-                counters.throttled,
-            ),
-        ):
-            counter = CounterMetricFamily(f"{PREFIX}_{name}", documentation)
-            counter.add_metric([], value)
-            yield counter
+                (
+                    "http_accept_errors",
+                    "Failed accepts of HTTP connections (e.g. EMFILE: out of descriptors).",
+                    counters.accept_errors,
+                ),
+                (
+                    "http_token_failures",
+                    "Wrong tokens offered at /login or as a Bearer header.",
+                    counters.token_failures,
+                ),
+                (
+                    "http_throttled",
+                    "Requests answered 429 because their peer offered too many wrong tokens.",
+                    counters.throttled,
+                ),
+            )
+        )
 
 
 def create_registry(view: MonitorView) -> CollectorRegistry:
@@ -348,3 +345,11 @@ def create_registry(view: MonitorView) -> CollectorRegistry:
 def render_metrics(registry: CollectorRegistry) -> bytes:
     """The Prometheus text exposition of `registry`."""
     return generate_latest(registry)
+
+
+def _counters(rows: Iterable[tuple[str, str, float]]) -> Iterator[Metric]:
+    """One unlabelled counter per (name, documentation, value)."""
+    for name, documentation, value in rows:
+        counter = CounterMetricFamily(f"{PREFIX}_{name}", documentation)
+        counter.add_metric([], value)
+        yield counter
