@@ -1,7 +1,9 @@
 """Instances: how well frame mode finds each particle, against the simulator's truth.
 
 For sparse, medium and dense simulated slurries (FrameConfig.density 0, 0.5, 1) on a
-PG ramp from 0 to 30 %, with particle separation `none` and `watershed`:
+PG ramp from 0 to 30 %, with particle separation `none`, `watershed`, `learned` (the
+shipped detector, monitor/models/particle-detector) and `auto` (the default: the
+watershed on frames whose foreground covers at most 15 %, the detector on the rest):
 
 1. Precision and recall of particles at IoU >= 0.5, per class. Boxes are matched
    greedily, highest IoU first, one to one, against the in-focus particles of the
@@ -16,9 +18,9 @@ PG ramp from 0 to 30 %, with particle separation `none` and `watershed`:
    ONNX Runtime) against the truth's own fraction of in-focus particles in the same
    window, as a mean absolute error in percentage points over the windows.
 3. Segmentation time per 1360 x 1024 frame on one core: the CPU time of the whole of
-   ParticleSampler.sample (background, threshold, split, crops and masks) with OpenCV
-   on one thread, measured as the thread's CPU time so that other work on the machine
-   does not inflate it.
+   ParticleSampler.sample (background, threshold, split or detector, crops and masks)
+   with OpenCV and ONNX Runtime on one thread, measured as the thread's CPU time so
+   that other work on the machine does not inflate it.
 4. The D50 error per class: the median equivalent circle diameter of the matched
    particles' masks (measure_mask) against the median of all in-focus particles of the
    class in the ground truth (its ecd_px).
@@ -47,7 +49,7 @@ from monitor.simulator import CEX, PG, FrameConfig, FrameSimulator, ParticleTrut
 
 Box = tuple[int, int, int, int]
 DENSITIES = {"sparse": 0.0, "medium": 0.5, "dense": 1.0}
-SEPARATIONS = ("none", "watershed")
+SEPARATIONS = ("none", "watershed", "learned", "auto")
 WINDOW_S = 300.0
 TARGETS = (
     "Issue 15's targets: recall >= 0.9 sparse and >= 0.75 dense; the 5-minute PG fraction "

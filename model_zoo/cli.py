@@ -39,6 +39,8 @@ Train, export and evaluate crystal classifiers.
   export    RUN_DIR -> MODEL_DIR (model.onnx + manifest.json, checked against ONNX Runtime)
   evaluate  MODEL_DIR on any class-folder DATA_DIR, through ONNX Runtime
             (--linear-probe RUN_DIR DATA_DIR: a frozen encoder's linear-probe accuracy)
+  train-detector  OUT_DIR: the particle detector of separation = "learned", trained on
+            simulated frames (detector.onnx + detector.json)
 """
 
 
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(commands)
     _add_export_parser(commands)
     _add_evaluate_parser(commands)
+    _add_train_detector_parser(commands)
     return parser
 
 
@@ -68,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_train(parsed, command)
         if parsed.command == "export":
             return _run_export(parsed)
+        if parsed.command == "train-detector":
+            return _run_train_detector(parsed, command)
         if parsed.linear_probe:
             return _run_linear_probe(parsed)
         return _run_evaluate(parsed)
@@ -511,6 +516,60 @@ def _print_linear_probe(report: LinearProbeReport) -> None:
             "recall per class: "
             + ", ".join(f"{cls} {value.recall:.4f}" for cls, value in metrics.per_class.items())
         )
+
+
+def _add_train_detector_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    detector = commands.add_parser(
+        "train-detector",
+        help="train the particle detector (separation = 'learned') on simulated frames",
+        description="Render simulated frames from sparse to dense slurries and train the "
+        "particle detector on them; writes detector.onnx and detector.json into OUT_DIR "
+        "(point particles.detector at it).",
+        formatter_class=_DefaultsHelpFormatter,
+    )
+    detector.add_argument("out", type=Path, metavar="OUT_DIR", help="folder to write")
+    detector.add_argument("--frames", type=int, default=1600, help="simulated training frames")
+    detector.add_argument("--steps", type=int, default=3000, help="optimiser steps")
+    detector.add_argument("--batch-size", type=int, default=16, help="crops per step")
+    detector.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    detector.add_argument("--seed", type=int, default=0, help="seed of frames and training")
+    detector.add_argument("--workers", type=int, default=2, help="processes rendering frames")
+
+
+def _run_train_detector(parsed: argparse.Namespace, command: str) -> int:
+    # Imported here: torch takes seconds to load and the other commands import it anyway.
+    from model_zoo.particle_detector import (  # noqa: PLC0415
+        DetectorTrainOptions,
+        export_detector,
+        train_detector,
+    )
+
+    for name in ("frames", "steps", "batch_size", "workers"):
+        if getattr(parsed, name) < 1:
+            raise ModelZooError(f"--{name.replace('_', '-')} must be at least 1")
+    options = DetectorTrainOptions(
+        frames=parsed.frames,
+        steps=parsed.steps,
+        batch_size=parsed.batch_size,
+        learning_rate=parsed.lr,
+        seed=parsed.seed,
+        workers=parsed.workers,
+    )
+    model = train_detector(options, progress=lambda line: print(line, file=sys.stderr))
+    manifest = export_detector(
+        model,
+        parsed.out,
+        {
+            "name": parsed.out.name,
+            "command": command,
+            "frames": options.frames,
+            "steps": options.steps,
+        },
+    )
+    print(manifest)
+    return 0
 
 
 def _run_train(parsed: argparse.Namespace, command: str) -> int:

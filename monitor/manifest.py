@@ -307,6 +307,14 @@ def sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+DETECTOR_MANIFEST = "detector.json"
+
+
+def default_detector_dir() -> Path:
+    """The particle detector shipped inside the package (separation = "learned")."""
+    return Path(str(resources.files("monitor") / "models" / "particle-detector"))
+
+
 def default_model_dir() -> Path:
     """The classifier shipped inside the package (trained on simulator crops)."""
     return Path(str(resources.files("monitor") / "models" / "default"))

@@ -52,6 +52,7 @@ from monitor.config.overrides import UnknownOverride, find_unknown_overrides
 from monitor.config.review import ReviewConfig
 from monitor.config.sections import merge_values, validate_sections
 from monitor.config.shadow import ShadowConfig
+from monitor.manifest import DETECTOR_MANIFEST, default_detector_dir
 
 ENV_PREFIX = "CRYSTAL_MONITOR__"
 ENV_DELIMITER = "__"  # CRYSTAL_MONITOR__SECTION__KEY
@@ -204,11 +205,24 @@ class ParticlesConfig(_Section):
     )
     margin: Fraction = Field(default=0.15, description="Crop margin around the box.")
     max_per_frame: int = Field(default=300, ge=1, description="Most particles taken per frame.")
-    separation: Literal["none", "watershed"] = Field(
-        default="watershed",
-        description="How touching and overlapping particles are split: watershed (on the "
-        "distance transform of the foreground, only where a blob looks merged) or none "
-        "(one box per connected blob: the cheapest, right for sparse frames).",
+    separation: Literal["auto", "watershed", "learned", "none"] = Field(
+        default="auto",
+        description="How touching and overlapping particles are split. auto: the watershed "
+        "on frames whose foreground covers at most separation_max_cover, the learned "
+        "detector on more crowded ones; watershed: on the distance transform of the "
+        "foreground, only where a blob looks merged (a crowded frame is left unsplit); "
+        "learned: a trained detector finds every particle's box in every frame (see "
+        "particles.detector); none: one box per connected blob, the cheapest.",
+    )
+    detector: Path | None = Field(
+        default=None,
+        description="With separation = 'auto' or 'learned': the folder of the particle "
+        "detector (detector.json + its ONNX file, made by `python -m model_zoo "
+        "train-detector`); unset, the shipped one.",
+    )
+    detector_threshold: Annotated[Fraction, Field(gt=0, lt=1)] = Field(
+        default=0.3,
+        description="The lowest heat-map peak of the detector taken as a particle.",
     )
     refine_edges: bool = Field(
         default=True,
@@ -219,10 +233,11 @@ class ParticlesConfig(_Section):
     )
     separation_max_cover: Fraction = Field(
         default=0.15,
-        description="With separation = 'watershed': a frame whose foreground covers more "
-        "than this share is not split (as with 'none'). In a dense slurry the needles merge "
+        description="A frame whose foreground covers more than this share is crowded: "
+        "with separation = 'auto' the learned detector finds its particles; with "
+        "'watershed' it is not split (as with 'none'): in a dense slurry the needles merge "
         "into one mass the watershed cannot cut, but it carves the agglomerates out of it, "
-        "so PG is over-counted (measured in BENCHMARKS.md, 'instance separation').",
+        "so PG is over-counted (measured in BENCHMARKS.md, 'instances').",
     )
 
 
@@ -717,4 +732,17 @@ def check_sections_environment(sections: Mapping[str, object]) -> list[str]:
             assert source.done_dir is not None
             if source.done_dir.resolve() == source.path.resolve():
                 problems.append(f"probes[{index}].source.done_dir: must differ from source.path")
+        particles = probe.particles if isinstance(probe, ProbeConfig) else None
+        if (
+            isinstance(probe, ProbeConfig)
+            and probe.sampling == "particles"
+            and particles is not None
+            and particles.separation in ("learned", "auto")
+        ):
+            detector_dir = particles.detector or default_detector_dir()
+            if not (detector_dir / DETECTOR_MANIFEST).is_file():
+                problems.append(
+                    f"probes[{index}].particles.detector: no {DETECTOR_MANIFEST} in "
+                    f"{detector_dir} (make one with `python -m model_zoo train-detector`)"
+                )
     return problems

@@ -147,6 +147,7 @@ EXAMPLE_VALUES: dict[str, Any] = {
     "backend.tensorrt.engine_cache_dir": "/var/lib/crystal-monitor/engines",
     "probes.max_decoded_bytes": "100MB",
     "probes.pixel_size_um": 1.4,
+    "probes.particles.detector": "/opt/crystal-monitor/models/particle-detector-site",
     "probes.source.done_dir": "/srv/probe/R1-done",
     "mqtt.client_id": "crystal-monitor-HOSTNAME",
     "mqtt.username": "crystal-monitor",

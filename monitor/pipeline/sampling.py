@@ -5,7 +5,8 @@ is the crop's main object (Otsu threshold, largest blob).
 `particles`: segment the frame (background correction, threshold, connected
 components, a watershed split of blobs that look merged, size and per-object focus
 filters, each particle's edge placed on a finer grid) and crop each particle with a
-margin.
+margin. With `separation = "learned"` a trained detector (particle_detector.py) finds
+each particle's box instead, for slurries too crowded to cut by threshold.
 `tiles`: fixed tiles on a grid, for slurries too dense to segment.
 """
 
@@ -18,6 +19,8 @@ import cv2
 import numpy as np
 
 from monitor.config.settings import ParticlesConfig, ProbeConfig, TilesConfig
+from monitor.inference.particle_detector import ParticleDetector, network_input
+from monitor.manifest import default_detector_dir
 
 _WORK_SCALE = 4  # background and mask are computed on a 4x smaller copy: ~16x less work
 # Watershed, at the working scale. Seeds: distance-transform maxima at least
@@ -42,6 +45,15 @@ _LOW_SHARE = 0.5
 _EDGE_SHARE = 0.5
 _EDGE_SCALE = 2
 _SHARED = 2**16 - 1  # a faint part that several particles' segments meet
+# The learned detector's masks (separation = "learned"): within its box a particle owns
+# the foreground inside _CORE (squared, in half sides) of its centre and, further out,
+# the pixels no other box's centre is nearer to; its own pixels are closed with a
+# _DETECTED_CLOSE px ellipse (on the 2 x 2 px grid, before ownership) so an
+# agglomerate's grains make one silhouette. Chosen on bench/instances.py's D50 errors
+# (2026-12-08): a smaller core cuts overlapping particles short (the truth counts a
+# hidden part to both), a larger one adds crossing needles to a bundle.
+_CORE = 0.75
+_DETECTED_CLOSE = 9
 
 Box = tuple[int, int, int, int]
 
@@ -128,6 +140,14 @@ class ParticleSampler:
         self._peak_window = cv2.getStructuringElement(
             cv2.MORPH_RECT, (2 * _PEAK_RADIUS + 1, 2 * _PEAK_RADIUS + 1)
         )
+        self._detected_close = cv2.getStructuringElement(
+            cv2.MORPH_ELLIPSE, (_DETECTED_CLOSE, _DETECTED_CLOSE)
+        )
+        self._detector = (
+            ParticleDetector(config.detector or default_detector_dir(), config.detector_threshold)
+            if config.separation in ("learned", "auto")
+            else None
+        )
 
     def find_particles(self, grey: np.ndarray) -> list[Box]:
         """Boxes (x, y, w, h) of in-focus particles, largest first."""
@@ -139,6 +159,8 @@ class ParticleSampler:
         filled), its edge on the 2 x 2 px grid of refine_edges or, without, each
         working-scale pixel a 4 x 4 square."""
         config = self._config
+        if self._detector is not None and config.separation == "learned":
+            return self._detected(grey, self._detector)
         height, width = grey.shape
         work_size = (width // _WORK_SCALE, height // _WORK_SCALE)
         fine = None
@@ -158,14 +180,14 @@ class ParticleSampler:
         background = cv2.resize(flat, work_size, interpolation=cv2.INTER_LINEAR)
         corrected = cv2.subtract(small, background)
         raw_mask = (corrected > config.threshold).astype(np.uint8)
+        crowded = float(raw_mask.mean()) > config.separation_max_cover
+        if crowded and self._detector is not None:  # separation = "auto"
+            return self._detected(grey, self._detector)
         # Closing joins the needles of a bundle and the grains of an agglomerate.
         mask = cv2.morphologyEx(raw_mask, cv2.MORPH_CLOSE, self._close)
         # A dense slurry (most of the frame foreground) is left unsplit: see
         # particles.separation_max_cover.
-        split = (
-            config.separation == "watershed"
-            and float(raw_mask.mean()) <= config.separation_max_cover
-        )
+        split = config.separation in ("watershed", "auto") and not crowded
         if split and not config.refine_edges:
             mask = self._grow_alone(corrected, mask, config.threshold)
         if split or config.refine_edges:
@@ -277,6 +299,58 @@ class ParticleSampler:
                 mask = cv2.resize(mask, (bw * fine, bh * fine), interpolation=cv2.INTER_NEAREST)
             results.append((((x0 + bx) * fine, (y0 + by) * fine, bw * fine, bh * fine), mask))
         return results
+
+    def _detected(
+        self, grey: np.ndarray, detector: ParticleDetector
+    ) -> list[tuple[Box, np.ndarray]]:
+        """separation = "learned" (or "auto" on a crowded frame): the detector's boxes.
+        A particle's mask is the largest blob of the frame's foreground (above
+        _EDGE_SHARE of the threshold, on the _EDGE_SCALE grid, as refine_edges places
+        edges) among the pixels of its box it owns (see _CORE), closed, holes filled."""
+        config = self._config
+        height, width = grey.shape
+        small = network_input(grey)
+        detections = detector.detect(small, (height, width), config.max_per_frame)
+        if not detections:
+            return []
+        fine_size = (width // _EDGE_SCALE, height // _EDGE_SCALE)
+        fine = cv2.resize(grey, fine_size, interpolation=cv2.INTER_AREA)
+        tiny = cv2.resize(small, (width // 16, height // 16), interpolation=cv2.INTER_AREA)
+        level = cv2.resize(cv2.medianBlur(tiny, 9), fine_size, interpolation=cv2.INTER_LINEAR)
+        edge = max(1, round(_EDGE_SHARE * config.threshold))
+        above = cv2.compare(fine, cv2.add(level, edge), cv2.CMP_GT)
+        # Closed once for the frame: an agglomerate's grains join; where the closing
+        # bridges two particles, ownership below cuts the bridge again.
+        above = cv2.morphologyEx(above, cv2.MORPH_CLOSE, self._detected_close)
+        boxes = [_fine_box(d.box, fine_size) for d in detections]
+        distances = [_box_distance(*fine_box) for fine_box in boxes]
+        owner = _nearest_box(boxes, distances, fine_size)
+        found = []
+        for number, (box, (x0, y0, x1, y1)) in enumerate(
+            zip((d.box for d in detections), boxes, strict=True)
+        ):
+            mine = (owner[y0:y1, x0:x1] == number) | (distances[number] < _CORE)
+            own = cv2.bitwise_and(above[y0:y1, x0:x1], mine.view(np.uint8) * np.uint8(255))
+            count, labels, stats, _ = cv2.connectedComponentsWithStats(own, connectivity=8)
+            if count < 2:
+                continue
+            largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+            own = _fill_holes((labels == largest).astype(np.uint8))
+            area = int(own.sum()) * _EDGE_SCALE * _EDGE_SCALE
+            if not config.min_area <= area <= config.max_area:
+                continue
+            if config.min_focus > 0 and _object_focus(grey, box) < config.min_focus:
+                continue
+            mask = cv2.resize(
+                own,
+                ((x1 - x0) * _EDGE_SCALE, (y1 - y0) * _EDGE_SCALE),
+                interpolation=cv2.INTER_NEAREST,
+            )
+            offset_x, offset_y = box[0] - x0 * _EDGE_SCALE, box[1] - y0 * _EDGE_SCALE
+            mask = mask[offset_y : offset_y + box[3], offset_x : offset_x + box[2]]
+            found.append((area, box, np.ascontiguousarray(mask)))
+        found.sort(key=lambda item: (item[0], item[1]), reverse=True)
+        return [(box, mask) for _, box, mask in found]
 
     def _grow_alone(self, corrected: np.ndarray, mask: np.ndarray, threshold: int) -> np.ndarray:
         """Hysteresis for particles on their own: a blob grows into the dimmer pixels
@@ -391,6 +465,39 @@ class ParticleSampler:
             Crop(_square_crop(grey, box, self._config.margin), box, mask)
             for box, mask in self.find_particle_masks(grey)
         ]
+
+
+def _fine_box(box: Box, fine_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A frame box as (x0, y0, x1, y1) on the _EDGE_SCALE grid, covering it."""
+    x0, y0 = box[0] // _EDGE_SCALE, box[1] // _EDGE_SCALE
+    x1 = min(fine_size[0], -(-(box[0] + box[2]) // _EDGE_SCALE))
+    y1 = min(fine_size[1], -(-(box[1] + box[3]) // _EDGE_SCALE))
+    return x0, y0, x1, y1
+
+
+def _nearest_box(
+    boxes: list[tuple[int, int, int, int]], distances: list[np.ndarray], size: tuple[int, int]
+) -> np.ndarray:
+    """Each pixel's box (index into `boxes`, int32; -1 outside all): of the boxes that
+    hold it, the one whose centre is nearest in units of the box's half sides
+    (`distances`, each box's _box_distance). Where a
+    needle crosses a bundle, each keeps the pixels nearer its own middle."""
+    owner = np.full((size[1], size[0]), -1, np.int32)
+    best = np.full((size[1], size[0]), np.inf, np.float32)
+    for number, ((x0, y0, x1, y1), distance) in enumerate(zip(boxes, distances, strict=True)):
+        nearer = distance < best[y0:y1, x0:x1]
+        best[y0:y1, x0:x1][nearer] = distance[nearer]
+        owner[y0:y1, x0:x1][nearer] = number
+    return owner
+
+
+def _box_distance(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """Each pixel's squared distance from the box's centre in units of its half sides
+    (1 on the inscribed ellipse)."""
+    half_w, half_h = max(1.0, (x1 - x0) / 2.0), max(1.0, (y1 - y0) / 2.0)
+    across = ((np.arange(x1 - x0, dtype=np.float32) + 0.5 - half_w) / half_w) ** 2
+    down = ((np.arange(y1 - y0, dtype=np.float32) + 0.5 - half_h) / half_h) ** 2
+    return np.asarray(down[:, None] + across[None, :])
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
