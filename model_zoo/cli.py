@@ -536,6 +536,12 @@ def _add_train_detector_parser(
     detector.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     detector.add_argument("--seed", type=int, default=0, help="seed of frames and training")
     detector.add_argument("--workers", type=int, default=2, help="processes rendering frames")
+    detector.add_argument(
+        "--init",
+        type=Path,
+        metavar="DETECTOR_DIR",
+        help="fine-tune this detector (its detector.pt) instead of starting from scratch",
+    )
 
 
 def _run_train_detector(parsed: argparse.Namespace, command: str) -> int:
@@ -556,6 +562,7 @@ def _run_train_detector(parsed: argparse.Namespace, command: str) -> int:
         learning_rate=parsed.lr,
         seed=parsed.seed,
         workers=parsed.workers,
+        init=parsed.init,
     )
     model = train_detector(options, progress=lambda line: print(line, file=sys.stderr))
     manifest = export_detector(
@@ -564,6 +571,7 @@ def _run_train_detector(parsed: argparse.Namespace, command: str) -> int:
         {
             "name": parsed.out.name,
             "command": command,
+            "init": None if parsed.init is None else str(parsed.init),
             "frames": options.frames,
             "steps": options.steps,
         },

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 (the conventional alias)
 
+from model_zoo.errors import ModelZooError
 from monitor.inference.particle_detector import (
     GRID,
     INPUT_SCALE,
@@ -53,6 +54,7 @@ CROP = (
     128,
     160,
 )  # training crop of the network input (rows, columns), multiples of GRID/INPUT_SCALE
+CHECKPOINT_FILE = "detector.pt"  # the weights, for --init; the daemon reads the ONNX file
 HEAT_BIAS = -2.19  # sigmoid(-2.19) = 0.1: CenterNet's prior for the heat map's first steps
 
 
@@ -236,6 +238,7 @@ class DetectorTrainOptions:
     learning_rate: float = 2e-3
     seed: int = 0
     workers: int = 2
+    init: Path | None = None  # a detector folder with detector.pt: fine-tune it
 
 
 def train_detector(
@@ -250,6 +253,11 @@ def train_detector(
         frames = render_frames_parallel(options.frames, options.seed, options.workers)
         progress(f"rendered {len(frames)} frames in {time.monotonic() - started:.0f} s")
     model = CentreNet()
+    if options.init is not None:
+        checkpoint = options.init / CHECKPOINT_FILE
+        if not checkpoint.is_file():
+            raise ModelZooError(f"--init {options.init}: no {CHECKPOINT_FILE} there")
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     optimiser = torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, options.learning_rate, total_steps=options.steps, pct_start=0.1
@@ -295,6 +303,7 @@ def export_detector(
             opset_version=17,
             dynamo=False,
         )
+    torch.save(model.state_dict(), out_dir / CHECKPOINT_FILE)
     manifest = {
         "schema_version": 1,
         "kind": "centrenet",
