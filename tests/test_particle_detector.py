@@ -150,9 +150,9 @@ def _recall(density: float, frames: int, config: ParticlesConfig) -> tuple[float
     return matched / truths, matched / max(1, counted)
 
 
-# Dense: issue 15's target, not met yet (recall 0.63 with the shipped detector,
+# Dense: issue 15's target, not met yet (recall 0.65 with the shipped detector,
 # bench/instances.py); strict, so the day it is met the mark must go.
-_DENSE_NOT_MET = pytest.mark.xfail(strict=True, reason="dense recall 0.63 < 0.75 (BENCHMARKS.md)")
+_DENSE_NOT_MET = pytest.mark.xfail(strict=True, reason="dense recall 0.65 < 0.75 (BENCHMARKS.md)")
 
 
 @pytest.mark.parametrize(
