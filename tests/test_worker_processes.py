@@ -26,7 +26,7 @@ from monitor.imaging.decode import DEFAULT_LIMITS
 from monitor.manifest import InputSpec
 from monitor.pipeline import process_pool
 from monitor.pipeline.frame_work import FrameReadError, prepare_frame, probe_stages, read_frame
-from monitor.pipeline.process_pool import FramePreparers, WorkerLostError
+from monitor.pipeline.process_pool import FramePreparers, FrameRequest, WorkerLostError
 from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
 from monitor.sources.folder import read_frame_file
 from monitor.store import Store
@@ -123,6 +123,47 @@ def test_an_unreadable_file_is_reported_with_its_reason(pool, tmp_path: Path) ->
         assert (there.value.reason, there.value.detail) == (here.value.reason, here.value.detail)
         assert there.value.transient is False
     assert there.value.reason == "unreadable" and "No such file" in there.value.detail
+
+
+def test_a_group_of_frames_goes_in_one_message_each_with_its_own_result(  # type: ignore[no-untyped-def]
+    pool, frame_file, tmp_path: Path
+) -> None:
+    """Crop files, pixels read by the daemon, an unreadable file and a whole frame in
+    one group: each gets the result it gets alone, in the order asked, and small
+    frames let the next groups grow."""
+    path, image = frame_file
+    crops = [CropSimulator(seed=9).render(label) for label in ("CEX", "PG", "CEX")]
+    paths = []
+    for index, crop in enumerate(crops[:2]):
+        paths.append(tmp_path / f"crop_{index}.png")
+        assert cv2.imwrite(str(paths[-1]), crop)
+    requests = [
+        FrameRequest("C", _read(paths[0])),
+        FrameRequest("C", _read(tmp_path / "gone.png")),
+        FrameRequest("C", None, crops[2]),
+        FrameRequest("F", _read(path)),
+        FrameRequest("C", _read(paths[1])),
+    ]
+    group = pool.prepare_group(requests, SPEC, with_crop_images=False)
+    try:
+        stages = probe_stages(PROBES)
+        expected = [crops[0], None, crops[2], image, crops[1]]
+        assert len(group.results) == len(requests)
+        for result, request, pixels in zip(group.results, requests, expected, strict=True):
+            if pixels is None:
+                assert isinstance(result, FrameReadError) and result.reason == "unreadable"
+                continue
+            here = prepare_frame(pixels, stages[request.probe], SPEC, with_crop_images=False)
+            assert not isinstance(result, Exception)
+            assert (result.status, result.boxes, result.sizes) == (
+                here.status, here.boxes, here.sizes,
+            )  # fmt: skip
+            np.testing.assert_array_equal(result.tensors, here.tensors)
+    finally:
+        group.release()
+    for crop_path in paths * 16:  # small frames only: a group may now hold several
+        pool.prepare("C", _read(crop_path), None, SPEC, with_crop_images=False).release()
+    assert pool.group_limit() == process_pool.MAX_GROUP
 
 
 def test_a_frame_too_big_for_a_slot_is_still_prepared_and_counted(frame_file) -> None:  # type: ignore[no-untyped-def]

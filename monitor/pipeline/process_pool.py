@@ -14,6 +14,12 @@ A frame whose file a worker can read itself (a folder source's file) goes as its
 any other frame (the simulator, a camera stream) is read in the daemon and its pixels
 written into the slot for the worker.
 
+Frames travel in groups: one message, one slot and one reply for up to `MAX_GROUP`
+frames (`prepare_group`), so a folder of small crop files pays the pipe, the pickling
+and the reply thread once per group rather than once per crop. How many frames a
+group may hold follows from the bytes recent frames used (`group_limit`), so large
+frames still go one to a slot.
+
 Failure design:
 - A worker that dies (a decoder crash, the OOM killer) is restarted with a new arena;
   the frames it held raise `WorkerLostError`, and the pipeline tries each once more before
@@ -70,6 +76,9 @@ STUCK_CHECK_S = 1.0
 # What frames' `read` callables live in, imported when a worker starts: unpickling one
 # must never import (an import opens files, which a process out of descriptors cannot).
 WORKER_IMPORTS = ("monitor.sources.folder",)
+# Frames per message at most: enough to amortise the pipe and fill a batch from a few
+# groups, few enough that the workers share a burst evenly.
+MAX_GROUP = 16
 
 
 class WorkerLostError(Exception):
@@ -98,6 +107,29 @@ class PreparedHandle:
     release: Callable[[], None]
 
 
+@dataclass(frozen=True)
+class FrameRequest:
+    """One frame to prepare: read by the worker (`read`, a picklable callable) or
+    given (`grey`, read in the daemon)."""
+
+    probe: str
+    read: Callable[[], np.ndarray] | None
+    grey: np.ndarray | None = None
+
+
+FrameResult = PreparedFrame | FrameReadError | RuntimeError
+"""A frame of a group: prepared, unreadable, or failed in the worker (the message)."""
+
+
+@dataclass
+class PreparedGroup:
+    """A group's frames in the order asked, whose arrays may live in one slot;
+    `release` frees the slot (once nothing reads any frame's `tensors` any more)."""
+
+    results: list[FrameResult]
+    release: Callable[[], None]
+
+
 # ---------------------------------------------------------------- the worker process
 
 
@@ -105,8 +137,8 @@ class _SlotWriter:
     """Hands out arrays from one slot, front to back; np.empty once the slot is full."""
 
     def __init__(self, buffer: memoryview, start: int, end: int) -> None:
-        self._buffer = buffer
-        self._cursor = start
+        self.buffer = buffer
+        self.cursor = start
         self._end = end
         self.placed: dict[int, ArrayRef] = {}
         self.overflowed = False
@@ -114,12 +146,12 @@ class _SlotWriter:
     def allocate(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        offset = -(-self._cursor // ALIGN) * ALIGN
+        offset = -(-self.cursor // ALIGN) * ALIGN
         if offset + nbytes > self._end:
             self.overflowed = True
             return np.empty(shape, dtype)
-        array = array_at(self._buffer, offset, shape, dtype)
-        self._cursor = offset + nbytes
+        array = array_at(self.buffer, offset, shape, dtype)
+        self.cursor = offset + nbytes
         self.placed[id(array)] = (offset, tuple(shape), dtype.str)
         return array
 
@@ -151,7 +183,7 @@ def _attach(name: str) -> SharedMemory:
 
 
 def _serve(conn: Connection, arena_name: str, slot_bytes: int, probes: list[ProbeConfig]) -> None:
-    """The worker process's loop: one frame at a time, in the order sent."""
+    """The worker process's loop: one group of frames at a time, in the order sent."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _cv2_threads_one()
@@ -177,22 +209,13 @@ def _serve(conn: Connection, arena_name: str, slot_bytes: int, probes: list[Prob
             if message[0] == "probes":
                 stages = probe_stages(message[1])
                 continue
-            _, job, slot, probe, read, grey_ref, spec, with_images = message
+            _, job, slot, spec, with_images, frames = message
+            reply = _prepare_group(
+                buffer, slot * slot_bytes, (slot + 1) * slot_bytes, stages=stages,
+                frames=frames, spec=spec, with_images=with_images,
+            )  # fmt: skip
             try:
-                reply = _prepare(
-                    buffer,
-                    slot * slot_bytes,
-                    (slot + 1) * slot_bytes,
-                    stages=stages[probe],
-                    read=read,
-                    grey_ref=grey_ref,
-                    spec=spec,
-                    with_images=with_images,
-                )
-            except Exception as exc:  # one bad frame must never stop a worker
-                reply = ("failed", f"internal: {type(exc).__name__}: {exc}")
-            try:
-                conn.send((job, *reply))
+                conn.send((job, reply))
             except (BrokenPipeError, OSError):
                 return
     finally:
@@ -207,12 +230,50 @@ def _cv2_threads_one() -> None:
     cv2.setNumThreads(1)
 
 
-def _prepare(
+def _prepare_group(
     buffer: memoryview,
     start: int,
     end: int,
     *,
+    stages: dict[str, Any],
+    frames: list[tuple[str, Callable[[], np.ndarray] | None, Placed | None]],
+    spec: InputSpec,
+    with_images: bool,
+) -> list[tuple[Any, ...]]:
+    """Prepare each frame of a group into one slot, after the inputs the daemon placed
+    there; one reply per frame, each ending with the bytes the frame used and whether
+    any of its arrays outgrew the slot."""
+    inputs_end = max(
+        (ref[0] + _nbytes(ref) for _, _, ref in frames if isinstance(ref, tuple)), default=start
+    )
+    writer = _SlotWriter(buffer, inputs_end, end)
+    replies = []
+    for probe, read, grey_ref in frames:
+        writer.overflowed = False
+        before = writer.cursor
+        try:
+            reply = _prepare(
+                writer, stages[probe], read=read, grey_ref=grey_ref, spec=spec,
+                with_images=with_images,
+            )  # fmt: skip
+        except Exception as exc:  # one bad frame must never stop a worker
+            reply = ("failed", f"internal: {type(exc).__name__}: {exc}")
+        used = writer.cursor - before + (0 if grey_ref is None else _nbytes(grey_ref))
+        replies.append((*reply, used, writer.overflowed))
+    return replies
+
+
+def _nbytes(ref: Placed) -> int:
+    if isinstance(ref, np.ndarray):
+        return int(ref.nbytes)
+    _, shape, dtype = ref
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _prepare(
+    writer: _SlotWriter,
     stages: Any,
+    *,
     read: Callable[[], np.ndarray] | None,
     grey_ref: Placed | None,
     spec: InputSpec,
@@ -223,32 +284,21 @@ def _prepare(
             decoded = read_frame(read)
         except FrameReadError as failed:
             return ("unreadable", failed.reason, failed.detail, failed.transient)
-        writer = _SlotWriter(buffer, start, end)
         grey = writer.allocate(decoded.shape, decoded.dtype)
         grey[...] = decoded
     else:
         assert grey_ref is not None
-        grey = _view(buffer, grey_ref)
-        used = grey_ref[0] + grey.nbytes if isinstance(grey_ref, tuple) else start
-        writer = _SlotWriter(buffer, used, end)
+        grey = _view(writer.buffer, grey_ref)
         if isinstance(grey_ref, tuple):
             writer.placed[id(grey)] = grey_ref
     frame = prepare_frame(
         grey, stages, spec, with_crop_images=with_images, allocate=writer.allocate
     )
     if frame.status == "rejected":
-        return ("rejected", frame.reason, writer.ref(grey), writer.overflowed)
+        return ("rejected", frame.reason, writer.ref(grey))
     assert frame.tensors is not None
     images = None if frame.crop_images is None else [writer.ref(i) for i in frame.crop_images]
-    return (
-        "ok",
-        writer.ref(grey),
-        writer.ref(frame.tensors),
-        frame.boxes,
-        frame.sizes,
-        images,
-        writer.overflowed,
-    )
+    return ("ok", writer.ref(grey), writer.ref(frame.tensors), frame.boxes, frame.sizes, images)
 
 
 def _view(buffer: memoryview, ref: Placed) -> np.ndarray:
@@ -274,7 +324,7 @@ class _Worker:
         self.free: queue.Queue[int] = queue.Queue()
         for slot in range(slots):
             self.free.put(slot)
-        self.pending: dict[int, Future[tuple[Any, ...]]] = {}
+        self.pending: dict[int, Future[list[tuple[Any, ...]]]] = {}
         self.sent_at: dict[int, float] = {}  # monotonic time each pending frame was sent
         self.lock = threading.Lock()
         self.lost = False
@@ -355,6 +405,9 @@ class FramePreparers:
         self._stopping = False
         self.stuck_after_s = STUCK_AFTER_S
         self.stats = PoolStats()
+        # Bytes of slot the largest recent frame used, decaying (written by the
+        # dispatch threads; a lost update only delays the next group's size).
+        self._frame_bytes = slot_bytes // 2
 
     @property
     def stopping(self) -> bool:
@@ -401,6 +454,11 @@ class FramePreparers:
             with contextlib.suppress(OSError):  # dying: its replacement gets these probes
                 worker.send(("probes", self._probes))
 
+    def group_limit(self) -> int:
+        """How many frames the next group may hold: as many as fit in half a slot at the
+        bytes the largest recent frame used (one until a frame has been measured)."""
+        return max(1, min(MAX_GROUP, self._slot_bytes // 2 // max(1, self._frame_bytes)))
+
     def prepare(
         self,
         probe: str,
@@ -412,7 +470,22 @@ class FramePreparers:
     ) -> PreparedHandle:
         """Prepare one frame: read by the worker (`read`, a picklable callable) or given
         (`grey`, read here). Raises FrameReadError, WorkerLostError or RuntimeError."""
-        worker, slot, future = self._send(probe, read, grey, spec, with_crop_images)
+        group = self.prepare_group(
+            [FrameRequest(probe, read, grey)], spec, with_crop_images=with_crop_images
+        )
+        result = group.results[0]
+        if not isinstance(result, PreparedFrame):
+            group.release()
+            raise result
+        return PreparedHandle(result, group.release)
+
+    def prepare_group(
+        self, frames: Sequence[FrameRequest], spec: InputSpec, *, with_crop_images: bool
+    ) -> PreparedGroup:
+        """Prepare frames in one worker and one slot, each on its own: a frame that is
+        unreadable or fails is that frame's result. Raises WorkerLostError (for the
+        whole group) when the worker dies on it."""
+        worker, slot, future = self._send(frames, spec, with_crop_images)
         released = threading.Event()
 
         def release() -> None:
@@ -421,22 +494,17 @@ class FramePreparers:
                 worker.free.put(slot)
 
         try:
-            frame = self._unpack(worker, future.result())
+            results = [self._unpack(worker, reply) for reply in future.result()]
         except BaseException:
             release()
             raise
-        return PreparedHandle(frame, release)
+        return PreparedGroup(results, release)
 
     def _send(
-        self,
-        probe: str,
-        read: Callable[[], np.ndarray] | None,
-        grey: np.ndarray | None,
-        spec: InputSpec,
-        with_crop_images: bool,
-    ) -> tuple[_Worker, int, Future[tuple[Any, ...]]]:
-        """Send the frame to a live worker with a free slot. A worker that dies before
-        the frame is sent costs the frame nothing: another is picked."""
+        self, frames: Sequence[FrameRequest], spec: InputSpec, with_crop_images: bool
+    ) -> tuple[_Worker, int, Future[list[tuple[Any, ...]]]]:
+        """Send the frames to a live worker with a free slot. A worker that dies before
+        they are sent costs them nothing: another is picked."""
         while True:
             worker = self._live_worker()
             try:
@@ -444,23 +512,22 @@ class FramePreparers:
             except queue.Empty:
                 continue  # all its slots wait for inference; look again (it may have died)
             try:
-                grey_ref: Placed | None = None
-                if read is None:
-                    assert grey is not None
-                    grey_ref = self._place_input(worker, slot, grey)
-                future: Future[tuple[Any, ...]] = Future()
+                refs = self._place_inputs(worker, slot, [frame.grey for frame in frames])
+                future: Future[list[tuple[Any, ...]]] = Future()
                 with self._jobs_lock:
                     self._jobs += 1
                     job = self._jobs
+                message = (
+                    "frames", job, slot, spec, with_crop_images,
+                    [(f.probe, f.read, ref) for f, ref in zip(frames, refs, strict=True)],
+                )  # fmt: skip
                 with worker.lock:
                     if not worker.lost:
                         try:
-                            worker.conn.send(
-                                ("frame", job, slot, probe, read, grey_ref, spec, with_crop_images)
-                            )
+                            worker.conn.send(message)
                         except OSError:
-                            # Dead before its reader noticed (a broken pipe): the frame
-                            # never reached it, so it costs the frame nothing.
+                            # Dead before its reader noticed (a broken pipe): the frames
+                            # never reached it, so it costs them nothing.
                             worker.lost = True
                         else:
                             worker.pending[job] = future
@@ -482,32 +549,47 @@ class FramePreparers:
                 raise WorkerLostError("no worker process is running")
             time.sleep(0.05)
 
-    def _place_input(self, worker: _Worker, slot: int, grey: np.ndarray) -> Placed:
-        start = slot * worker.slot_bytes
-        if grey.nbytes > worker.slot_bytes // 2:
-            self.stats.oversize += 1
-            return np.ascontiguousarray(grey)
+    def _place_inputs(
+        self, worker: _Worker, slot: int, greys: list[np.ndarray | None]
+    ) -> list[Placed | None]:
+        """Write the frames read here into the front of the slot, one after another, in
+        at most half of it; one that does not fit travels pickled (counted)."""
         buffer = worker.arena.buf
         assert buffer is not None
-        view = array_at(buffer, start, grey.shape, grey.dtype)
-        view[...] = grey
-        return (start, tuple(grey.shape), grey.dtype.str)
+        cursor = start = slot * worker.slot_bytes
+        refs: list[Placed | None] = []
+        for grey in greys:
+            if grey is None:
+                refs.append(None)
+                continue
+            offset = -(-cursor // ALIGN) * ALIGN
+            if offset + grey.nbytes > start + worker.slot_bytes // 2:
+                self.stats.oversize += 1
+                refs.append(np.ascontiguousarray(grey))
+                continue
+            view = array_at(buffer, offset, grey.shape, grey.dtype)
+            view[...] = grey
+            cursor = offset + grey.nbytes
+            refs.append((offset, tuple(grey.shape), grey.dtype.str))
+        return refs
 
-    def _unpack(self, worker: _Worker, reply: tuple[Any, ...]) -> PreparedFrame:
-        kind = reply[0]
+    def _unpack(self, worker: _Worker, reply: tuple[Any, ...]) -> FrameResult:
+        """One frame's reply as its result; counts the bytes it used and its overflow."""
+        *answer, used, overflowed = reply
+        self.stats.oversize += int(overflowed)
+        self._frame_bytes = max(used, self._frame_bytes * 7 // 8)
+        kind = answer[0]
         buffer = worker.arena.buf
         assert buffer is not None
         if kind == "unreadable":
-            _, reason, detail, transient = reply
-            raise FrameReadError(reason, detail, transient)
+            _, reason, detail, transient = answer
+            return FrameReadError(reason, detail, transient)
         if kind == "failed":
-            raise RuntimeError(reply[1])
+            return RuntimeError(answer[1])
         if kind == "rejected":
-            _, reason, grey_ref, overflowed = reply
-            self.stats.oversize += int(overflowed)
+            _, reason, grey_ref = answer
             return PreparedFrame("rejected", reason, _view(buffer, grey_ref).copy())
-        _, grey_ref, tensors_ref, boxes, sizes, image_refs, overflowed = reply
-        self.stats.oversize += int(overflowed)
+        _, grey_ref, tensors_ref, boxes, sizes, image_refs = answer
         images = None
         if image_refs is not None:
             images = tuple(_view(buffer, ref).copy() for ref in image_refs)
@@ -536,7 +618,7 @@ class FramePreparers:
                 future = worker.pending.pop(reply[0], None)
                 worker.sent_at.pop(reply[0], None)
             if future is not None:
-                future.set_result(reply[1:])
+                future.set_result(reply[1])
         with worker.lock:
             worker.lost = True
             waiting = list(worker.pending.values())
