@@ -92,6 +92,32 @@ def test_one_bad_frame_is_recorded_as_an_error_and_its_group_is_stored(tmp_path:
     assert recorder.problem is None  # not a passing failure: nothing to wait for
 
 
+def test_groups_of_outcomes_are_recorded_once_in_order_within_a_bound_in_frames(
+    tmp_path: Path,
+) -> None:
+    """A group handed over in one step is let in while the queue holds fewer frames
+    than its bound; the next waits until the recorder has taken them, and every frame
+    is recorded once, in the order handed over."""
+    store = Store(tmp_path)
+    recorder, recorded = _recorder(store, queue_outcomes=4)
+    recorder.submit_many([_outcome(f"a{index}.png") for index in range(6)])  # room: let in
+    second = threading.Thread(
+        target=recorder.submit_many, args=([_outcome(f"b{index}.png") for index in range(3)],)
+    )
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive()  # 6 frames queued, bound 4: waits for the store
+    recorder.start()
+    second.join(timeout=10)
+    assert not second.is_alive()
+    recorder.submit(_outcome("c.png"))
+    recorder.stop()
+    keys = [f"a{index}.png" for index in range(6)] + [f"b{index}.png" for index in range(3)]
+    assert recorded == [*keys, "c.png"]
+    assert recorder.recorded == 10
+    store.close()
+
+
 def test_a_locked_database_holds_frames_back_reports_why_and_loses_nothing(
     tmp_path: Path,
 ) -> None:

@@ -20,10 +20,9 @@ logged once per reason per interval, with a count.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -138,7 +137,7 @@ class Recorder:
         self._clock = clock
         self._max_rows = max_rows
         self._max_delay = max_delay_s
-        self._queue: queue.Queue[FrameOutcome | None] = queue.Queue(queue_outcomes)
+        self._queue = _OutcomeQueue(queue_outcomes)
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self._stopping = threading.Event()
         self._give_up_at: float | None = None  # monotonic; set by stop()
@@ -160,7 +159,12 @@ class Recorder:
 
     def submit(self, outcome: FrameOutcome) -> None:
         """Hand on one outcome; waits while the queue is full (the store is behind)."""
-        self._queue.put(outcome)
+        self._queue.put([outcome])
+
+    def submit_many(self, outcomes: Sequence[FrameOutcome]) -> None:
+        """Hand on a group of outcomes in one step (a group of frames classified by one
+        callback); waits while the queue has no room for them."""
+        self._queue.put(list(outcomes))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Commit everything submitted so far, then stop. A store that keeps failing is
@@ -168,7 +172,7 @@ class Recorder:
         and are processed at the next start)."""
         self._give_up_at = time.monotonic() + timeout
         self._stopping.set()
-        self._queue.put(None)
+        self._queue.close()
         self._thread.join(timeout=timeout + 1.0)
 
     @property
@@ -177,22 +181,10 @@ class Recorder:
         return self._problem
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is None:
-                break
-            pending = [first]
-            deadline = time.monotonic() + self._max_delay
-            while len(pending) < self._max_rows:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                pending.append(item)
+        while True:
+            pending = self._queue.take(self._max_rows, self._max_delay)
+            if not pending:
+                break  # closed and empty
             self._record(pending)
 
     # -- writing, with retries and isolation -------------------------------------------
@@ -372,3 +364,54 @@ class Recorder:
                 store_failures=dict(self._store_failures),
                 unstorable=self._unstorable,
             )
+
+
+class _OutcomeQueue:
+    """Outcomes waiting for the store, bounded in frames; groups go in whole.
+
+    A group is let in while the queue holds fewer than `capacity` frames, so one larger
+    than the room left waits only for the queue to go below its bound, never forever.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._groups: deque[list[FrameOutcome]] = deque()
+        self._frames = 0
+        self._capacity = max(1, capacity)
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def put(self, outcomes: list[FrameOutcome]) -> None:
+        if not outcomes:
+            return
+        with self._cond:
+            while self._frames >= self._capacity:
+                self._cond.wait()
+            self._groups.append(outcomes)
+            self._frames += len(outcomes)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """No more outcomes: `take` returns what is queued, then an empty list."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def take(self, max_rows: int, max_delay_s: float) -> list[FrameOutcome]:
+        """The next outcomes to commit: waits for the first, then gathers more for up to
+        `max_delay_s` or until `max_rows` (whole groups, so it may go past). Empty once
+        closed and drained."""
+        with self._cond:
+            while not self._groups and not self._closed:
+                self._cond.wait()
+            deadline = time.monotonic() + max_delay_s
+            while self._frames < max_rows and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            taken: list[FrameOutcome] = []
+            while self._groups and len(taken) < max_rows:
+                taken += self._groups.popleft()
+            self._frames -= len(taken)
+            self._cond.notify_all()
+            return taken
