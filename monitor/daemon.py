@@ -132,7 +132,7 @@ class Daemon:
             settings.probes,
             self.batcher,
             self.frames,
-            self.recorder.submit,
+            self.recorder.submit_many,
             workers=self.workers,
             processes=settings.batcher.processes,
             slot_bytes=settings.batcher.slot_mib << 20,

@@ -23,11 +23,18 @@ from monitor.config.settings import ProbeConfig, load_settings
 from monitor.config.startup_error import StartupError
 from monitor.daemon import Daemon
 from monitor.imaging.decode import DEFAULT_LIMITS
-from monitor.manifest import InputSpec
+from monitor.inference.onnxruntime_backend import OnnxRuntimeBackend
+from monitor.manifest import InputSpec, load_manifest
 from monitor.pipeline import process_pool
+from monitor.pipeline.active_model import ActiveModel
+from monitor.pipeline.batcher import MicroBatcher
+from monitor.pipeline.frame_queue import FrameQueue
 from monitor.pipeline.frame_work import FrameReadError, prepare_frame, probe_stages, read_frame
+from monitor.pipeline.outcome import FrameOutcome
 from monitor.pipeline.process_pool import FramePreparers, FrameRequest, WorkerLostError
+from monitor.pipeline.workers import Pipeline
 from monitor.simulator import ConstantProfile, CropSimulator, FrameConfig, FrameSimulator
+from monitor.sources.base import FrameItem
 from monitor.sources.folder import read_frame_file
 from monitor.store import Store
 from tests.daemon_process import (
@@ -164,6 +171,53 @@ def test_a_group_of_frames_goes_in_one_message_each_with_its_own_result(  # type
     for crop_path in paths * 16:  # small frames only: a group may now hold several
         pool.prepare("C", _read(crop_path), None, SPEC, with_crop_images=False).release()
     assert pool.group_limit() == process_pool.MAX_GROUP
+
+
+def _kill_own_process() -> np.ndarray:
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("a SIGKILLed process runs no further")
+
+
+def test_a_frame_that_kills_its_worker_takes_only_itself_down_not_its_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight crop files queued together, one of which kills the worker that reads it:
+    the group is tried again frame by frame, the seven others are classified once
+    each, and the killer is recorded as failed ("worker_lost") after its second try."""
+    monkeypatch.setattr(FramePreparers, "group_limit", lambda self: 8)
+    crop = CropSimulator(seed=7).render("CEX")
+    items = []
+    for index in range(8):
+        path = tmp_path / f"crop_{index}.png"
+        assert cv2.imwrite(str(path), crop)
+        read = functools.partial(_kill_own_process) if index == 3 else _read(path)
+        items.append(FrameItem("C", path.name, float(index), read, portable_read=True))
+    model = load_manifest(None)
+    backend = OnnxRuntimeBackend(model)
+    batcher = MicroBatcher(backend, max_batch=32, max_wait_s=0.01, queue_crops=256)
+    frames = FrameQueue(16)
+    for item in items:
+        assert frames.put(item, block=False)
+    outcomes: list[FrameOutcome] = []
+    pipeline = Pipeline(
+        ActiveModel(model, backend), PROBES, batcher, frames, outcomes.extend,
+        workers=1, processes=True,
+    )  # fmt: skip
+    batcher.start()
+    pipeline.start()
+    try:
+        assert wait_for(lambda: len(outcomes) >= 8, timeout=60, interval=0.1), outcomes
+    finally:
+        assert pipeline.stop(timeout=10.0)
+        batcher.stop()
+        backend.close()
+    by_key = {outcome.item.key: outcome for outcome in outcomes}
+    assert len(outcomes) == 8 and len(by_key) == 8
+    killer = by_key.pop("crop_3.png")
+    assert killer.status == "error" and killer.reason is not None
+    assert killer.reason.startswith("worker_lost") and "(2 tries)" in killer.reason
+    assert {(o.status, sum(o.class_counts) + o.n_uncertain) for o in by_key.values()} == {("ok", 1)}
+    assert pipeline.pool is not None and pipeline.pool.stats.restarts >= 2
 
 
 def test_a_frame_too_big_for_a_slot_is_still_prepared_and_counted(frame_file) -> None:  # type: ignore[no-untyped-def]

@@ -60,6 +60,21 @@ class FrameQueue:
         except queue.Empty:
             return None
 
+    def get_many(self, limit: int, timeout: float) -> list[FrameItem]:
+        """The next frame (waiting up to `timeout`) and up to `limit - 1` more that are
+        queued already: a busy pipeline takes frames in groups, an idle one one by one,
+        never waiting to fill a group."""
+        first = self.get(timeout)
+        if first is None:
+            return []
+        items = [first]
+        while len(items) < limit:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
     def close(self) -> None:
         self._closed.set()
 
