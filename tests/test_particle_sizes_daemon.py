@@ -62,11 +62,18 @@ class Run:
 
 
 def _settings(
-    state: Path, folder: Path, pixel_size_um: float | None, broker: int | None, opcua: int | None
+    state: Path,
+    folder: Path,
+    pixel_size_um: float | None,
+    broker: int | None,
+    opcua: int | None,
+    *,
+    separation: str = "watershed",
 ) -> Any:
     probe: dict[str, Any] = {
         "id": "R1",
         "sampling": "particles",
+        "particles": {"separation": separation},
         "source": {
             "type": "folder",
             "path": str(folder),
@@ -139,14 +146,25 @@ async def _read_sizes(port: int) -> dict[str, Any]:
 
 
 def _run_daemon(
-    root: Path, *, frames: int, density: float, pixel_size_um: float | None, interfaces: bool
+    root: Path,
+    *,
+    frames: int,
+    density: float,
+    pixel_size_um: float | None,
+    interfaces: bool,
+    separation: str = "watershed",
 ) -> Run:
     state, folder = root / "state", root / "probe"
     folder.mkdir(parents=True)
     with running_mosquitto(root / "broker") if interfaces else nullcontext() as broker:
         opcua_port = free_port() if interfaces else None
         settings = _settings(
-            state, folder, pixel_size_um, broker.port if broker else None, opcua_port
+            state,
+            folder,
+            pixel_size_um,
+            broker.port if broker else None,
+            opcua_port,
+            separation=separation,
         )
         schedule = ManualSchedule()
         daemon = Daemon(settings, publishers=create_publishers(settings), publish_schedule=schedule)
@@ -345,12 +363,15 @@ def _d50_errors(run: Run) -> dict[str, tuple[float, float, int]]:
 # one at the median, but a tenth measure 10 % small or more (a grainy rim whose grains
 # lie further apart than the truth's 5 px closing: the truth counts the light an
 # agglomerate takes away as well as what it adds), and touching agglomerates share the
-# pixels of their overlap, which the truth counts to both. Dense: few particles are
-# found at IoU >= 0.5 (recall 0.06 in bench/instances.py) and only 33 called CEX here,
-# too few to size. Strict: the day these measure right they fail as XPASS and the marks
-# must go.
+# pixels of their overlap, which the truth counts to both. Dense, with separation =
+# "auto" (the learned detector on crowded frames; recall 0.66 in bench/instances.py,
+# 0.05 with the watershed): CEX within 10 %, PG not met, 21 % low here (measured
+# 2026-12-08; -10 % over the matched particles in the bench): agglomerates under
+# needles are cut where a crossing bundle's centre is nearer, and the ones the model
+# calls PG confidently are the smaller, clearer ones. Strict: the day these measure
+# right they fail as XPASS and the marks must go.
 _D50_NOT_MET = "grainy rims and overlapping agglomerates measure small (see above)"
-_DENSE_D50_NOT_MET = "too few particles are separated in a dense slurry (see above)"
+_DENSE_D50_NOT_MET = "dense PG D50 21 % low with the learned detector (see above)"
 
 
 def test_cex_d50_is_within_5_percent_of_the_truth_in_a_sparse_slurry(sparse: Run) -> None:
@@ -374,6 +395,7 @@ def dense(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         density=1.0,
         pixel_size_um=PIXEL_SIZE_UM,
         interfaces=False,
+        separation="auto",  # a dense frame goes to the learned detector
     )
 
 
