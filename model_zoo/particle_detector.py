@@ -39,7 +39,9 @@ from torch.nn import functional as F  # noqa: N812 (the conventional alias)
 from model_zoo.errors import ModelZooError
 from monitor.inference.particle_detector import (
     GRID,
+    INPUT_MEAN,
     INPUT_SCALE,
+    INPUT_SCALE_GREY,
     OUTPUT_CHANNELS,
     network_input,
 )
@@ -224,7 +226,7 @@ class FrameBatches:
                 cell[2] = np.where(cell[5] > 0, 1.0 - cell[2], 0.0)
             images.append(np.clip(crop, 0, 255)[None])
             maps.append(cell)
-        batch = (np.stack(images) - 128.0) / 64.0
+        batch = (np.stack(images) - INPUT_MEAN) / INPUT_SCALE_GREY  # as the daemon feeds it
         return torch.from_numpy(batch.astype(np.float32)), torch.from_numpy(
             np.ascontiguousarray(np.stack(maps))
         )

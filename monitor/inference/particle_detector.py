@@ -107,7 +107,6 @@ class ParticleDetector:
             raise DetectorError(f"cannot load {onnx_path}: {exc}") from exc
         self._input = self._session.get_inputs()[0].name
         self._threshold = threshold
-        self.name = str(manifest.get("name", directory.name))
 
     def detect(
         self, small: np.ndarray, frame_shape: tuple[int, int], limit: int
