@@ -2,12 +2,12 @@
 
 In a dense slurry needle bundles lie across each other and across agglomerates: the
 foreground is one mass that no threshold or distance-transform watershed can cut
-(BENCHMARKS.md, "instances": recall 0.06 dense). A detector that looks at the whole
+(BENCHMARKS.md, "instances": recall 0.05 dense). A detector that looks at the whole
 frame learns what one bundle or one agglomerate looks like and where it ends.
 
 The model is a small CenterNet (Zhou et al. 2019, "Objects as Points"): a
 fully-convolutional network over the frame at a quarter of its size predicts, on a
-grid of 16 x 16 frame pixels, a heat map of particle centres, the offset of a centre
+grid of 8 x 8 frame pixels, a heat map of particle centres, the offset of a centre
 within its cell and the box's log width and height. Class is left to the classifier,
 which sees each particle's crop as in every other sampling mode. Only in-focus
 particles are targets: out-of-focus ones are what `particles.min_focus` drops.
@@ -15,9 +15,9 @@ particles are targets: out-of-focus ones are what `particles.min_focus` drops.
 Training frames come from `monitor.simulator.FrameSimulator` at densities from sparse
 to dense, with seeds that bench/instances.py and the tests do not use. The export is
 an ONNX file with a small JSON manifest (`detector.json`) that
-`monitor.pipeline.particle_detector` reads; torch is never needed to run it.
+`monitor.inference.particle_detector` reads; torch is never needed to run it.
 
-    python -m model_zoo train-detector OUT_DIR [--frames 1600] [--steps 1500]
+    python -m model_zoo train-detector OUT_DIR [--frames 1600] [--steps 3000] [--init DIR]
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ class FrameBatches:
 @dataclass(frozen=True)
 class DetectorTrainOptions:
     frames: int = 1600
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 16
     learning_rate: float = 2e-3
     seed: int = 0
@@ -285,7 +285,8 @@ def train_detector(
 def export_detector(
     model: CentreNet, out_dir: Path, notes: dict[str, object] | None = None
 ) -> Path:
-    """Write OUT_DIR/detector.onnx and OUT_DIR/detector.json; returns the manifest path."""
+    """Write OUT_DIR/detector.onnx, detector.pt (for --init) and detector.json; returns
+    the manifest path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "detector.onnx"
     example = torch.zeros(1, 1, 256, 340)
